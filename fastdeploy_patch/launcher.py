@@ -1,0 +1,209 @@
+"""Start N real Paddle ranks as subprocesses, collect their results, and never leave one behind.
+
+Every rank runs ``module:function(**kwargs)`` after ``paddle.distributed.init_parallel_env()``. The parent polls
+them, kills them all as soon as one fails, and on timeout collects each rank's Python traceback before
+killing it. Ranks are plain subprocesses (not ``spawn``/``launch``) so that a survivor's own error is seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOG_TAIL_CHARS = 4000
+_KILL_GRACE_S = 3.0
+_TRACEBACK_WAIT_S = 1.0
+
+
+class RankError(RuntimeError):
+    """Base class for a multi-rank run that did not succeed."""
+
+
+class RankFailed(RankError):
+    """A rank exited non-zero; ``rank`` is the first one seen failing, ``reports`` has every rank's log tail."""
+
+    def __init__(self, rank: int, returncode: int, reports: dict[int, str]) -> None:
+        self.rank = rank
+        self.returncode = returncode
+        self.reports = reports
+        super().__init__(f"rank {rank} failed with exit code {returncode}:\n{reports[rank]}" + _others(rank, reports))
+
+
+class RankTimeout(RankError, TimeoutError):
+    """The ranks did not all finish in time; ``reports`` has each unfinished rank's traceback and log tail."""
+
+    def __init__(self, timeout: float, reports: dict[int, str]) -> None:
+        self.timeout = timeout
+        self.reports = reports
+        body = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(reports.items()))
+        super().__init__(f"ranks {sorted(reports)} did not finish within {timeout:g} s; their stacks:\n{body}")
+
+
+def _others(rank: int, reports: dict[int, str]) -> str:
+    rest = [f"--- rank {other} ---\n{text}" for other, text in sorted(reports.items()) if other != rank]
+    return ("\nother ranks:\n" + "\n".join(rest)) if rest else ""
+
+
+@dataclass
+class _Rank:
+    rank: int
+    process: subprocess.Popen
+    log_path: Path
+    result_path: Path
+
+    def log_tail(self) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-LOG_TAIL_CHARS:]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Return ``count`` distinct TCP ports that were free a moment ago (held together, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def rank_env(rank: int, nranks: int, ports: list[int], *, backend: str = "gloo", host: str = "127.0.0.1") -> dict:
+    """The environment variables Paddle reads to join rank ``rank`` of ``nranks`` (``ports[nranks]`` is the
+    master's)."""
+    endpoints = [f"{host}:{port}" for port in ports[:nranks]]
+    env = {
+        "PADDLE_TRAINER_ID": str(rank),
+        "PADDLE_TRAINERS_NUM": str(nranks),
+        "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
+        "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
+        "PADDLE_MASTER": f"{host}:{ports[nranks]}",
+        "PADDLE_DISTRI_BACKEND": backend,
+        "PADDLE_RANK_IN_NODE": str(rank),
+    }
+    if backend == "nccl":
+        env["FLAGS_selected_gpus"] = str(rank)
+    else:
+        # A CPU run must not touch a GPU even on a machine that has one.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_ranks(
+    target: str,
+    nranks: int,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    env: Mapping[str, str] | None = None,
+    poll_interval: float = 0.05,
+) -> list[Any]:
+    """Run ``target`` (``"package.module:function"``) in ``nranks`` fresh processes and return each rank's
+    JSON-serialisable return value, indexed by rank.
+
+    Raises ``RankFailed`` as soon as one rank exits non-zero and ``RankTimeout`` after ``timeout`` seconds;
+    in both cases, and on ``KeyboardInterrupt``, every rank and its children are killed first.
+    """
+    if ":" not in target:
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    if isinstance(nranks, bool) or not isinstance(nranks, int) or nranks < 1:
+        raise ValueError(f"nranks must be a positive integer, got {nranks!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    with tempfile.TemporaryDirectory(prefix="fdp-ranks-") as tmp:
+        workdir = Path(tmp)
+        spec_path = workdir / "spec.json"
+        spec_path.write_text(json.dumps({"target": target, "kwargs": dict(kwargs or {})}))
+        ports = free_ports(nranks + 1)
+        ranks: list[_Rank] = []
+        try:
+            for rank in range(nranks):
+                ranks.append(_start(rank, nranks, ports, workdir, spec_path, backend, env))
+            _wait(ranks, timeout, poll_interval)
+            return [json.loads(r.result_path.read_text()) for r in ranks]
+        finally:
+            _kill_all(ranks)
+
+
+def _start(
+    rank: int,
+    nranks: int,
+    ports: list[int],
+    workdir: Path,
+    spec_path: Path,
+    backend: str,
+    env: Mapping[str, str] | None,
+) -> _Rank:
+    log_path = workdir / f"rank{rank}.log"
+    result_path = workdir / f"rank{rank}.json"
+    child_env = {**os.environ, **(env or {}), **rank_env(rank, nranks, ports, backend=backend)}
+    child_env["PYTHONUNBUFFERED"] = "1"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fastdeploy_patch.rank_entry", str(spec_path), str(result_path)],
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # A session of its own: killing the rank reaches anything it started, and Ctrl-C reaches only us.
+            start_new_session=True,
+        )
+    return _Rank(rank, process, log_path, result_path)
+
+
+def _wait(ranks: list[_Rank], timeout: float, poll_interval: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = False
+        for r in ranks:
+            code = r.process.poll()
+            if code is None:
+                pending = True
+            elif code != 0:
+                _kill_all(ranks)
+                raise RankFailed(r.rank, code, {o.rank: o.log_tail() for o in ranks})
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise RankTimeout(timeout, _tracebacks(ranks))
+        time.sleep(poll_interval)
+
+
+def _tracebacks(ranks: list[_Rank]) -> dict[int, str]:
+    alive = [r for r in ranks if r.process.poll() is None]
+    for r in alive:
+        # rank_entry registers faulthandler on SIGUSR1: each rank prints every thread's stack to its log.
+        with contextlib.suppress(ProcessLookupError):
+            r.process.send_signal(signal.SIGUSR1)
+    time.sleep(_TRACEBACK_WAIT_S)
+    return {r.rank: r.log_tail() for r in alive}
+
+
+def _kill_all(ranks: list[_Rank]) -> None:
+    for r in ranks:
+        _signal_session(r.process, signal.SIGTERM)
+    deadline = time.monotonic() + _KILL_GRACE_S
+    for r in ranks:
+        try:
+            r.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        # Also reaches grandchildren (Paddle's helper processes) that outlive the rank itself.
+        _signal_session(r.process, signal.SIGKILL)
+        r.process.wait()
+
+
+def _signal_session(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)

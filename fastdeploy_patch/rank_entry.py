@@ -1,0 +1,44 @@
+"""What each rank started by ``fastdeploy_patch.launcher`` runs: ``python -m fastdeploy_patch.rank_entry``."""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    """Join the distributed world (when it has more than one rank), run the spec's target, and write its JSON
+    result. Returns the exit code: 0, or 1 after printing the target's traceback."""
+    spec_path, result_path = argv
+    # The launcher sends SIGUSR1 on timeout to see where each rank is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    spec = json.loads(Path(spec_path).read_text())
+    module_name, func_name = spec["target"].split(":", 1)
+    try:
+        if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
+            import paddle.distributed as dist
+
+            dist.init_parallel_env()
+        target = getattr(importlib.import_module(module_name), func_name)
+        # `import paddle` replaces the Python-level SIGTERM handler (coverage's, when measuring) with a C++
+        # one; putting it back lets a rank killed by the launcher still save its coverage data.
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        result = target(**spec["kwargs"])
+    except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    tmp = Path(result_path + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

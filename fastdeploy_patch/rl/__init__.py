@@ -1,0 +1,1 @@
+"""Reinforcement-learning glue: clearing and reloading model weights between trainer updates."""
