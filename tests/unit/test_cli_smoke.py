@@ -1,0 +1,65 @@
+"""The `smoke` subcommand of the CLI, with the ranks faked; and `python -m fastdeploy_patch` as a real process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from fastdeploy_patch import cli
+from fastdeploy_patch.launcher import RankFailed
+
+GOOD = [
+    {"rank": 0, "received": {"0": 1000, "1": 1001}, "shut_down": [], "after_restart": -7},
+    {"rank": 1, "received": {"0": 1000, "1": 1001}, "shut_down": [], "after_restart": -7},
+]
+
+
+def test_smoke_runs_the_smoke_rank_on_each_rank_and_reports_ok(capsys):
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=GOOD) as run:
+        assert cli.main(["smoke", "--nranks", "2", "--timeout", "50"]) == 0
+    run.assert_called_once_with("fastdeploy_patch.smoke:smoke_rank", 2, timeout=50.0)
+    out = capsys.readouterr().out
+    assert "rank 1: received {'0': 1000, '1': 1001}, shut down [], after restart -7" in out
+    assert out.rstrip().endswith("smoke: OK (2 ranks agree)")
+
+
+def test_smoke_fails_when_a_rank_saw_something_else(capsys):
+    bad = [GOOD[0], {**GOOD[1], "after_restart": 0}]
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=bad):
+        assert cli.main(["smoke"]) == 1
+    captured = capsys.readouterr()
+    assert "smoke: FAILED: rank 1 received 0 after restart, expected -7" in captured.err
+    assert "smoke: OK" not in captured.out
+
+
+def test_smoke_fails_when_a_rank_fails(capsys):
+    error = RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"})
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=error):
+        assert cli.main(["smoke"]) == 1
+    assert "smoke: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nranks", ["0", "-1", "two"])
+def test_smoke_rejects_a_bad_rank_count_with_usage_and_exit_2(nranks, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["smoke", "--nranks", nranks])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastdeploy-patch smoke")
+    assert f"argument --nranks: expected a positive integer, got '{nranks}'" in err
+
+
+def test_module_entry_point_exits_with_the_cli_code():
+    import fastdeploy_patch.__main__  # noqa: F401 - importing must not run the CLI
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_patch", "smoke", "--nranks", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "expected a positive integer, got '0'" in done.stderr

@@ -1,0 +1,246 @@
+"""fastdeploy_patch.launcher: argument checks, the environment each rank gets, kill-all on failure and timeout.
+
+Multi-rank control flow runs against fake processes; one-rank runs start real children (no process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+from unittest import mock
+
+import pytest
+
+from fastdeploy_patch import launcher
+from fastdeploy_patch.launcher import RankFailed, RankTimeout, free_ports, rank_env, run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+CHILD_ENV = {"PYTHONPATH": str(REPO)}
+
+
+class FakeProcess:
+    """A rank whose exit code comes from a script: one poll() answer per call, the last one repeated."""
+
+    instances: ClassVar[list[FakeProcess]] = []
+    signals: ClassVar[list[tuple[int, int]]] = []
+    scripts: ClassVar[dict[int, list[int | None]]] = {}
+
+    def __init__(self, argv, *, env, stdout, **kwargs):
+        self.argv, self.env, self.kwargs = argv, env, kwargs
+        self.pid = 4000 + len(FakeProcess.instances)
+        self.rank = int(env["PADDLE_TRAINER_ID"])
+        self.script = list(FakeProcess.scripts[self.rank])
+        self.killed = False
+        self.spec = json.loads(Path(argv[3]).read_text())
+        self.wait_timeouts: list[float | None] = []
+        stdout.write(f"log of rank {self.rank}\n".encode())
+        FakeProcess.instances.append(self)
+
+    def poll(self):
+        if self.killed:
+            return -signal.SIGKILL
+        code = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if code == 0:
+            Path(self.argv[-1]).write_text(json.dumps({"rank": self.rank}))
+        return code
+
+    def wait(self, timeout=None):
+        self.wait_timeouts.append(timeout)
+        if not self.killed and self.script[-1] is None and timeout is not None:
+            raise subprocess.TimeoutExpired(self.argv, timeout)
+        return 0
+
+    def send_signal(self, sig):
+        FakeProcess.signals.append((self.rank, sig))
+
+
+@pytest.fixture
+def fake_ranks(monkeypatch):
+    FakeProcess.instances = []
+    FakeProcess.signals = []
+    FakeProcess.scripts = {}
+    killpg_calls: list[tuple[int, int]] = []
+
+    def killpg(pid, sig):
+        killpg_calls.append((pid, sig))
+        if sig == signal.SIGKILL:
+            for process in FakeProcess.instances:
+                if process.pid == pid:
+                    process.killed = True
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(launcher.os, "killpg", killpg)
+    monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
+    monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
+    return killpg_calls
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "no_colon", "nranks": 2}, "target must look like 'package.module:function', got 'no_colon'"),
+        ({"target": "m:f", "nranks": 0}, "nranks must be a positive integer, got 0"),
+        ({"target": "m:f", "nranks": True}, "nranks must be a positive integer, got True"),
+        ({"target": "m:f", "nranks": 2, "timeout": 0}, "timeout must be > 0 seconds, got 0"),
+        ({"target": "m:f", "nranks": 2, "backend": "mpi"}, "backend must be 'gloo' or 'nccl', got 'mpi'"),
+    ],
+)
+def test_bad_arguments_raise_value_error_before_starting_anything(kwargs, message, fake_ranks):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        run_ranks(**kwargs)
+    assert FakeProcess.instances == []
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    assert all(1024 <= port < 65536 for port in ports)
+
+
+def test_rank_env_for_gloo_hides_gpus_and_names_every_endpoint():
+    env = rank_env(1, 2, [7001, 7002, 7003])
+    assert env == {
+        "PADDLE_TRAINER_ID": "1",
+        "PADDLE_TRAINERS_NUM": "2",
+        "PADDLE_TRAINER_ENDPOINTS": "127.0.0.1:7001,127.0.0.1:7002",
+        "PADDLE_CURRENT_ENDPOINT": "127.0.0.1:7002",
+        "PADDLE_MASTER": "127.0.0.1:7003",
+        "PADDLE_DISTRI_BACKEND": "gloo",
+        "PADDLE_RANK_IN_NODE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+
+
+def test_rank_env_for_nccl_selects_the_rank_gpu():
+    env = rank_env(0, 2, [7001, 7002, 7003], backend="nccl")
+    assert env["PADDLE_DISTRI_BACKEND"] == "nccl"
+    assert env["FLAGS_selected_gpus"] == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_success_returns_results_in_rank_order_and_reaps_every_rank(fake_ranks):
+    FakeProcess.scripts = {0: [None, 0], 1: [None, None, 0], 2: [0]}
+    results = run_ranks("pkg.mod:fn", 3, kwargs={"x": 1}, env={"EXTRA": "yes"}, poll_interval=0)
+    assert results == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
+    first = FakeProcess.instances[0]
+    assert first.argv[:3] == [sys.executable, "-m", "fastdeploy_patch.rank_entry"]
+    assert first.spec == {"target": "pkg.mod:fn", "kwargs": {"x": 1}}
+    assert first.env["EXTRA"] == "yes"
+    assert first.env["PYTHONUNBUFFERED"] == "1"
+    assert first.kwargs["start_new_session"] is True
+    assert first.kwargs["stdin"] is subprocess.DEVNULL
+    # Every rank's session is signalled, even after a clean exit, so no grandchild survives.
+    pids = [process.pid for process in FakeProcess.instances]
+    assert sorted(fake_ranks) == sorted((pid, sig) for pid in pids for sig in (signal.SIGTERM, signal.SIGKILL))
+
+
+def test_one_failing_rank_kills_all_and_names_that_rank(fake_ranks):
+    FakeProcess.scripts = {0: [None], 1: [None, 3], 2: [None]}
+    with pytest.raises(RankFailed) as caught:
+        run_ranks("pkg.mod:fn", 3, poll_interval=0)
+    error = caught.value
+    assert error.rank == 1
+    assert error.returncode == 3
+    assert str(error).startswith("rank 1 failed with exit code 3:\nlog of rank 1\n")
+    assert "other ranks:\n--- rank 0 ---\nlog of rank 0" in str(error)
+    assert set(error.reports) == {0, 1, 2}
+    assert all(process.killed for process in FakeProcess.instances)
+
+
+def test_timeout_asks_each_live_rank_for_its_stack_then_kills_all(fake_ranks):
+    FakeProcess.scripts = {0: [None], 1: [0]}
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 2, timeout=0.05, poll_interval=0.01)
+    error = caught.value
+    assert isinstance(error, TimeoutError)
+    assert error.timeout == 0.05
+    assert FakeProcess.signals == [(0, signal.SIGUSR1)]
+    assert error.reports == {0: "log of rank 0\n"}
+    assert str(error) == "ranks [0] did not finish within 0.05 s; their stacks:\n--- rank 0 ---\nlog of rank 0\n"
+    assert all(process.killed for process in FakeProcess.instances)
+
+
+def test_a_rank_ignoring_sigterm_is_sigkilled_after_the_grace(fake_ranks):
+    FakeProcess.scripts = {0: [None, 0]}
+    FakeProcess.scripts[0][-1] = None  # never exits by itself
+    with pytest.raises(RankTimeout):
+        run_ranks("pkg.mod:fn", 1, timeout=0.01, poll_interval=0.01)
+    (process,) = FakeProcess.instances
+    assert process.killed
+    assert process.wait_timeouts[0] == pytest.approx(0.01, abs=0.01)
+    assert (process.pid, signal.SIGKILL) in fake_ranks
+
+
+def test_keyboard_interrupt_kills_every_rank(fake_ranks, monkeypatch):
+    FakeProcess.scripts = {0: [None], 1: [None]}
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launcher.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_ranks("pkg.mod:fn", 2)
+    assert [process.killed for process in FakeProcess.instances] == [True, True]
+
+
+def test_signals_to_a_vanished_session_are_ignored():
+    process = mock.Mock(pid=1)
+    with mock.patch.object(launcher.os, "killpg", side_effect=ProcessLookupError):
+        launcher._signal_session(process, signal.SIGTERM)
+
+
+def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
+    rank = launcher._Rank(0, mock.Mock(), tmp_path / "rank0.log", tmp_path / "rank0.json")
+    assert rank.log_tail() == ""
+    rank.log_path.write_text("x" * (launcher.LOG_TAIL_CHARS + 10) + "END")
+    assert rank.log_tail().endswith("END")
+    assert len(rank.log_tail()) == launcher.LOG_TAIL_CHARS
+
+
+@pytest.mark.timeout(60)
+def test_real_child_returns_its_result():
+    assert run_ranks("tests.unit.rank_targets:echo", 1, kwargs={"value": 41}, env=CHILD_ENV, timeout=30) == [
+        {"value": 41, "rank": 0}
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_real_child_failure_shows_its_traceback():
+    with pytest.raises(RankFailed) as caught:
+        run_ranks("tests.unit.rank_targets:fail", 1, kwargs={"message": "boom"}, env=CHILD_ENV, timeout=30)
+    assert caught.value.rank == 0
+    assert caught.value.returncode == 1
+    assert "ValueError: boom" in str(caught.value)
+    assert "rank_targets.py" in str(caught.value)
+
+
+@pytest.mark.timeout(60)
+def test_real_stuck_child_is_killed_and_its_stack_shown():
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=3)
+    stack = caught.value.reports[0]
+    assert "sleep_forever" in stack
+    assert "rank_targets.py" in stack
+    assert _children_named("fastdeploy_patch.rank_entry") == []
+
+
+def _children_named(text: str) -> list[str]:
+    """Command lines of this process's live children that contain ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and text in cmdline:
+            found.append(cmdline)
+    return found

@@ -1,0 +1,71 @@
+"""fastdeploy_patch.rank_entry, run in-process: joining the world, running the target, reporting the result."""
+
+from __future__ import annotations
+
+import json
+import signal
+from unittest import mock
+
+import pytest
+
+from fastdeploy_patch import rank_entry
+
+
+@pytest.fixture
+def spec(tmp_path):
+    def write(target: str, **kwargs) -> tuple[str, str]:
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps({"target": target, "kwargs": kwargs}))
+        return str(spec_path), str(tmp_path / "result.json")
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def no_process_wide_handlers(monkeypatch):
+    """main() installs signal handlers; record them instead of changing the test process."""
+    installed = []
+    monkeypatch.setattr(rank_entry.faulthandler, "register", lambda sig, **kw: installed.append(("fault", sig, kw)))
+    monkeypatch.setattr(rank_entry.signal, "signal", lambda sig, handler: installed.append(("signal", sig, handler)))
+    return installed
+
+
+def test_single_rank_runs_the_target_without_joining_a_world(spec, monkeypatch, no_process_wide_handlers):
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+    spec_path, result_path = spec("tests.unit.rank_targets:echo", value=5)
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
+    with mock.patch("paddle.distributed.init_parallel_env") as init:
+        assert rank_entry.main([spec_path, result_path]) == 0
+    init.assert_not_called()
+    assert json.loads(open(result_path).read()) == {"value": 5, "rank": 0}
+    assert ("fault", signal.SIGUSR1, {"all_threads": True}) in no_process_wide_handlers
+    # The Python-level SIGTERM handler is put back after the target's imports (for coverage's sake).
+    assert ("signal", signal.SIGTERM, signal.getsignal(signal.SIGTERM)) in no_process_wide_handlers
+
+
+def test_multi_rank_joins_the_world_before_running_the_target(spec, monkeypatch):
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
+    spec_path, result_path = spec("tests.unit.rank_targets:echo", value=9)
+    with mock.patch("paddle.distributed.init_parallel_env") as init:
+        assert rank_entry.main([spec_path, result_path]) == 0
+    init.assert_called_once_with()
+    assert json.loads(open(result_path).read()) == {"value": 9, "rank": 1}
+
+
+def test_a_failing_target_prints_its_traceback_and_writes_no_result(spec, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+    spec_path, result_path = spec("tests.unit.rank_targets:fail", message="nope")
+    assert rank_entry.main([spec_path, result_path]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "ValueError: nope" in err
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_a_failing_world_join_is_reported_like_a_target_failure(spec, monkeypatch, capsys):
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    spec_path, result_path = spec("tests.unit.rank_targets:echo", value=1)
+    with mock.patch("paddle.distributed.init_parallel_env", side_effect=RuntimeError("no master")):
+        assert rank_entry.main([spec_path, result_path]) == 1
+    assert "RuntimeError: no master" in capsys.readouterr().err
