@@ -1,0 +1,56 @@
+"""The package's public surface, and the message a user sees when Paddle is not installed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+
+import pytest
+
+import fastdeploy_patch
+from fastdeploy_patch import group_shutdown, signal_group, status
+
+
+def test_the_public_api_is_the_modules_own_objects() -> None:
+    assert fastdeploy_patch.__all__ == [
+        "GLOO_OP_TIMEOUT_S",
+        "ModelWeightsStatus",
+        "SignalGroupError",
+        "broadcast_signal",
+        "new_signal_group",
+        "shutdown_process_groups",
+    ]
+    assert fastdeploy_patch.new_signal_group is signal_group.new_signal_group
+    assert fastdeploy_patch.broadcast_signal is signal_group.broadcast_signal
+    assert fastdeploy_patch.SignalGroupError is signal_group.SignalGroupError
+    assert fastdeploy_patch.GLOO_OP_TIMEOUT_S == 30.0
+    assert fastdeploy_patch.shutdown_process_groups is group_shutdown.shutdown_process_groups
+    assert fastdeploy_patch.ModelWeightsStatus is status.ModelWeightsStatus
+    assert fastdeploy_patch.__version__ == importlib.metadata.version("fastdeploy-patch")
+
+
+def test_without_paddle_the_import_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = {name: module for name, module in sys.modules.items() if name.partition(".")[0] == "fastdeploy_patch"}
+    for name in ours:
+        monkeypatch.delitem(sys.modules, name)
+    # None in sys.modules makes `import paddle` raise ImportError, as when Paddle is not installed.
+    monkeypatch.setitem(sys.modules, "paddle", None)
+    try:
+        with pytest.raises(ImportError) as err:
+            importlib.import_module("fastdeploy_patch")
+    finally:
+        # Drop the half-imported copies; monkeypatch then puts the original modules back.
+        for name in [name for name in sys.modules if name.partition(".")[0] == "fastdeploy_patch"]:
+            del sys.modules[name]
+    assert str(err.value) == (
+        "fastdeploy_patch needs PaddlePaddle: pip install 'fastdeploy-patch[cpu]' (or '[gpu]' on a CUDA machine)"
+    )
+    assert isinstance(err.value.__cause__, ImportError)
+
+
+def test_the_modules_are_back_after_the_paddle_less_import() -> None:
+    # Runs after the test above: later tests must see the very modules they imported.
+    assert sys.modules["fastdeploy_patch"] is fastdeploy_patch
+    assert sys.modules["fastdeploy_patch.signal_group"] is signal_group
+    assert fastdeploy_patch.ModelWeightsStatus is status.ModelWeightsStatus
