@@ -18,6 +18,18 @@ def _exists(name: str) -> bool:
     return os.path.exists(f"/dev/shm/{name}")
 
 
+def _attach(name: str) -> StatusSignal:
+    """Attach as a worker would, in the process that also owns the segment.
+
+    The tracker keeps one entry per name, so the attacher's unregister also drops the owner's entry, and the
+    owner's unlink would then make the tracker print a KeyError. Real workers attach from other processes; put
+    the owner's entry back so the owner's cleanup stays quiet and tracked.
+    """
+    worker = StatusSignal(name)
+    resource_tracker.register(f"/{name}", "shared_memory")
+    return worker
+
+
 @pytest.fixture
 def name() -> Iterator[str]:
     segment = f"fdp_unit_{uuid.uuid4().hex[:12]}"
@@ -41,7 +53,7 @@ def test_the_owner_creates_the_segment_with_its_initial_value(name: str) -> None
 
 def test_an_attacher_shares_the_value_and_does_not_reset_it(name: str) -> None:
     with StatusSignal(name, create=True, initial=5) as owner:
-        worker = StatusSignal(name)
+        worker = _attach(name)
         try:
             assert worker.owner is False and worker.name == name
             assert worker.value[0] == 5
@@ -59,16 +71,17 @@ def test_only_the_attacher_is_unregistered_from_the_resource_tracker(name: str) 
         spy.assert_not_called()
         worker = StatusSignal(name)
         spy.assert_called_once_with(f"/{name}", "shared_memory")
+    resource_tracker.register(f"/{name}", "shared_memory")
     worker.close()
     owner.close()
 
 
 def test_an_attacher_closing_leaves_the_segment_to_the_owner(name: str) -> None:
     owner = StatusSignal(name, create=True, initial=3)
-    worker = StatusSignal(name)
+    worker = _attach(name)
     worker.close()
     assert _exists(name)
-    again = StatusSignal(name)
+    again = _attach(name)
     assert again.value[0] == 3
     again.close()
     owner.close()
@@ -84,7 +97,7 @@ def test_the_owner_closing_unlinks_the_segment(name: str) -> None:
 
 def test_close_twice_is_harmless(name: str) -> None:
     owner = StatusSignal(name, create=True)
-    worker = StatusSignal(name)
+    worker = _attach(name)
     worker.close()
     worker.close()
     with mock.patch.object(owner._shm, "unlink", wraps=owner._shm.unlink) as unlink:
@@ -104,7 +117,7 @@ def test_an_unnamed_owner_gets_a_name_workers_can_attach_to() -> None:
     with StatusSignal(create=True, initial=1) as owner:
         name = owner.name
         assert name and _exists(name)
-        with StatusSignal(name) as worker:
+        with _attach(name) as worker:
             assert worker.value[0] == 1
     assert not _exists(name)
 
