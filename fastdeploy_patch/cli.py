@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import secrets
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 
 def _positive_int(text: str) -> int:
@@ -17,6 +21,36 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -26,6 +60,37 @@ def build_parser() -> argparse.ArgumentParser:
     smoke = sub.add_parser("smoke", help="quick check: broadcast from each src, safe shutdown, restart")
     smoke.add_argument("--nranks", type=_positive_int, default=2, help="CPU ranks to start (default 2)")
     smoke.add_argument("--timeout", type=float, default=120.0, help="seconds before the ranks are killed")
+
+    from fastdeploy_patch.demo import MIN_STEPS
+
+    demo = sub.add_parser(
+        "demo", help="RL weight update on N CPU ranks: the engine requests clear, then update; a summary table"
+    )
+    demo.add_argument("--nranks", type=_positive_int, default=2, help="CPU ranks to start (default 2)")
+    demo.add_argument(
+        "--steps",
+        type=_int_at_least(MIN_STEPS, f"expected at least {MIN_STEPS} steps, room for a whole clear/update cycle"),
+        default=200,
+        help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS})",
+    )
+    demo.add_argument(
+        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --steps)"
+    )
+
+    bench = sub.add_parser("bench", help="per-step signal-sync latency: legacy broadcast against the patch")
+    bench.add_argument(
+        "--nranks",
+        type=_int_at_least(2, "expected at least 2 ranks: a broadcast needs a peer"),
+        default=2,
+        help="ranks to start (default 2)",
+    )
+    bench.add_argument("--iters", type=_positive_int, default=5000, help="timed steps per path (default 5000)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=200, help="untimed steps first (default 200)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--plot", metavar="FILE.png", help="save the latency distributions (needs the plot extra)")
+    bench.add_argument(
+        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --iters)"
+    )
     return parser
 
 
@@ -53,7 +118,109 @@ def _smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"smoke": _smoke}
+def _shm_prefix() -> str:
+    """The prefix of this run's shared-memory segments: the pid makes leftovers traceable to a run."""
+    return f"fdp-demo-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastdeploy_patch.demo import DEFAULT_STEP_INTERVAL_S, Driver, check_demo, format_table
+    from fastdeploy_patch.ipc_signal import StatusSignal
+    from fastdeploy_patch.launcher import RankError, run_ranks
+    from fastdeploy_patch.status import ModelWeightsStatus
+
+    # Start-up (import paddle, rendezvous) dominates short runs; each step then costs its pause plus a little.
+    timeout = args.timeout or 120.0 + args.steps * (DEFAULT_STEP_INTERVAL_S + 0.05)
+    print(f"demo: starting {args.nranks} CPU rank(s) for {args.steps} steps; the engine drives one clear/update cycle")
+    print("demo: waiting for the ranks to start (importing Paddle takes a few seconds)...", flush=True)
+    prefix = _shm_prefix()
+    stop = threading.Event()
+    try:
+        with (
+            StatusSignal(f"{prefix}-status", create=True, initial=ModelWeightsStatus.NORMAL) as status,
+            StatusSignal(f"{prefix}-progress", create=True) as progress,
+        ):
+            driver = Driver(status, progress, args.steps, out=lambda line: print(line, flush=True))
+            engine = threading.Thread(target=driver.run, args=(stop, timeout), name="demo-engine", daemon=True)
+            engine.start()
+            try:
+                kwargs = {
+                    "status_name": status.name,
+                    "progress_name": progress.name,
+                    "steps": args.steps,
+                    "step_interval": DEFAULT_STEP_INTERVAL_S,
+                }
+                results = run_ranks("fastdeploy_patch.demo:demo_rank", args.nranks, kwargs=kwargs, timeout=timeout)
+            finally:
+                stop.set()
+                engine.join()
+    except KeyboardInterrupt:
+        print("demo: interrupted; every rank stopped and the shared memory was removed", file=sys.stderr)
+        return 130
+    except RankError as exc:
+        print(f"demo: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(format_table(results))
+    problems = ([f"engine: {driver.error}"] if driver.error else []) + check_demo(results, args.steps)
+    for problem in problems:
+        print(f"demo: FAILED: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"demo: OK ({args.nranks} ranks saw the whole clear/update cycle at the same steps)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import paddle
+
+    from fastdeploy_patch.bench import build_report, format_report, load_pyplot, pick_backend, plot_report
+    from fastdeploy_patch.launcher import RankError, run_ranks
+
+    # Fail before minutes of measuring, not after.
+    try:
+        plt = load_pyplot() if args.plot else None
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    backend = pick_backend(args.nranks)
+    timeout = args.timeout or 120.0 + (args.iters + args.warmup) * 0.02
+    # stdout carries only the result, so that --json output is one JSON object.
+    print(
+        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} timed steps per path...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        results = run_ranks(
+            "fastdeploy_patch.bench:bench_rank",
+            args.nranks,
+            kwargs={"iters": args.iters, "warmup": args.warmup},
+            timeout=timeout,
+            backend=backend,
+        )
+    except KeyboardInterrupt:
+        print("bench: interrupted; every rank stopped", file=sys.stderr)
+        return 130
+    except RankError as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    report = build_report(
+        results,
+        nranks=args.nranks,
+        iters=args.iters,
+        warmup=args.warmup,
+        backend=backend,
+        paddle_version=paddle.__version__,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if plt is not None:
+        plot_report(results, report, args.plot, plt)
+        print(f"bench: latency distributions saved to {args.plot}", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,329 @@
+"""The `demo` and `bench` subcommands and the argument errors of every subcommand, with the ranks faked."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import ClassVar
+from unittest import mock
+
+import paddle
+import pytest
+
+from fastdeploy_patch import bench, cli, ipc_signal
+from fastdeploy_patch.bench import build_report, format_report
+from fastdeploy_patch.demo import DEFAULT_STEP_INTERVAL_S, format_table
+from fastdeploy_patch.ipc_signal import StatusSignal
+from fastdeploy_patch.launcher import RankFailed
+from fastdeploy_patch.status import ModelWeightsStatus
+
+# --- argument errors ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (["demo", "--nranks", "0"], "demo", "argument --nranks: expected a positive integer, got '0'"),
+        (["demo", "--steps", "0"], "demo", "argument --steps: expected a positive integer, got '0'"),
+        (["demo", "--steps", "-3"], "demo", "argument --steps: expected a positive integer, got '-3'"),
+        (
+            ["demo", "--steps", "19"],
+            "demo",
+            "argument --steps: expected at least 20 steps, room for a whole clear/update cycle, got '19'",
+        ),
+        (["demo", "--timeout", "0"], "demo", "argument --timeout: expected a positive number of seconds, got '0'"),
+        (
+            ["demo", "--timeout", "soon"],
+            "demo",
+            "argument --timeout: expected a positive number of seconds, got 'soon'",
+        ),
+        (["bench", "--iters", "0"], "bench", "argument --iters: expected a positive integer, got '0'"),
+        (["bench", "--iters", "many"], "bench", "argument --iters: expected a positive integer, got 'many'"),
+        (["bench", "--nranks", "0"], "bench", "argument --nranks: expected a positive integer, got '0'"),
+        (
+            ["bench", "--nranks", "1"],
+            "bench",
+            "argument --nranks: expected at least 2 ranks: a broadcast needs a peer, got '1'",
+        ),
+        (["bench", "--warmup", "-1"], "bench", "argument --warmup: expected an integer >= 0, got '-1'"),
+        (["bench", "--warmup", "x"], "bench", "argument --warmup: expected an integer >= 0, got 'x'"),
+        (["frobnicate"], None, "argument COMMAND: invalid choice: 'frobnicate'"),
+        ([], None, "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_print_usage_and_one_error_line_and_exit_2(argv, usage, error, capsys) -> None:
+    with (
+        mock.patch("fastdeploy_patch.launcher.run_ranks") as run,
+        pytest.raises(SystemExit) as exited,
+    ):
+        cli.main(argv)
+    assert exited.value.code == 2
+    run.assert_not_called()
+    err = capsys.readouterr().err
+    prog = f"fastdeploy-patch {usage}" if usage else "fastdeploy-patch"
+    assert err.startswith(f"usage: {prog} ")
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith(f"{prog}: error: {error}")
+
+
+@pytest.mark.parametrize(
+    "argv", [["demo", "--steps", "20"], ["bench", "--nranks", "2", "--iters", "1", "--warmup", "0"]]
+)
+def test_the_smallest_valid_values_are_accepted(argv) -> None:
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == argv[0]
+
+
+def test_defaults() -> None:
+    demo = cli.build_parser().parse_args(["demo"])
+    assert (demo.nranks, demo.steps, demo.timeout) == (2, 200, None)
+    b = cli.build_parser().parse_args(["bench"])
+    assert (b.nranks, b.iters, b.warmup, b.json, b.plot, b.timeout) == (2, 5000, 200, False, None, None)
+
+
+# --- demo ------------------------------------------------------------------------------------------------------
+
+
+def _rank_result(rank: int, **changes: object) -> dict:
+    result = {
+        "rank": rank,
+        "steps": 30,
+        "transitions": [[8, "CLEARING"], [9, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]],
+        "parameters_released": 2,
+        "parameters_restored": 2,
+        "groups_shut_down": 0,
+        "groups_restarted": 0,
+        "forward_passes": 25,
+        "sync_p50_us": 150.0,
+        "sync_p99_us": 900.0,
+    }
+    return {**result, **changes}
+
+
+class FakeDriver:
+    """Records how the CLI sets the engine up; its run() waits until the CLI stops it."""
+
+    instances: ClassVar[list[FakeDriver]] = []
+    error: str | None = None
+
+    def __init__(self, status: StatusSignal, progress: StatusSignal, steps: int, out) -> None:
+        self.status_name, self.progress_name, self.steps, self.out = status.name, progress.name, steps, out
+        self.initial_status = int(status.value[0])
+        self.thread_name: str | None = None
+        self.stopped = False
+        FakeDriver.instances.append(self)
+
+    def run(self, stop: threading.Event, timeout: float) -> None:
+        self.thread_name = threading.current_thread().name
+        self.timeout = timeout
+        self.out("[engine] hello")
+        self.stopped = stop.wait(10)
+
+
+@pytest.fixture
+def driver(monkeypatch: pytest.MonkeyPatch):
+    FakeDriver.instances = []
+    monkeypatch.setattr(FakeDriver, "error", None)
+    with mock.patch("fastdeploy_patch.demo.Driver", FakeDriver):
+        yield FakeDriver
+
+
+class FakeRanks:
+    """run_ranks for the demo: checks the segments the ranks would attach to, then returns or raises."""
+
+    def __init__(self, results=None, error: BaseException | None = None) -> None:
+        self.results, self.error = results, error
+        self.calls: list[tuple] = []
+        self.segments_seen: list[str] = []
+
+    def __call__(self, target, nranks, *, kwargs, timeout):
+        self.calls.append((target, nranks, kwargs, timeout))
+        # Attach as rank 0 does; the tracker is faked because creator and attacher share this process.
+        with mock.patch.object(ipc_signal, "resource_tracker"):
+            for name in (kwargs["status_name"], kwargs["progress_name"]):
+                with StatusSignal(name):
+                    self.segments_seen.append(name)
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+def _gone(names: list[str]) -> bool:
+    return not any((Path("/dev/shm") / name).exists() for name in names)
+
+
+def test_demo_runs_the_ranks_with_the_engine_driving_and_prints_the_table(driver, capsys) -> None:
+    results = [_rank_result(0), _rank_result(1)]
+    ranks = FakeRanks(results)
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+        assert cli.main(["demo", "--nranks", "2", "--steps", "30"]) == 0
+    [(target, nranks, kwargs, timeout)] = ranks.calls
+    assert (target, nranks) == ("fastdeploy_patch.demo:demo_rank", 2)
+    assert (kwargs["steps"], kwargs["step_interval"]) == (30, DEFAULT_STEP_INTERVAL_S)
+    prefix = f"fdp-demo-{os.getpid()}-"
+    assert kwargs["status_name"].startswith(prefix) and kwargs["status_name"].endswith("-status")
+    assert kwargs["progress_name"].startswith(prefix) and kwargs["progress_name"].endswith("-progress")
+    assert timeout == pytest.approx(120.0 + 30 * (DEFAULT_STEP_INTERVAL_S + 0.05))
+    [engine] = driver.instances
+    assert (engine.status_name, engine.progress_name, engine.steps) == (
+        kwargs["status_name"],
+        kwargs["progress_name"],
+        30,
+    )
+    assert engine.initial_status == ModelWeightsStatus.NORMAL
+    assert engine.thread_name == "demo-engine" and engine.timeout == timeout and engine.stopped
+    assert ranks.segments_seen == [kwargs["status_name"], kwargs["progress_name"]]
+    assert _gone(ranks.segments_seen)
+    out = capsys.readouterr().out
+    assert out.startswith("demo: starting 2 CPU rank(s) for 30 steps; the engine drives one clear/update cycle\n")
+    assert "[engine] hello\n" in out
+    assert format_table(results) in out
+    assert out.endswith("demo: OK (2 ranks saw the whole clear/update cycle at the same steps)\n")
+
+
+def test_demo_takes_the_timeout_given(driver) -> None:
+    ranks = FakeRanks([_rank_result(0, steps=20)])
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+        assert cli.main(["demo", "--nranks", "1", "--steps", "20", "--timeout", "7"]) == 0
+    assert ranks.calls[0][1] == 1 and ranks.calls[0][3] == 7.0 and driver.instances[0].timeout == 7.0
+
+
+def test_demo_fails_when_the_engine_missed_a_phase(driver, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeDriver, "error", "the ranks stopped at step 30 before rank 0 reporting NORMAL")
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1)])):
+        assert cli.main(["demo", "--steps", "30"]) == 1
+    captured = capsys.readouterr()
+    assert "ranks agree: yes" in captured.out and "demo: OK" not in captured.out
+    assert captured.err == "demo: FAILED: engine: the ranks stopped at step 30 before rank 0 reporting NORMAL\n"
+
+
+def test_demo_fails_when_the_ranks_disagree(driver, capsys) -> None:
+    late = [[8, "CLEARING"], [10, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]]
+    with mock.patch(
+        "fastdeploy_patch.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1, transitions=late)])
+    ):
+        assert cli.main(["demo", "--steps", "30"]) == 1
+    captured = capsys.readouterr()
+    assert "ranks agree: NO" in captured.out and "demo: OK" not in captured.out
+    assert "demo: FAILED: rank 1 saw CLEARING@8 CLEARED@10" in captured.err
+
+
+def test_demo_fails_when_a_rank_fails_and_still_removes_the_segments(driver, capsys) -> None:
+    ranks = FakeRanks(error=RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"}))
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+        assert cli.main(["demo"]) == 1
+    assert "demo: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
+    assert driver.instances[0].stopped and _gone(ranks.segments_seen)
+
+
+def test_demo_interrupted_stops_the_engine_removes_the_segments_and_exits_130(driver, capsys) -> None:
+    ranks = FakeRanks(error=KeyboardInterrupt())
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+        assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "demo: interrupted; every rank stopped and the shared memory was removed\n"
+    assert driver.instances[0].stopped and _gone(ranks.segments_seen) and len(ranks.segments_seen) == 2
+
+
+# --- bench ------------------------------------------------------------------------------------------------------
+
+RESULTS = [
+    {
+        "rank": 0,
+        "samples_ns": {"legacy": [900_000, 880_000], "patch": [150_000, 140_000], "patch_deadline": [200_000] * 2},
+    },
+    {
+        "rank": 1,
+        "samples_ns": {"legacy": [890_000, 870_000], "patch": [145_000, 147_000], "patch_deadline": [210_000] * 2},
+    },
+]
+
+
+def _report(**overrides: object) -> dict:
+    fields = {"nranks": 2, "iters": 5000, "warmup": 200, "backend": "gloo", "paddle_version": paddle.__version__}
+    return build_report(RESULTS, **{**fields, **overrides})
+
+
+@pytest.fixture
+def gloo():
+    with mock.patch.object(bench, "pick_backend", return_value="gloo") as pick:
+        yield pick
+
+
+def test_bench_runs_every_rank_and_prints_the_table_with_the_ratio(gloo, capsys) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS) as run:
+        assert cli.main(["bench"]) == 0
+    gloo.assert_called_once_with(2)
+    run.assert_called_once_with(
+        "fastdeploy_patch.bench:bench_rank",
+        2,
+        kwargs={"iters": 5000, "warmup": 200},
+        timeout=pytest.approx(120.0 + 5200 * 0.02),
+        backend="gloo",
+    )
+    captured = capsys.readouterr()
+    assert captured.out == format_report(_report()) + "\n"
+    assert "legacy / patch: " in captured.out
+    assert captured.err == "bench: 2 ranks (gloo), 200 warm-up + 5000 timed steps per path...\n"
+
+
+def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
+    with (
+        mock.patch.object(bench, "pick_backend", return_value="nccl"),
+        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS) as run,
+    ):
+        argv = ["bench", "--nranks", "3", "--iters", "10", "--warmup", "0", "--json", "--timeout", "9"]
+        assert cli.main(argv) == 0
+    assert run.call_args.kwargs == {"kwargs": {"iters": 10, "warmup": 0}, "timeout": 9.0, "backend": "nccl"}
+    out = capsys.readouterr().out
+    assert json.loads(out) == _report(nranks=3, iters=10, warmup=0, backend="nccl")
+
+
+def test_bench_plot_without_matplotlib_fails_before_starting_ranks(gloo, capsys) -> None:
+    with (
+        mock.patch.object(bench, "load_pyplot", side_effect=RuntimeError("--plot needs matplotlib, ...")),
+        mock.patch("fastdeploy_patch.launcher.run_ranks") as run,
+    ):
+        assert cli.main(["bench", "--plot", "out.png"]) == 1
+    run.assert_not_called()
+    assert capsys.readouterr().err == "bench: --plot needs matplotlib, ...\n"
+
+
+def test_bench_plot_saves_the_distributions(gloo, capsys) -> None:
+    plt = object()
+    with (
+        mock.patch.object(bench, "load_pyplot", return_value=plt),
+        mock.patch.object(bench, "plot_report") as plot,
+        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS),
+    ):
+        assert cli.main(["bench", "--plot", "out.png"]) == 0
+    plot.assert_called_once_with(RESULTS, _report(), "out.png", plt)
+    assert capsys.readouterr().err.endswith("bench: latency distributions saved to out.png\n")
+
+
+def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:
+    with (
+        mock.patch.object(bench, "load_pyplot") as load,
+        mock.patch.object(bench, "plot_report") as plot,
+        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS),
+    ):
+        assert cli.main(["bench", "--json"]) == 0
+    load.assert_not_called()
+    plot.assert_not_called()
+
+
+def test_bench_fails_when_a_rank_fails(gloo, capsys) -> None:
+    error = RankFailed(0, 1, {0: "Traceback: gloo", 1: "fine"})
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=error):
+        assert cli.main(["bench", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "bench: FAILED: rank 0 failed with exit code 1:\nTraceback: gloo" in captured.err
+
+
+def test_bench_interrupted_exits_130(gloo, capsys) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=KeyboardInterrupt):
+        assert cli.main(["bench"]) == 130
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.endswith("bench: interrupted; every rank stopped\n")
