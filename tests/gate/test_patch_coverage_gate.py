@@ -1,0 +1,516 @@
+"""ci/gate.py end to end: real git repositories (a base commit and a change), real coverage data, real diff-cover."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
+
+from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, GateRun, Repo
+
+pytestmark = pytest.mark.timeout(120)
+
+RunGate = Callable[..., GateRun]
+
+BASE_CALC = """
+    def add(a, b):
+        return a + b
+"""
+
+
+def commit_base(repo: Repo, calc: str = BASE_CALC) -> None:
+    repo.write("pkg/__init__.py", "")
+    repo.write("pkg/calc.py", calc)
+    repo.commit("base")
+
+
+def quarter_covered_change(repo: Repo) -> None:
+    """Base, then a change adding 4 coverable lines of which only the `def` line runs (25%)."""
+    commit_base(repo)
+    repo.write(
+        "pkg/calc.py",
+        """
+        def add(a, b):
+            return a + b
+
+
+        def scale(x, factor):
+            if factor == 0:
+                raise ValueError("factor must not be 0")
+            return x * factor
+        """,
+    )
+    repo.commit("add scale, untested")
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)")
+
+
+def file_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("  ")]
+
+
+def test_change_covered_at_25_percent_fails_listing_the_file_and_its_uncovered_lines(
+    repo: Repo, run_gate: RunGate
+) -> None:
+    quarter_covered_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 1
+    assert file_lines(run.out) == ["  pkg/calc.py: 25.0% (uncovered lines: 6-8)"]
+    assert "TOTAL: 25.0% of 4 coverable changed lines (3 uncovered; threshold 80%)" in run.out
+    assert "FAIL: patch coverage 25.0% is below the 80% threshold" in run.out
+    assert "Reports: ci-reports/patch-coverage.md, ci-reports/patch-coverage.html" in run.out
+    markdown = (repo.path / "ci-reports" / "patch-coverage.md").read_text(encoding="utf-8")
+    assert markdown.startswith("**Patch-coverage gate:** FAIL: patch coverage 25.0% is below the 80% threshold\n")
+    assert "pkg/calc&#46;py (25.0%): Missing lines 6-8" in markdown
+    assert "pkg/calc.py" in (repo.path / "ci-reports" / "patch-coverage.html").read_text(encoding="utf-8")
+
+
+def test_change_covered_at_exactly_80_percent_passes(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write(
+        "pkg/calc.py",
+        """
+        def add(a, b):
+            return a + b
+
+
+        def double(x):
+            if x is None:
+                return 0
+            y = x * 2
+            return y
+        """,
+    )
+    repo.commit("add double")
+    repo.measure("import pkg.calc; pkg.calc.double(3)")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 80.0% (uncovered lines: 7)"]
+    assert "TOTAL: 80.0% of 5 coverable changed lines (1 uncovered; threshold 80%)" in run.out
+    assert "PASS: patch coverage 80.0% meets the 80% threshold" in run.out
+    markdown = (repo.path / "ci-reports" / "patch-coverage.md").read_text(encoding="utf-8")
+    assert markdown.startswith("**Patch-coverage gate:** PASS")
+
+
+def test_threshold_is_compared_as_a_float_not_a_truncated_integer(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write(
+        "pkg/calc.py",
+        """
+        def add(a, b):
+            return a + b
+
+
+        def double(x):
+            if x is None:
+                return 0
+            y = x * 2
+            z = y + 0
+            return z
+        """,
+    )
+    repo.commit("add double")
+    repo.measure("import pkg.calc; pkg.calc.double(3)")
+
+    # 5 of 6 lines: 83.33%. Truncated to 83 it would fail a threshold of 83.3.
+    passing = run_gate(repo, "--compare-ref", "HEAD~1", "--fail-under", "83.3")
+    failing = run_gate(repo, "--compare-ref", "HEAD~1", "--fail-under", "83.4")
+
+    assert passing.code == 0
+    assert "PASS: patch coverage 83.3% meets the 83.3% threshold" in passing.out
+    assert failing.code == 1
+    assert "FAIL: patch coverage 83.3% is below the 83.4% threshold" in failing.out
+
+
+def test_renamed_file_counts_only_the_lines_the_change_added(repo: Repo, run_gate: RunGate) -> None:
+    repo.write("pkg/__init__.py", "")
+    repo.write(
+        "pkg/legacy.py",
+        """
+        def parse(text):
+            if not text:
+                return []
+            parts = text.split(",")
+            cleaned = [part.strip() for part in parts]
+            return [part for part in cleaned if part]
+        """,
+    )
+    repo.commit("base")
+    repo.git("mv", "pkg/legacy.py", "pkg/modern.py")
+    with (repo.path / "pkg" / "modern.py").open("a", encoding="utf-8") as module:
+        module.write("\n\ndef count(text):\n    return len(parse(text))\n")
+    repo.commit("rename legacy to modern, add count")
+    # Lines 4-6, carried over by the rename, stay uncovered; they are not part of the change.
+    repo.measure("import pkg.modern; pkg.modern.count('')")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/modern.py: 100.0%"]
+    assert "TOTAL: 100.0% of 2 coverable changed lines (0 uncovered; threshold 80%)" in run.out
+
+
+def test_pure_rename_has_no_coverable_changed_lines(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.git("mv", "pkg/calc.py", "pkg/arith.py")
+    repo.commit("rename calc to arith")
+    repo.measure("import pkg.arith")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert file_lines(run.out) == []
+    assert "no coverable changed lines: nothing to gate (0 changed lines against HEAD~1" in run.out
+
+
+def test_deleted_lines_are_not_counted(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(
+        repo,
+        """
+        def add(a, b):
+            if a is None:
+                raise TypeError("a is None")
+            if b is None:
+                raise TypeError("b is None")
+            return a + b
+        """,
+    )
+    repo.write("pkg/calc.py", "def add(a, b):\n    return a + b + 0\n")
+    repo.commit("drop the None checks")
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+    assert "TOTAL: 100.0% of 1 coverable changed lines (0 uncovered; threshold 80%)" in run.out
+
+
+def test_change_that_only_deletes_lines_has_nothing_to_gate(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(
+        repo,
+        """
+        def add(a, b):
+            if a is None:
+                raise TypeError("a is None")
+            return a + b
+        """,
+    )
+    repo.write("pkg/calc.py", "def add(a, b):\n    return a + b\n")
+    repo.commit("drop the None check")
+    repo.measure("import pkg.calc")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert "no coverable changed lines: nothing to gate (0 changed lines against HEAD~1" in run.out
+
+
+def test_non_python_and_unmeasured_files_do_not_dilute_the_score(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write("README.md", "# calc\n\nAdds numbers.\n")
+    repo.write("pkg/schema.json", '{"type": "object"}\n')
+    repo.write("scripts/tool.py", "def unused():\n    return 1\n")
+    with (repo.path / "pkg" / "calc.py").open("a", encoding="utf-8") as module:
+        module.write("\n\nZERO = 0\n")
+    repo.commit("docs, data, a script and one covered line")
+    repo.measure("import pkg.calc")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+    assert "TOTAL: 100.0% of 1 coverable changed lines (0 uncovered; threshold 80%)" in run.out
+
+
+def test_docs_only_change_says_there_is_nothing_to_gate(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write("README.md", "# calc\n\nAdds numbers.\n")
+    repo.commit("docs only")
+    repo.measure("import pkg.calc")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--fail-under", "100")
+
+    assert run.code == 0
+    assert "TOTAL" not in run.out
+    expected = (
+        "no coverable changed lines: nothing to gate (3 changed lines against HEAD~1, "
+        "none in files that coverage.xml measures)"
+    )
+    assert expected in run.out
+    markdown = (repo.path / "ci-reports" / "patch-coverage.md").read_text(encoding="utf-8")
+    assert markdown.startswith(f"**Patch-coverage gate:** {expected}\n")
+
+
+def test_compare_ref_equal_to_head_says_there_is_nothing_to_gate(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD")
+
+    assert run.code == 0
+    assert "no coverable changed lines: nothing to gate (0 changed lines against HEAD," in run.out
+
+
+def test_unstaged_edits_count_as_part_of_the_change(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write("README.md", "docs\n")
+    repo.commit("docs only")
+    with (repo.path / "pkg" / "calc.py").open("a", encoding="utf-8") as module:
+        module.write("\n\ndef neg(x):\n    return -x\n")
+    repo.measure("import pkg.calc")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 1
+    assert file_lines(run.out) == ["  pkg/calc.py: 50.0% (uncovered lines: 6)"]
+
+
+def test_missing_compare_ref_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "origin/feature")
+
+    assert run.code == 2
+    assert run.out == ""
+    assert "gate: error: compare ref 'origin/feature' does not exist in this repository" in run.err
+    assert "`git fetch origin feature`" in run.err
+    assert not (repo.path / "ci-reports").exists()
+
+
+def test_default_compare_ref_is_origin_main(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+
+    run = run_gate(repo)
+
+    assert run.code == 2
+    assert "compare ref 'origin/main' does not exist" in run.err
+    assert "`git fetch origin main`" in run.err
+
+
+def test_previous_commit_of_a_single_commit_clone_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.measure("import pkg.calc")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert "compare ref 'HEAD~1' does not exist in this repository" in run.err
+    assert "a clone with a single commit lacks it" in run.err
+
+
+def test_compare_ref_and_threshold_come_from_the_environment(
+    repo: Repo, run_gate: RunGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quarter_covered_change(repo)
+    monkeypatch.setenv("COMPARE_REF", "HEAD~1")
+    monkeypatch.setenv("GATE_FAIL_UNDER", "20")
+
+    from_env = run_gate(repo)
+    monkeypatch.setenv("COMPARE_REF", "no-such-ref")
+    from_args = run_gate(repo, "--compare-ref", "HEAD~1", "--fail-under", "30")
+
+    assert from_env.code == 0
+    assert "Patch coverage of HEAD against HEAD~1 (HEAD~1...HEAD" in from_env.out
+    assert "PASS: patch coverage 25.0% meets the 20% threshold" in from_env.out
+    assert from_args.code == 1
+    assert "FAIL: patch coverage 25.0% is below the 30% threshold" in from_args.out
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("eighty", "not a number: 'eighty'"),
+        ("101", "must be between 0 and 100, got '101'"),
+        ("-1", "must be between 0 and 100, got '-1'"),
+    ],
+)
+def test_bad_threshold_is_a_usage_error(
+    gate: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    monkeypatch.setenv("GATE_FAIL_UNDER", value)
+
+    with pytest.raises(SystemExit) as exited:
+        gate.parse_args([])
+
+    assert exited.value.code == 2
+    assert f"argument --fail-under: {message}" in capsys.readouterr().err
+
+
+def test_threshold_bounds_are_accepted(gate: ModuleType) -> None:
+    assert gate.parse_args(["--fail-under", "0"]).fail_under == 0.0
+    assert gate.parse_args(["--fail-under", "100"]).fail_under == 100.0
+    assert gate.parse_args([]).fail_under == 80.0
+
+
+def test_outside_a_git_repository_is_a_clear_error(tmp_path, run_gate: RunGate) -> None:
+    plain = Repo(tmp_path / "plain")
+    plain.path.mkdir()
+
+    run = run_gate(plain, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert f"gate: error: {plain.path} is not inside a git work tree" in run.err
+
+
+def test_missing_coverage_xml_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.write("README.md", "docs\n")
+    repo.commit("docs")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert f"{repo.path / 'coverage.xml'} not found: run the tests under coverage, then `coverage xml" in run.err
+
+
+def test_unreadable_coverage_xml_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+    (repo.path / "coverage.xml").write_text("<coverage", encoding="utf-8")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert "coverage.xml is not a readable XML coverage report" in run.err
+
+
+def test_coverage_xml_without_measured_lines_is_an_error_not_a_pass(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+    # What `coverage xml` writes from an empty data file: a valid report that measured nothing.
+    (repo.path / "coverage.xml").write_text(
+        '<?xml version="1.0" ?>\n<coverage version="7"><sources><source>pkg</source></sources>'
+        '<packages><package name="."><classes><class name="calc.py" filename="calc.py"><lines/></class>'
+        "</classes></package></packages></coverage>\n",
+        encoding="utf-8",
+    )
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert "coverage.xml measured no lines" in run.err
+
+
+def test_absolute_paths_from_another_checkout_are_an_error_not_a_pass(repo: Repo, run_gate: RunGate, tmp_path) -> None:
+    quarter_covered_change(repo)
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)", relative=False)
+    clone = Repo(tmp_path / "clone")
+    subprocess.run(["git", "clone", "--quiet", str(repo.path), str(clone.path)], check=True, timeout=CHILD_TIMEOUT_S)
+    shutil.copy(repo.path / "coverage.xml", clone.path / "coverage.xml")
+
+    in_clone = run_gate(clone, "--compare-ref", "HEAD~1")
+    in_place = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert in_clone.code == 2
+    assert f"absolute source path '{repo.path / 'pkg'}', outside this checkout" in in_clone.err
+    assert "Set `relative_files = true`" in in_clone.err
+    # Absolute paths inside the checkout the gate runs in still match git's paths.
+    assert in_place.code == 1
+    assert file_lines(in_place.out) == ["  pkg/calc.py: 25.0% (uncovered lines: 6-8)"]
+
+
+def test_without_a_merge_base_the_gate_warns_and_compares_the_tips(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(repo)
+    repo.git("switch", "--quiet", "--orphan", "unrelated")
+    repo.write("NOTES.txt", "another history\n")
+    repo.commit("unrelated root")
+    repo.git("switch", "--quiet", "main")
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)")
+
+    run = run_gate(repo, "--compare-ref", "unrelated")
+
+    assert "gate: warning: 'unrelated' and HEAD have no merge base" in run.err
+    assert "(unrelated..HEAD, plus staged and unstaged changes)" in run.out
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+
+
+def test_report_directory_that_cannot_be_created_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+    quarter_covered_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--report-dir", ".gitignore/reports")
+
+    assert run.code == 2
+    assert "cannot create the report directory" in run.err
+
+
+def test_diff_cover_failure_without_a_report_is_an_error_not_a_low_score(
+    repo: Repo, run_gate: RunGate, gate: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quarter_covered_change(repo)
+    assert run_gate(repo, "--compare-ref", "HEAD~1").code == 1  # leaves a JSON report that must not be reused
+    monkeypatch.setattr(gate, "DIFF_COVER_COMMAND", [sys.executable, "-c", "import sys; sys.exit('boom: no diff')"])
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert "gate: error: diff-cover failed (exit 1) without a report:\nboom: no diff" in run.err
+
+
+def test_diff_cover_exit_code_contradicting_its_report_is_an_error(
+    repo: Repo, run_gate: RunGate, gate: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quarter_covered_change(repo)
+    report = {
+        "src_stats": {},
+        "total_num_lines": 4,
+        "total_num_violations": 0,
+        "total_percent_covered": 100.0,
+        "num_changed_lines": 4,
+    }
+    fake = (
+        "import sys\n"
+        "spec = next(a for a in sys.argv if a.startswith('--format=')).removeprefix('--format=')\n"
+        "paths = dict(item.split(':', 1) for item in spec.split(','))\n"
+        f"open(paths['json'], 'w').write({json.dumps(report)!r})\n"
+        "sys.exit(1)\n"
+    )
+    monkeypatch.setattr(gate, "DIFF_COVER_COMMAND", [sys.executable, "-c", fake])
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1")
+
+    assert run.code == 2
+    assert "diff-cover exited 1 but its report says 100.0% against a threshold of 80.0%" in run.err
+
+
+def test_command_line_exit_code_and_report(repo: Repo) -> None:
+    quarter_covered_change(repo)
+
+    result = subprocess.run(
+        [sys.executable, str(GATE_PATH), "--compare-ref", "HEAD~1"],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "  pkg/calc.py: 25.0% (uncovered lines: 6-8)\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [([], ""), ([5], "5"), ([9, 3, 7, 8, 3], "3, 7-9"), ([1, 2, 4, 5, 7], "1-2, 4-5, 7")],
+)
+def test_line_ranges(gate: ModuleType, lines: list[int], expected: str) -> None:
+    assert gate.line_ranges(lines) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(25.0, "25.0%"), (79.96, "79.9%"), (66.66666666666667, "66.6%"), (69.99999999999999, "70.0%"), (0, "0.0%")],
+)
+def test_percent_is_rounded_down_to_one_decimal(gate: ModuleType, value: float, expected: str) -> None:
+    assert gate.format_percent(value) == expected
+
+
+def test_threshold_prints_without_a_trailing_zero(gate: ModuleType) -> None:
+    assert gate.format_threshold(80.0) == "80%"
+    assert gate.format_threshold(72.5) == "72.5%"
