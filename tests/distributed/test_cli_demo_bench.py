@@ -1,0 +1,203 @@
+"""The `demo` and `bench` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
+
+Each CLI process carries the suite's run tag, so the autouse check in conftest proves that no rank it started
+outlived the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paddle
+import pytest
+
+from tests.distributed.harness import REPO_ROOT, rank_env
+
+CLI_TIMEOUT_S = 200.0
+"""How long one CLI run may take before the test interrupts it; below each test's pytest-timeout."""
+
+
+def _start(*args: str, console_script: bool = False) -> subprocess.Popen:
+    command = (
+        [str(Path(sys.executable).with_name("fastdeploy-patch"))]
+        if console_script
+        else [
+            sys.executable,
+            "-m",
+            "fastdeploy_patch",
+        ]
+    )
+    return subprocess.Popen(
+        [*command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, **rank_env(), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    """Interrupt the CLI as Ctrl-C would (it then kills its ranks), and kill it if even that does not end it."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+def run_cli(*args: str, console_script: bool = False, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run the CLI to the end and return its exit code and output; a run that overstays fails the test."""
+    proc = _start(*args, console_script=console_script)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _stop(proc)
+        pytest.fail(f"fastdeploy-patch {' '.join(args)} ran over {timeout:g} s\nstdout:\n{out}\nstderr:\n{err}")
+    assert _our_segments(proc.pid) == [], "the CLI left its shared memory behind"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _rows(out: str) -> dict[int, list[str]]:
+    """The demo table's rows by rank, as stripped cells."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) == 7 and cells[0].isdigit():
+            rows[int(cells[0])] = cells
+    return rows
+
+
+def _our_segments(pid: int) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"fdp-demo-{pid}-"))
+
+
+@pytest.mark.timeout(240)
+def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps() -> None:
+    done = run_cli("demo", "--nranks", "2", "--steps", "30")
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    out = done.stdout
+    # Progress: each phase of the engine's side, as it happens.
+    for phase in ("requested CLEARING", "rank 0 reports CLEARED", "requested UPDATING", "rank 0 reports NORMAL"):
+        assert re.search(rf"^\[engine\] step \d+/30: {phase}", out, re.MULTILINE), out
+    rows = _rows(out)
+    assert sorted(rows) == [0, 1], out
+    cycle = re.fullmatch(r"CLEARING@(\d+) CLEARED@(\d+) UPDATING@(\d+) NORMAL@(\d+)", rows[0][2])
+    assert cycle, out
+    clearing, cleared, updating, normal = map(int, cycle.groups())
+    # Rank 0 answers each request in the step that carried it out, so the answer is seen one step later.
+    assert (cleared, normal) == (clearing + 1, updating + 1)
+    assert 1 < clearing and cleared < updating and normal <= 30
+    for rank in (0, 1):
+        steps, transitions, params, groups, p50, p99 = rows[rank][1:]
+        assert (steps, transitions, params) == ("30", rows[0][2], "2/2")
+        # On CPU every group is gloo, which cannot be shut down: nothing to shut down or restart.
+        assert groups == "0/0"
+        assert 0 < float(p50) <= float(p99)
+    assert "ranks agree: yes" in out
+    assert out.rstrip().endswith("demo: OK (2 ranks saw the whole clear/update cycle at the same steps)")
+
+
+@pytest.mark.timeout(240)
+def test_bench_json_reports_each_path_over_every_rank() -> None:
+    done = run_cli("bench", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # stdout is exactly one JSON object
+    assert {k: report[k] for k in ("nranks", "iters", "warmup", "backend", "paddle_version")} == {
+        "nranks": 2,
+        "iters": 100,
+        "warmup": 10,
+        "backend": "gloo",
+        "paddle_version": paddle.__version__,
+    }
+    assert list(report["paths"]) == ["legacy", "patch", "patch_deadline"]
+    for path in report["paths"].values():
+        assert path["samples"] == 200 and sorted(path["per_rank"]) == ["0", "1"]
+        assert 0 < path["p50_us"] <= path["p99_us"] and path["mean_us"] > 0
+    legacy, patch = report["paths"]["legacy"], report["paths"]["patch"]
+    assert report["ratio_legacy_over_patch"]["p50"] == pytest.approx(legacy["p50_us"] / patch["p50_us"])
+    assert report["ratio_legacy_over_patch"]["mean"] == pytest.approx(legacy["mean_us"] / patch["mean_us"])
+    assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            if re.search(rf"^PPid:\s+{pid}$", status, re.MULTILINE):
+                found.append(int(proc.name))
+    return found
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        return b"fastdeploy_patch.rank_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_every_rank_removes_the_shared_memory_and_exits_130() -> None:
+    proc = _start("demo", "--nranks", "2", "--steps", "100000")
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not any("the ranks are running" in line for line in seen):
+            assert time.monotonic() < deadline, f"no progress from the demo: {seen}"
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, f"the demo exited early ({proc.returncode}): {seen}"
+        ranks = [pid for pid in _children(proc.pid) if _is_rank(pid)]
+        assert len(ranks) == 2
+        assert len(_our_segments(proc.pid)) == 2
+        proc.send_signal(signal.SIGINT)
+        # A bound against a hang, not a speed test: the ranks get 3 s to exit on SIGTERM, then SIGKILL.
+        returncode = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    err = proc.stderr.read()
+    assert returncode == 130, err
+    assert "demo: interrupted; every rank stopped and the shared memory was removed" in err
+    assert not any(_is_rank(pid) for pid in ranks)
+    assert _our_segments(proc.pid) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "console_script", "error"),
+    [
+        (("bench", "--iters", "0"), False, "fastdeploy-patch bench: error: argument --iters: expected a positive"),
+        (("bench", "--iters", "0"), True, "fastdeploy-patch bench: error: argument --iters: expected a positive"),
+        (("demo", "--nranks", "0"), True, "fastdeploy-patch demo: error: argument --nranks: expected a positive"),
+        (("frobnicate",), False, "fastdeploy-patch: error: argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_exit_2_from_the_command_and_the_module(args, console_script: bool, error: str) -> None:
+    if console_script and not Path(sys.executable).with_name("fastdeploy-patch").exists():
+        pytest.skip("the fastdeploy-patch console script is not installed beside this Python")
+    done = run_cli(*args, console_script=console_script, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    # Paddle may print an import warning first; the usage and the one error line end the output.
+    lines = done.stderr.rstrip("\n").splitlines()
+    assert any(line.startswith("usage: fastdeploy-patch") for line in lines)
+    assert lines[-1].startswith(error)
