@@ -148,6 +148,14 @@ def test_each_status_triggers_its_action_at_the_step_it_arrives(rank: Rank) -> N
     assert all(isinstance(ns, int) and ns >= 0 for ns in worker.sync_latencies_ns)
 
 
+def test_each_step_records_how_long_the_status_sync_took(rank: Rank) -> None:
+    worker = WorkerProcess(_model(), status_signal=_signal())
+    clock = [1_000, 1_250, 5_000, 5_090]
+    with mock.patch.object(worker_process.time, "perf_counter_ns", side_effect=clock):
+        worker.event_loop(2)
+    assert worker.sync_latencies_ns == [250, 90]
+
+
 def test_the_forward_pass_runs_without_autograd(rank: Rank) -> None:
     grad_enabled: list[bool] = []
     model = _model()
