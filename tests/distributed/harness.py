@@ -1,0 +1,71 @@
+"""The one way distributed tests start ranks: ``fastdeploy_patch.launcher.run_ranks`` (the mechanism the CLI uses
+too), with pytest-facing failures and a tag that lets the suite prove no rank outlived its test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastdeploy_patch.launcher import RankFailed, RankTimeout, run_ranks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+RUN_TAG_VAR = "FDP_DISTRIBUTED_TEST_RUN"
+"""Every rank this suite starts carries this variable, set to ``RUN_TAG``; stray-process checks look for it."""
+RUN_TAG = uuid.uuid4().hex
+
+RANK_TIMEOUT_S = 90.0
+"""How long one launch may take; below each test's pytest-timeout so the rank stacks get shown first."""
+
+
+def rank_env() -> dict[str, str]:
+    """The environment ranks get on top of ours: the repo root importable, whatever the working directory."""
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + path if path else ""),
+        RUN_TAG_VAR: RUN_TAG,
+    }
+
+
+def target_of(fn: Callable[..., Any]) -> str:
+    """The ``module:function`` string the launcher imports in each rank."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def run_ranks_or_fail(
+    fn: Callable[..., Any],
+    nranks: int,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    timeout: float = RANK_TIMEOUT_S,
+    backend: str = "gloo",
+) -> list[Any]:
+    """Run ``fn(**kwargs)`` on ``nranks`` real ranks and return each rank's result, indexed by rank.
+
+    A rank that fails or a launch that times out becomes a pytest failure naming the rank(s), with the failing
+    rank's traceback first and the other ranks' log tails after; every rank is dead by then.
+    """
+    target = target_of(fn)
+    try:
+        return run_ranks(target, nranks, kwargs=kwargs, timeout=timeout, backend=backend, env=rank_env())
+    except RankFailed as exc:
+        others = "".join(
+            f"\n----- rank {rank} (killed) -----\n{tail}"
+            for rank, tail in sorted(exc.reports.items())
+            if rank != exc.rank
+        )
+        message = (
+            f"rank {exc.rank} of {nranks} failed in {target} (exit code {exc.returncode}):\n"
+            f"----- rank {exc.rank} -----\n{exc.reports[exc.rank]}{others}"
+        )
+    except RankTimeout as exc:
+        stacks = "".join(f"\n----- rank {rank} -----\n{tail}" for rank, tail in sorted(exc.reports.items()))
+        message = (
+            f"ranks {sorted(exc.reports)} of {nranks} hung in {target} for {exc.timeout:g} s; their stacks:{stacks}"
+        )
+    pytest.fail(message, pytrace=False)

@@ -1,0 +1,34 @@
+"""The harness turns a failing or hanging rank into a readable pytest failure that names the rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.distributed import rank_fns
+from tests.distributed.harness import run_ranks_or_fail
+
+
+def test_a_failing_rank_is_named_with_its_traceback_and_the_others_are_killed() -> None:
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_ranks_or_fail(rank_fns.fail_on, 2, kwargs={"rank": 1, "message": "rank 1 gave up on purpose"})
+
+    text = str(failure.value)
+    assert text.startswith("rank 1 of 2 failed in tests.distributed.rank_fns:fail_on (exit code 1):")
+    assert "Traceback (most recent call last):" in text
+    assert "ValueError: rank 1 gave up on purpose" in text
+    assert "----- rank 0 (killed) -----" in text
+    # Rank 0 sleeps for 600 s: only killing it ends the launch this early.
+    assert time.monotonic() - started < 120
+
+
+def test_a_hanging_rank_is_named_with_its_stack_and_killed() -> None:
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_ranks_or_fail(rank_fns.hang_on, 2, kwargs={"rank": 1}, timeout=15)
+
+    text = str(failure.value)
+    assert text.startswith("ranks [1] of 2 hung in tests.distributed.rank_fns:hang_on for 15 s; their stacks:")
+    assert "----- rank 1 -----" in text and "----- rank 0 -----" not in text
+    assert "_hanging_here" in text

@@ -1,0 +1,104 @@
+"""The whole RL control cycle on real ranks: the test process plays the engine and flips the shared-memory
+status NORMAL -> CLEARING -> (CLEARED) -> UPDATING -> NORMAL while the workers run their event loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fastdeploy_patch.ipc_signal import StatusSignal
+from fastdeploy_patch.status import ModelWeightsStatus
+from tests.distributed import rank_fns
+from tests.distributed.conftest import new_status_signal
+from tests.distributed.harness import run_ranks_or_fail
+
+STEP_INTERVAL_S = 0.005
+MAX_STEPS = 6000
+TAIL_STEPS = 5
+SETTLE_STEPS = 3
+DRIVER_WAIT_S = 60.0
+
+
+class Driver(threading.Thread):
+    """The engine: writes CLEARING, waits for rank 0's CLEARED, lets the workers run a few CLEARED steps, writes
+    UPDATING, waits for NORMAL. ``progress`` is rank 0's step count, so every wait is in worker steps."""
+
+    def __init__(self, status: StatusSignal, progress: StatusSignal) -> None:
+        super().__init__(name="engine-driver", daemon=True)
+        self.status, self.progress = status, progress
+        self.seen: list[tuple[str, int]] = []
+        self.error: str | None = None
+
+    def _until(self, what: str, condition) -> None:
+        deadline = time.monotonic() + DRIVER_WAIT_S
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"driver waited {DRIVER_WAIT_S:g} s for {what}")
+            time.sleep(0.001)
+        self.seen.append((what, int(self.progress.value[0])))
+
+    def _write(self, status: ModelWeightsStatus) -> None:
+        self.status.value[0] = status
+
+    def run(self) -> None:
+        try:
+            self._until("workers running", lambda: self.progress.value[0] >= SETTLE_STEPS)
+            self._write(ModelWeightsStatus.CLEARING)
+            self._until("CLEARED", lambda: self.status.value[0] == ModelWeightsStatus.CLEARED)
+            cleared_at = int(self.progress.value[0])
+            self._until("CLEARED steps", lambda: self.progress.value[0] >= cleared_at + SETTLE_STEPS)
+            self._write(ModelWeightsStatus.UPDATING)
+            self._until("NORMAL", lambda: self.status.value[0] == ModelWeightsStatus.NORMAL)
+        except TimeoutError as exc:
+            self.error = str(exc)
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(nranks: int) -> None:
+    with new_status_signal() as status, new_status_signal() as progress:
+        driver = Driver(status, progress)
+        driver.start()
+        try:
+            reports = run_ranks_or_fail(
+                rank_fns.rl_cycle,
+                nranks,
+                kwargs={
+                    "status_name": status.name,
+                    "progress_name": progress.name,
+                    "step_interval": STEP_INTERVAL_S,
+                    "max_steps": MAX_STEPS,
+                    "tail": TAIL_STEPS,
+                },
+            )
+        finally:
+            driver.join(DRIVER_WAIT_S)
+        final_status = int(status.value[0])
+    assert driver.error is None, driver.error
+    assert [what for what, _ in driver.seen] == ["workers running", "CLEARED", "CLEARED steps", "NORMAL"]
+    assert final_status == ModelWeightsStatus.NORMAL
+
+    transitions = reports[0]["transitions"]
+    assert [status for _, status in transitions] == [
+        ModelWeightsStatus.CLEARING,
+        ModelWeightsStatus.CLEARED,
+        ModelWeightsStatus.UPDATING,
+        ModelWeightsStatus.NORMAL,
+    ]
+    (cleared_step, _), (cleared_seen, _), (update_step, _), (normal_step, _) = transitions
+    assert cleared_seen == cleared_step + 1 and normal_step == update_step + 1
+    assert update_step - cleared_seen >= SETTLE_STEPS - 1
+    for report in reports:
+        rank = report["rank"]
+        assert report["transitions"] == transitions, f"rank {rank} saw the transitions at other steps"
+        assert report["steps"] == normal_step + TAIL_STEPS
+        n_params = len(report["checksums_before"])
+        assert report["initialized_after_clear"] == [False] * n_params, f"rank {rank} kept its parameters"
+        assert report["released"] == n_params and report["restored"] == n_params
+        assert report["checksums_after"] == report["checksums_before"], f"rank {rank} reloaded other values"
+        assert report["manager_status"] == ModelWeightsStatus.NORMAL
+        # A forward pass on every NORMAL step, none while clearing, cleared or updating.
+        assert report["forward_passes"] == report["steps"] - (normal_step - cleared_step)
+    # Each rank seeds its own model: identical checksums across ranks would hide a cross-rank mix-up.
+    assert len({str(r["checksums_before"]) for r in reports}) == nranks

@@ -1,0 +1,36 @@
+"""Several signal groups in one process, at 3 and 4 ranks, where groups sharing Paddle's global store used to
+collide: each group has its own rendezvous store and delivers only its own values."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed import rank_fns
+from tests.distributed.harness import run_ranks_or_fail
+
+ROUNDS = 3
+
+
+@pytest.mark.parametrize("nranks", [3, 4])
+def test_several_signal_groups_repeatedly_each_deliver_their_own_values(nranks: int) -> None:
+    reports = run_ranks_or_fail(rank_fns.several_groups, nranks, kwargs={"rounds": ROUNDS})
+
+    world = list(range(nranks))
+    layouts = [world, world, list(range(1, nranks)), [nranks - 1, 0], list(range(nranks - 2, nranks))]
+    for report in reports:
+        rank = report["rank"]
+        assert report["registry_grew_by"] == ROUNDS * len(layouts), f"rank {rank}"
+        assert len(report["rounds"]) == ROUNDS
+        for round_, seen in enumerate(report["rounds"]):
+            assert seen["members"] == layouts
+            for index, members in enumerate(layouts):
+                got = seen["received"][index]
+                if rank in members:
+                    expected = [100_000 * round_ + 100 * index + src for src in (max(members), min(members))]
+                    assert got == expected, f"rank {rank}, round {round_}, group {index} ({members})"
+                else:
+                    assert got == {
+                        "type": "ValueError",
+                        "message": f"this process (rank {rank}) is not a member of the signal group "
+                        f"(ranks {sorted(members)})",
+                    }
