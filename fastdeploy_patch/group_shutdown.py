@@ -28,10 +28,10 @@ def shutdown_process_groups() -> list[str]:
     shut: list[str] = []
     # Iterate over a copy: a shutdown must not be able to change what we walk.
     for name, group in list(registry.items()):
-        process_group = group.process_group
-        if group.id == _DEFAULT_GROUP_ID or process_group is None or name in already_down:
+        # A group this rank is not in has no process group; getattr(None, ...) skips it like a gloo group.
+        if group.id == _DEFAULT_GROUP_ID or name in already_down:
             continue
-        if not callable(getattr(process_group, "shutdown", None)):
+        if not callable(getattr(group.process_group, "shutdown", None)):
             continue
         dist.shutdown_process_group(group)
         shut.append(name)

@@ -57,7 +57,6 @@ class DynamicWeightManager:
             raise RuntimeError(f"update_parameters() needs cleared parameters, but the status is {self.status.name}")
         dist.restart_process_group()
         self.groups_restarted += len(self._groups_down)
-        self._groups_down = []
         for name, param in self.model.named_parameters():
             param.copy_(paddle.to_tensor(self._reload_source.pop(name), place=paddle.CPUPlace()), False)
             self.parameters_restored += 1
