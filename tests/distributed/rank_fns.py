@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+import coverage
 import paddle
 import paddle.distributed as dist
 from paddle.distributed import collective
@@ -69,10 +70,7 @@ def exit_now(result: object) -> NoReturn:
 
 
 def _save_coverage() -> None:
-    try:
-        import coverage
-    except ImportError:  # pragma: no cover - coverage is a test dependency
-        return
+    # os._exit skips the atexit hook through which coverage saves a measured rank's data.
     current = coverage.Coverage.current()
     if current is not None:
         current.stop()

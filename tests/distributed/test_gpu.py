@@ -27,7 +27,8 @@ def gpu_skip_reason() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_skip_reason() is not None, reason=str(gpu_skip_reason()))]
+_SKIP_REASON = gpu_skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON))]
 
 
 def test_signal_broadcasts_launch_no_gpu_work_and_safe_shutdown_stops_and_restarts_nccl() -> None:

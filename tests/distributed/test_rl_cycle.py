@@ -28,12 +28,15 @@ class Driver(threading.Thread):
     def __init__(self, status: StatusSignal, progress: StatusSignal) -> None:
         super().__init__(name="engine-driver", daemon=True)
         self.status, self.progress = status, progress
+        self.stop = threading.Event()
         self.seen: list[tuple[str, int]] = []
         self.error: str | None = None
 
     def _until(self, what: str, condition) -> None:
         deadline = time.monotonic() + DRIVER_WAIT_S
         while not condition():
+            if self.stop.is_set():
+                raise TimeoutError(f"driver stopped while waiting for {what}: the ranks are gone")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"driver waited {DRIVER_WAIT_S:g} s for {what}")
             time.sleep(0.001)
@@ -72,6 +75,10 @@ def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(n
                     "tail": TAIL_STEPS,
                 },
             )
+        except BaseException:
+            # The ranks are gone: the driver's next wait can only time out.
+            driver.stop.set()
+            raise
         finally:
             driver.join(DRIVER_WAIT_S)
         final_status = int(status.value[0])

@@ -117,7 +117,6 @@ def test_cpu_profile_of_signal_broadcasts_parses_and_has_no_device_event(reports
 
 
 def test_safe_shutdown_never_raises_keeps_registry_and_signal_group_over_20_cycles(reports: list[dict]) -> None:
-    nranks = len(reports)
     for report in reports:
         safe = report["safe_shutdown"]
         # On CPU every group is gloo (the default group included): nothing can be shut down.
@@ -126,7 +125,6 @@ def test_safe_shutdown_never_raises_keeps_registry_and_signal_group_over_20_cycl
         assert report["signal_group_name"] in safe["registry"]
         assert {backend for _, _, backend in safe["registry"].values()} == {"ProcessGroupGloo"}
         assert safe["received"] == [7000 + cycle for cycle in range(CYCLES)], f"rank {report['rank']}"
-    assert nranks > 1
 
 
 def test_upstream_shutdown_process_group_still_raises_attribute_error_with_a_gloo_group(reports: list[dict]) -> None:
