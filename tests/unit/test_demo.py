@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import types
 from dataclasses import dataclass, field
 from unittest import mock
@@ -115,6 +116,12 @@ def test_demo_rank_detaches_from_the_segments_when_the_worker_fails(segments) ->
 
 
 # --- Driver.poll ---------------------------------------------------------------------------------------------
+
+
+def test_driver_runs_on_real_time_by_default_polling_every_millisecond() -> None:
+    driver = Driver(_segment(), _segment(), 20)
+    assert (driver.clock, driver.sleep, driver.out) == (time.monotonic, time.sleep, print)
+    assert (driver.poll_interval, driver.progress_every, driver.error, driver.log) == (0.001, 2.0, None, [])
 
 
 def test_driver_schedule_scales_with_the_steps() -> None:
