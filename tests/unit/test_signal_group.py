@@ -263,15 +263,19 @@ def test_free_port_returns_a_port_nobody_holds() -> None:
 
 @dataclass
 class FakeBroadcast:
-    """``dist.broadcast``: src's value arrives in the tensor; records each call and the thread it ran on."""
+    """A gloo broadcast: src's value arrives in the tensor; records each call (tensor, src rank in the group,
+    process group) and the thread it ran on."""
 
     arriving: int | None = None
     error: BaseException | None = None
     block: threading.Event | None = None
     calls: list[tuple[paddle.Tensor, int, object, str]] = field(default_factory=list)
+    # What the tensor held when each call started: on src, the value it sends.
+    sent_values: list[int] = field(default_factory=list)
 
     def __call__(self, tensor: paddle.Tensor, src: int, group: object) -> None:
         self.calls.append((tensor, src, group, threading.current_thread().name))
+        self.sent_values.append(int(tensor.item()))
         if self.block is not None:
             self.block.wait(10)
         if self.error is not None:
@@ -280,10 +284,26 @@ class FakeBroadcast:
             tensor.fill_(self.arriving)
 
 
+class FakeTask:
+    def wait(self) -> bool:
+        return True
+
+
 @pytest.fixture
 def sent(world: FakeWorld) -> Iterator[FakeBroadcast]:
+    """Every fake gloo process group's ``broadcast(tensor, src_rank_in_group, sync_op)`` goes to one recorder,
+    which notes the process group it was called on."""
     fake = FakeBroadcast()
-    with mock.patch.object(signal_group.dist, "broadcast", side_effect=fake):
+
+    def broadcast(pg: GlooLikePG, tensor: paddle.Tensor, src_in_group: int, sync_op: bool) -> FakeTask:
+        assert sync_op is True
+        fake(tensor, src_in_group, pg)
+        return FakeTask()
+
+    with (
+        mock.patch.object(GlooLikePG, "broadcast", broadcast, create=True),
+        mock.patch.object(signal_group.dist, "broadcast", side_effect=AssertionError("dist.broadcast is not used")),
+    ):
         yield fake
     if fake.block is not None:
         # Let a deadline thread that is still inside the fake finish.
@@ -310,10 +330,21 @@ def test_src_sends_its_value_as_a_cpu_int32_tensor(world: FakeWorld, sent: FakeB
     got = broadcast_signal(-1, src=0, group=group)
 
     assert got == -1 and type(got) is int
-    full.assert_called_once_with([1], -1, dtype="int32", device="cpu")
     [(tensor, src, used, thread)] = sent.calls
-    assert (src, used, thread) == (0, group, threading.current_thread().name)
+    assert sent.sent_values == [-1]
+    assert (src, used, thread) == (0, group.process_group, threading.current_thread().name)
     assert tensor.dtype == paddle.int32 and tensor.place.is_cpu_place() and tensor.shape == [1]
+    # The one CPU buffer is made with the group, never per step.
+    full.assert_called_once_with([1], 0, dtype="int32", device="cpu")
+
+
+def test_every_broadcast_reuses_the_groups_one_buffer(world: FakeWorld, sent: FakeBroadcast, full: mock.Mock) -> None:
+    group = _group_of(world)
+    assert [broadcast_signal(v, group=group) for v in (3, -4, 5)] == [3, -4, 5]
+    assert sent.sent_values == [3, -4, 5]
+    assert len({id(tensor) for tensor, *_ in sent.calls}) == 1
+    assert sent.calls[0][0] is signal_group._SIGNAL_GROUPS[group.name].buffer
+    assert full.call_count == 1
 
 
 def test_other_ranks_ignore_their_value_and_return_srcs(
@@ -325,8 +356,10 @@ def test_other_ranks_ignore_their_value_and_return_srcs(
     # The non-src value is never looked at, so even a non-integer is fine there.
     assert broadcast_signal(None, src=1, group=group) == 1
     assert broadcast_signal(2**40, src=0, group=group) == 1
-    assert [call.args[1] for call in full.call_args_list] == [0, 0]
-    assert [(src, used) for _, src, used, _ in sent.calls] == [(1, group), (0, group)]
+    # A non-src rank never writes its own value into the buffer: it holds what last arrived.
+    assert sent.sent_values == [0, 1]
+    assert full.call_count == 1
+    assert [(src, used) for _, src, used, _ in sent.calls] == [(1, group.process_group), (0, group.process_group)]
 
 
 @pytest.mark.parametrize("value", [np.int32(7), np.int64(-7), np.uint8(255), 2**31 - 1, -(2**31), 0])
@@ -344,7 +377,7 @@ def test_src_refuses_a_non_integer_before_communicating(
     with pytest.raises(TypeError, match="signal value must be an integer") as err:
         broadcast_signal(value, group=group)
     assert repr(value) in str(err.value)
-    assert sent.calls == [] and full.call_count == 0
+    assert sent.calls == [] and int(signal_group._SIGNAL_GROUPS[group.name].buffer.item()) == 0
 
 
 @pytest.mark.parametrize("value", [2**31, -(2**31) - 1, np.int64(2**40), np.uint64(2**63)])
@@ -355,7 +388,7 @@ def test_src_refuses_a_value_outside_int32_before_communicating(
     with pytest.raises(ValueError, match=r"outside int32 range \[-2147483648, 2147483647\]") as err:
         broadcast_signal(value, group=group)
     assert f"signal value {value!r}" in str(err.value)
-    assert sent.calls == [] and full.call_count == 0
+    assert sent.calls == [] and int(signal_group._SIGNAL_GROUPS[group.name].buffer.item()) == 0
 
 
 @pytest.mark.parametrize("src", [True, 0.0, "0", None])
@@ -370,8 +403,19 @@ def test_src_may_be_a_numpy_integer(world: FakeWorld, sent: FakeBroadcast, full:
     world.rank = 1
     group = _group_of(world)
     assert broadcast_signal(6, src=np.int64(1), group=group) == 6
-    assert full.call_args.args[1] == 6
+    assert sent.sent_values == [6]
     assert sent.calls[0][1] == 1
+
+
+def test_src_is_translated_to_its_rank_within_the_group(world: FakeWorld, sent: FakeBroadcast) -> None:
+    world.world_size, world.rank = 4, 3
+    group = _group_of(world, ranks=[3, 1])
+    sent.arriving = 8
+    assert broadcast_signal(9, src=3, group=group) == 8
+    assert broadcast_signal(None, src=1, group=group) == 8
+    # Global rank 3 is the group's rank 1, global rank 1 its rank 0.
+    assert [src for _, src, _, _ in sent.calls] == [1, 0]
+    assert sent.sent_values == [9, 8]
 
 
 def test_a_single_rank_world_needs_no_group(world: FakeWorld, sent: FakeBroadcast, full: mock.Mock) -> None:
@@ -420,8 +464,10 @@ def test_a_rank_outside_the_group_cannot_take_part(world: FakeWorld, sent: FakeB
 def _assert_unusable(group: Group, sent: FakeBroadcast, full: mock.Mock, reason: str) -> None:
     calls, fulls = len(sent.calls), full.call_count
     with pytest.raises(SignalGroupError, match=rf"the signal group \(ranks \[0, 1\]\) is unusable: {reason}"):
-        broadcast_signal(0, src=0, group=group)
+        broadcast_signal(99, src=0, group=group)
     assert (len(sent.calls), full.call_count) == (calls, fulls)
+    # Refused before the value is written, not only before it is sent.
+    assert int(signal_group._SIGNAL_GROUPS[group.name].buffer.item()) != 99
 
 
 def test_a_peer_that_exited_is_a_signal_group_error(world: FakeWorld, sent: FakeBroadcast, full: mock.Mock) -> None:
@@ -458,7 +504,9 @@ def test_a_deadline_group_delivers_srcs_value_through_its_thread(world: FakeWorl
     sent.arriving = 3
     assert broadcast_signal(0, src=0, group=group) == 3
     assert broadcast_signal(0, src=0, group=group) == 3
-    assert [(src, used, thread) for _, src, used, thread in sent.calls] == [(0, group, f"signal-{group.name}")] * 2
+    assert [(src, used, thread) for _, src, used, thread in sent.calls] == [
+        (0, group.process_group, f"signal-{group.name}")
+    ] * 2
 
 
 def test_a_deadline_group_reports_a_lost_peer_as_such(world: FakeWorld, sent: FakeBroadcast, full: mock.Mock) -> None:
@@ -510,7 +558,7 @@ def test_groups_fail_independently(world: FakeWorld, sent: FakeBroadcast) -> Non
         broadcast_signal(1, group=broken)
     sent.error = None
     assert broadcast_signal(4, group=healthy) == 4
-    assert [used for _, _, used, _ in sent.calls] == [broken, healthy]
+    assert [used for _, _, used, _ in sent.calls] == [broken.process_group, healthy.process_group]
 
 
 # --- _DeadlineCaller --------------------------------------------------------------------------------------
