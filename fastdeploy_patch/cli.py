@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -101,6 +102,9 @@ def _smoke(args: argparse.Namespace) -> int:
     print(f"smoke: starting {args.nranks} CPU rank(s)...", flush=True)
     try:
         results = run_ranks("fastdeploy_patch.smoke:smoke_rank", args.nranks, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("smoke: interrupted; every rank stopped", file=sys.stderr)
+        return 130
     except RankError as exc:
         print(f"smoke: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -224,6 +228,9 @@ _COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for bad arguments)."""
+    """Run the command line; returns the exit code (2 for bad arguments, 130 after Ctrl-C)."""
+    # A shell starts background jobs with SIGINT ignored and Python keeps that; Ctrl-C (or SIGINT from a
+    # supervisor) must still stop the ranks, so ask for KeyboardInterrupt explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
     return _COMMANDS[args.command](args)

@@ -199,7 +199,9 @@ def _profile_signal(group, steps: int) -> dict:
     prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda _prof: None)
     prof.start()
     for step in range(steps):
-        broadcast_signal(step, src=0, group=group)
+        # The broadcast runs no Paddle op on a non-src rank, so give every rank one host node per step to find.
+        with profiler.RecordEvent(f"signal_step_{step}"):
+            broadcast_signal(step, src=0, group=group)
     prof.stop()
     counts = count_device_events(prof.profiler_result.get_data())
     return {"host_events": counts.host_events, "device_events": counts.device_events}

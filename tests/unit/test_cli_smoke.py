@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from unittest import mock
@@ -40,6 +41,23 @@ def test_smoke_fails_when_a_rank_fails(capsys):
     with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=error):
         assert cli.main(["smoke"]) == 1
     assert "smoke: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_smoke_exits_130_after_the_ranks_are_stopped(capsys):
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=KeyboardInterrupt):
+        assert cli.main(["smoke"]) == 130
+    assert capsys.readouterr().err == "smoke: interrupted; every rank stopped\n"
+
+
+def test_main_turns_sigint_into_keyboard_interrupt_even_when_started_ignoring_it():
+    # A shell's background job inherits SIGINT ignored; the CLI must still stop on it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=GOOD):
+            assert cli.main(["smoke"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("nranks", ["0", "-1", "two"])
