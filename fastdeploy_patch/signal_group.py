@@ -239,8 +239,9 @@ def broadcast_signal(value: int, src: int = 0, group: dist.communication.group.G
     if rank == src:
         tensor.fill_(_int32(value))
     # The process group's own broadcast: dist.broadcast would repeat, every step, membership checks done above.
+    # Paddle's gloo runs the broadcast inside the call, so the returned task has nothing left to wait for.
     process_group, src_in_group = group.process_group, state.ranks.index(src)
-    _run_broadcast(state, lambda: process_group.broadcast(tensor, src_in_group, True).wait(), src)
+    _run_broadcast(state, lambda: process_group.broadcast(tensor, src_in_group, True), src)
     return int(tensor.item())
 
 

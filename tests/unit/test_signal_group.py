@@ -284,21 +284,17 @@ class FakeBroadcast:
             tensor.fill_(self.arriving)
 
 
-class FakeTask:
-    def wait(self) -> bool:
-        return True
-
-
 @pytest.fixture
 def sent(world: FakeWorld) -> Iterator[FakeBroadcast]:
     """Every fake gloo process group's ``broadcast(tensor, src_rank_in_group, sync_op)`` goes to one recorder,
     which notes the process group it was called on."""
     fake = FakeBroadcast()
 
-    def broadcast(pg: GlooLikePG, tensor: paddle.Tensor, src_in_group: int, sync_op: bool) -> FakeTask:
+    def broadcast(pg: GlooLikePG, tensor: paddle.Tensor, src_in_group: int, sync_op: bool) -> object:
         assert sync_op is True
         fake(tensor, src_in_group, pg)
-        return FakeTask()
+        # A task that must not be needed: gloo has finished by the time broadcast returns.
+        return object()
 
     with (
         mock.patch.object(GlooLikePG, "broadcast", broadcast, create=True),
