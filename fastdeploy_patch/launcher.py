@@ -22,6 +22,13 @@ from pathlib import Path
 from typing import Any
 
 LOG_TAIL_CHARS = 4000
+
+# What each rank's interpreter runs. faulthandler goes first, before importing the package (and so Paddle, which
+# takes seconds): a rank stuck in an import still answers the timeout's SIGUSR1 with its stack instead of dying.
+RANK_BOOTSTRAP = (
+    "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "from fastdeploy_patch.rank_entry import main; sys.exit(main(sys.argv[1:]))"
+)
 _KILL_GRACE_S = 3.0
 _TRACEBACK_WAIT_S = 1.0
 
@@ -151,7 +158,7 @@ def _start(
     child_env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "fastdeploy_patch.rank_entry", str(spec_path), str(result_path)],
+            [sys.executable, "-c", RANK_BOOTSTRAP, str(spec_path), str(result_path)],
             env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -183,7 +190,7 @@ def _wait(ranks: list[_Rank], timeout: float, poll_interval: float) -> None:
 def _tracebacks(ranks: list[_Rank]) -> dict[int, str]:
     alive = [r for r in ranks if r.process.poll() is None]
     for r in alive:
-        # rank_entry registers faulthandler on SIGUSR1: each rank prints every thread's stack to its log.
+        # RANK_BOOTSTRAP registers faulthandler on SIGUSR1: each rank prints every thread's stack to its log.
         with contextlib.suppress(ProcessLookupError):
             r.process.send_signal(signal.SIGUSR1)
     time.sleep(_TRACEBACK_WAIT_S)

@@ -1,8 +1,7 @@
-"""What each rank started by ``fastdeploy_patch.launcher`` runs: ``python -m fastdeploy_patch.rank_entry``."""
+"""What each rank started by ``fastdeploy_patch.launcher`` runs, through ``launcher.RANK_BOOTSTRAP``."""
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import json
 import os
@@ -16,8 +15,6 @@ def main(argv: list[str]) -> int:
     """Join the distributed world (when it has more than one rank), run the spec's target, and write its JSON
     result. Returns the exit code: 0, or 1 after printing the target's traceback."""
     spec_path, result_path = argv
-    # The launcher sends SIGUSR1 on timeout to see where each rank is stuck.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     spec = json.loads(Path(spec_path).read_text())
     module_name, func_name = spec["target"].split(":", 1)
     try:
@@ -38,7 +35,3 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(result))
     tmp.replace(result_path)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

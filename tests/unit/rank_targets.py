@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 
 def echo(value: int) -> dict:
@@ -14,5 +15,7 @@ def fail(message: str) -> None:
     raise ValueError(message)
 
 
-def sleep_forever() -> None:
+def sleep_forever(ready: str | None = None) -> None:
+    if ready is not None:
+        Path(ready).touch()
     time.sleep(600)

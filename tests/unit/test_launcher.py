@@ -129,7 +129,7 @@ def test_success_returns_results_in_rank_order_and_reaps_every_rank(fake_ranks):
     results = run_ranks("pkg.mod:fn", 3, kwargs={"x": 1}, env={"EXTRA": "yes"}, poll_interval=0)
     assert results == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
     first = FakeProcess.instances[0]
-    assert first.argv[:3] == [sys.executable, "-m", "fastdeploy_patch.rank_entry"]
+    assert first.argv[:3] == [sys.executable, "-c", launcher.RANK_BOOTSTRAP]
     assert first.spec == {"target": "pkg.mod:fn", "kwargs": {"x": 1}}
     assert first.env["EXTRA"] == "yes"
     assert first.env["PYTHONUNBUFFERED"] == "1"
@@ -221,9 +221,25 @@ def test_real_child_failure_shows_its_traceback():
 
 
 @pytest.mark.timeout(60)
-def test_real_stuck_child_is_killed_and_its_stack_shown():
+def test_real_child_stuck_while_importing_still_shows_its_stack():
+    # 1.5 s is well inside the child's first `import paddle` (seconds), yet after the interpreter started.
     with pytest.raises(RankTimeout) as caught:
-        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=3)
+        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=1.5)
+    stack = caught.value.reports[0]
+    assert "most recent call first" in stack
+    # The bootstrap's own frame: faulthandler was registered before any of the package was imported.
+    assert 'File "<string>", line 1 in <module>' in stack
+    assert _children_named("fastdeploy_patch.rank_entry") == []
+
+
+@pytest.mark.timeout(90)
+def test_real_stuck_child_is_killed_and_its_stack_shown(tmp_path, monkeypatch):
+    ready = tmp_path / "ready"
+    real_clock = launcher.time.monotonic
+    # The deadline passes the moment the child is inside its target, however long its imports took.
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("tests.unit.rank_targets:sleep_forever", 1, kwargs={"ready": str(ready)}, env=CHILD_ENV, timeout=60)
     stack = caught.value.reports[0]
     assert "sleep_forever" in stack
     assert "rank_targets.py" in stack
