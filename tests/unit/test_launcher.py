@@ -221,14 +221,15 @@ def test_real_child_failure_shows_its_traceback():
 
 
 @pytest.mark.timeout(60)
-def test_real_child_stuck_while_importing_still_shows_its_stack():
-    # 1.5 s is well inside the child's first `import paddle` (seconds), yet after the interpreter started.
+def test_real_child_shows_its_stack_even_if_the_timeout_hits_during_its_imports():
+    # After 1.5 s the child may still be importing the package and Paddle (on a loaded machine) or already be in
+    # its target: either way it must answer with a stack, because the bootstrap registers faulthandler first.
     with pytest.raises(RankTimeout) as caught:
         run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=1.5)
     stack = caught.value.reports[0]
-    assert "most recent call first" in stack
-    # The bootstrap's own frame: faulthandler was registered before any of the package was imported.
-    assert 'File "<string>", line 1 in <module>' in stack
+    # Most recent call first, so the stack ends in the bootstrap's own frame (the log tail may cut a deep
+    # import stack's header).
+    assert stack.rstrip().endswith('File "<string>", line 1 in <module>')
     assert _children_named("fastdeploy_patch.rank_entry") == []
 
 
