@@ -220,31 +220,55 @@ def test_real_child_failure_shows_its_traceback():
     assert "rank_targets.py" in str(caught.value)
 
 
-@pytest.mark.timeout(60)
-def test_real_child_shows_its_stack_even_if_the_timeout_hits_during_its_imports():
-    # After 1.5 s the child may still be importing the package and Paddle (on a loaded machine) or already be in
-    # its target: either way it must answer with a stack, because the bootstrap registers faulthandler first.
+# Stands in for Paddle in the child: its import signals that the child is inside its imports, then never ends.
+_STUCK_PADDLE = """\
+import os, pathlib, time
+pathlib.Path(os.environ["FDP_TEST_IMPORT_READY"]).touch()
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_real_child_stuck_in_its_imports_shows_its_stack_down_to_the_bootstrap(tmp_path, monkeypatch):
+    # A `paddle` package that blocks on import, first on the child's path: the child is stuck in its imports at a
+    # known, shallow depth. (A timeout during the real Paddle imports catches a stack that may be deeper than
+    # faulthandler's 100 frames, which then ends in "..." instead of the bootstrap frame.)
+    fake = tmp_path / "site" / "paddle"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(_STUCK_PADDLE)
+    ready = tmp_path / "importing"
+    _deadline_passes_once(ready, monkeypatch)
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "FDP_TEST_IMPORT_READY": str(ready)}
     with pytest.raises(RankTimeout) as caught:
-        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=1.5)
+        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=env, timeout=60)
     stack = caught.value.reports[0]
-    # Most recent call first, so the stack ends in the bootstrap's own frame (the log tail may cut a deep
-    # import stack's header).
-    assert stack.rstrip().endswith('File "<string>", line 1 in <module>')
+    frames = [line.strip() for line in stack.splitlines() if line.lstrip().startswith("File ")]
+    # Most recent call first: the blocked import, then the package importing it, and last the bootstrap's own
+    # frame, which shows faulthandler was registered before anything was imported.
+    assert frames[0] == f'File "{fake / "__init__.py"}", line 3 in <module>'
+    assert any(frame.startswith(f'File "{REPO / "fastdeploy_patch" / "__init__.py"}"') for frame in frames)
+    assert frames[-1] == 'File "<string>", line 1 in <module>'
+    assert "sleep_forever" not in stack
     assert _children_named("fastdeploy_patch.rank_entry") == []
 
 
 @pytest.mark.timeout(90)
 def test_real_stuck_child_is_killed_and_its_stack_shown(tmp_path, monkeypatch):
     ready = tmp_path / "ready"
-    real_clock = launcher.time.monotonic
-    # The deadline passes the moment the child is inside its target, however long its imports took.
-    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
+    _deadline_passes_once(ready, monkeypatch)
     with pytest.raises(RankTimeout) as caught:
         run_ranks("tests.unit.rank_targets:sleep_forever", 1, kwargs={"ready": str(ready)}, env=CHILD_ENV, timeout=60)
     stack = caught.value.reports[0]
     assert "sleep_forever" in stack
     assert "rank_targets.py" in stack
     assert _children_named("fastdeploy_patch.rank_entry") == []
+
+
+def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the launcher's deadline pass the moment the child creates ``ready``, however long it took to get there
+    on a loaded machine."""
+    real_clock = launcher.time.monotonic
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
 
 
 def _children_named(text: str) -> list[str]:
