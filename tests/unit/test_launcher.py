@@ -61,7 +61,8 @@ class FakeProcess:
 
 
 @pytest.fixture
-def fake_ranks(monkeypatch):
+def fake_popen(monkeypatch):
+    """Ranks are FakeProcesses; returns the (pid, signal) pairs sent to their sessions."""
     FakeProcess.instances = []
     FakeProcess.signals = []
     FakeProcess.scripts = {}
@@ -76,9 +77,15 @@ def fake_ranks(monkeypatch):
 
     monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(launcher.os, "killpg", killpg)
+    return killpg_calls
+
+
+@pytest.fixture
+def fake_ranks(fake_popen, monkeypatch):
+    """FakeProcess ranks, and no real waiting for their stacks or their exit."""
     monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
     monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
-    return killpg_calls
+    return fake_popen
 
 
 @pytest.mark.parametrize(
@@ -177,6 +184,29 @@ def test_a_rank_ignoring_sigterm_is_sigkilled_after_the_grace(fake_ranks):
     assert (process.pid, signal.SIGKILL) in fake_ranks
 
 
+def test_the_documented_waits_are_120_s_for_the_ranks_1_s_for_their_stacks_and_3_s_before_sigkill(
+    fake_popen, monkeypatch
+):
+    # Literals on purpose: changing how long a user waits is a decision, so it must show up in this test.
+    FakeProcess.scripts = {0: [None]}
+    clock = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(launcher.time, "sleep", sleep)
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 1, poll_interval=10.0)
+    assert caught.value.timeout == 120.0
+    assert sleeps == [10.0] * 12 + [1.0]
+    (process,) = FakeProcess.instances
+    assert process.wait_timeouts[0] == 3.0
+    assert (process.pid, signal.SIGKILL) in fake_popen
+
+
 def test_keyboard_interrupt_kills_every_rank(fake_ranks, monkeypatch):
     FakeProcess.scripts = {0: [None], 1: [None]}
 
@@ -198,9 +228,8 @@ def test_signals_to_a_vanished_session_are_ignored():
 def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
     rank = launcher._Rank(0, mock.Mock(), tmp_path / "rank0.log", tmp_path / "rank0.json")
     assert rank.log_tail() == ""
-    rank.log_path.write_text("x" * (launcher.LOG_TAIL_CHARS + 10) + "END")
-    assert rank.log_tail().endswith("END")
-    assert len(rank.log_tail()) == launcher.LOG_TAIL_CHARS
+    rank.log_path.write_text("x" * 4010 + "END")
+    assert rank.log_tail() == "x" * 3997 + "END"
 
 
 @pytest.mark.timeout(60)
