@@ -43,10 +43,10 @@ class HostCopy:
     def restore(self, param: paddle.Tensor) -> None:
         """Give ``param`` new storage on the recorded place, holding these values.
 
-        Writes into the parameter's own dense tensor, as Paddle's ``set_state_dict`` does, so the parameter
-        keeps its name, ``persistable`` and ``stop_gradient``. (``Tensor.copy_`` into released storage would
-        take the source's place and flags instead, and ``set_value`` allocates on the current device.) A bfloat16
-        parameter's host copy is uint16, which ``set`` reads back as bfloat16.
+        Writes into the parameter's own dense tensor (as Paddle's static-graph ``Variable.set_value`` does), so it
+        keeps its name, ``persistable`` and ``stop_gradient``. ``Tensor.copy_`` into released storage would take the
+        source's place and flags instead, and the eager ``Tensor.set_value`` allocates on the current device. A
+        bfloat16 parameter's host copy is uint16, which ``set`` reads back as bfloat16.
         """
         param.get_tensor().set(self.values, self.place)
 
