@@ -1,8 +1,8 @@
 """fastdeploy_patch: the model-weights status synced over a CPU (gloo) signal group, and a process-group
 shutdown that tolerates gloo.
 
-Paddle is an extra, not a hard dependency (its CPU and GPU wheels conflict): install
-``fastdeploy-patch[cpu]`` or ``fastdeploy-patch[gpu]``.
+Paddle is not a hard dependency (its CPU and GPU wheels conflict): install ``fastdeploy-patch[cpu]``, or
+Paddle 3.3's GPU wheel from Paddle's own package index (see the README).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ try:
     import paddle  # noqa: F401
 except ImportError as exc:
     raise ImportError(
-        "fastdeploy_patch needs PaddlePaddle: pip install 'fastdeploy-patch[cpu]' (or '[gpu]' on a CUDA machine)"
+        "fastdeploy_patch needs PaddlePaddle 3.3. CPU: pip install 'fastdeploy-patch[cpu]'. GPU: PyPI has no Paddle 3 "
+        "GPU wheel; install one from Paddle's own index for your CUDA version (cu126, cu129, ...: see "
+        "https://www.paddlepaddle.org.cn/install/quick), for example: python -m pip install "
+        "paddlepaddle-gpu==3.3.1 -i https://www.paddlepaddle.org.cn/packages/stable/cu126/"
     ) from exc
 
 from fastdeploy_patch.group_shutdown import shutdown_process_groups

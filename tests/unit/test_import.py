@@ -64,7 +64,10 @@ def test_without_paddle_the_import_says_which_extra_to_install(
         for name in [name for name in sys.modules if name.partition(".")[0] == "fastdeploy_patch"]:
             del sys.modules[name]
     assert str(err.value) == (
-        "fastdeploy_patch needs PaddlePaddle: pip install 'fastdeploy-patch[cpu]' (or '[gpu]' on a CUDA machine)"
+        "fastdeploy_patch needs PaddlePaddle 3.3. CPU: pip install 'fastdeploy-patch[cpu]'. GPU: PyPI has no Paddle 3 "
+        "GPU wheel; install one from Paddle's own index for your CUDA version (cu126, cu129, ...: see "
+        "https://www.paddlepaddle.org.cn/install/quick), for example: python -m pip install "
+        "paddlepaddle-gpu==3.3.1 -i https://www.paddlepaddle.org.cn/packages/stable/cu126/"
     )
     if paddle_is == "missing":
         assert isinstance(err.value.__cause__, ModuleNotFoundError)

@@ -61,7 +61,8 @@ class FakeProcess:
 
 
 @pytest.fixture
-def fake_ranks(monkeypatch):
+def fake_popen(monkeypatch):
+    """Ranks are FakeProcesses; returns the (pid, signal) pairs sent to their sessions."""
     FakeProcess.instances = []
     FakeProcess.signals = []
     FakeProcess.scripts = {}
@@ -76,9 +77,15 @@ def fake_ranks(monkeypatch):
 
     monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(launcher.os, "killpg", killpg)
+    return killpg_calls
+
+
+@pytest.fixture
+def fake_ranks(fake_popen, monkeypatch):
+    """FakeProcess ranks, and no real waiting for their stacks or their exit."""
     monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
     monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
-    return killpg_calls
+    return fake_popen
 
 
 @pytest.mark.parametrize(
@@ -177,6 +184,29 @@ def test_a_rank_ignoring_sigterm_is_sigkilled_after_the_grace(fake_ranks):
     assert (process.pid, signal.SIGKILL) in fake_ranks
 
 
+def test_the_documented_waits_are_120_s_for_the_ranks_1_s_for_their_stacks_and_3_s_before_sigkill(
+    fake_popen, monkeypatch
+):
+    # Literals on purpose: changing how long a user waits is a decision, so it must show up in this test.
+    FakeProcess.scripts = {0: [None]}
+    clock = [1000.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(launcher.time, "sleep", sleep)
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 1, poll_interval=10.0)
+    assert caught.value.timeout == 120.0
+    assert sleeps == [10.0] * 12 + [1.0]
+    (process,) = FakeProcess.instances
+    assert process.wait_timeouts[0] == 3.0
+    assert (process.pid, signal.SIGKILL) in fake_popen
+
+
 def test_keyboard_interrupt_kills_every_rank(fake_ranks, monkeypatch):
     FakeProcess.scripts = {0: [None], 1: [None]}
 
@@ -198,9 +228,8 @@ def test_signals_to_a_vanished_session_are_ignored():
 def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
     rank = launcher._Rank(0, mock.Mock(), tmp_path / "rank0.log", tmp_path / "rank0.json")
     assert rank.log_tail() == ""
-    rank.log_path.write_text("x" * (launcher.LOG_TAIL_CHARS + 10) + "END")
-    assert rank.log_tail().endswith("END")
-    assert len(rank.log_tail()) == launcher.LOG_TAIL_CHARS
+    rank.log_path.write_text("x" * 4010 + "END")
+    assert rank.log_tail() == "x" * 3997 + "END"
 
 
 @pytest.mark.timeout(60)
@@ -220,31 +249,55 @@ def test_real_child_failure_shows_its_traceback():
     assert "rank_targets.py" in str(caught.value)
 
 
-@pytest.mark.timeout(60)
-def test_real_child_shows_its_stack_even_if_the_timeout_hits_during_its_imports():
-    # After 1.5 s the child may still be importing the package and Paddle (on a loaded machine) or already be in
-    # its target: either way it must answer with a stack, because the bootstrap registers faulthandler first.
+# Stands in for Paddle in the child: its import signals that the child is inside its imports, then never ends.
+_STUCK_PADDLE = """\
+import os, pathlib, time
+pathlib.Path(os.environ["FDP_TEST_IMPORT_READY"]).touch()
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_real_child_stuck_in_its_imports_shows_its_stack_down_to_the_bootstrap(tmp_path, monkeypatch):
+    # A `paddle` package that blocks on import, first on the child's path: the child is stuck in its imports at a
+    # known, shallow depth. (A timeout during the real Paddle imports catches a stack that may be deeper than
+    # faulthandler's 100 frames, which then ends in "..." instead of the bootstrap frame.)
+    fake = tmp_path / "site" / "paddle"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(_STUCK_PADDLE)
+    ready = tmp_path / "importing"
+    _deadline_passes_once(ready, monkeypatch)
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{REPO}", "FDP_TEST_IMPORT_READY": str(ready)}
     with pytest.raises(RankTimeout) as caught:
-        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=CHILD_ENV, timeout=1.5)
+        run_ranks("tests.unit.rank_targets:sleep_forever", 1, env=env, timeout=60)
     stack = caught.value.reports[0]
-    # Most recent call first, so the stack ends in the bootstrap's own frame (the log tail may cut a deep
-    # import stack's header).
-    assert stack.rstrip().endswith('File "<string>", line 1 in <module>')
+    frames = [line.strip() for line in stack.splitlines() if line.lstrip().startswith("File ")]
+    # Most recent call first: the blocked import, then the package importing it, and last the bootstrap's own
+    # frame, which shows faulthandler was registered before anything was imported.
+    assert frames[0] == f'File "{fake / "__init__.py"}", line 3 in <module>'
+    assert any(frame.startswith(f'File "{REPO / "fastdeploy_patch" / "__init__.py"}"') for frame in frames)
+    assert frames[-1] == 'File "<string>", line 1 in <module>'
+    assert "sleep_forever" not in stack
     assert _children_named("fastdeploy_patch.rank_entry") == []
 
 
 @pytest.mark.timeout(90)
 def test_real_stuck_child_is_killed_and_its_stack_shown(tmp_path, monkeypatch):
     ready = tmp_path / "ready"
-    real_clock = launcher.time.monotonic
-    # The deadline passes the moment the child is inside its target, however long its imports took.
-    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
+    _deadline_passes_once(ready, monkeypatch)
     with pytest.raises(RankTimeout) as caught:
         run_ranks("tests.unit.rank_targets:sleep_forever", 1, kwargs={"ready": str(ready)}, env=CHILD_ENV, timeout=60)
     stack = caught.value.reports[0]
     assert "sleep_forever" in stack
     assert "rank_targets.py" in stack
     assert _children_named("fastdeploy_patch.rank_entry") == []
+
+
+def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the launcher's deadline pass the moment the child creates ``ready``, however long it took to get there
+    on a loaded machine."""
+    real_clock = launcher.time.monotonic
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
 
 
 def _children_named(text: str) -> list[str]:
