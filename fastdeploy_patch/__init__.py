@@ -22,6 +22,7 @@ except ImportError as exc:
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.signal_group import (
     GLOO_OP_TIMEOUT_S,
+    SignalGroup,
     SignalGroupError,
     broadcast_signal,
     new_signal_group,
@@ -30,6 +31,7 @@ from fastdeploy_patch.signal_group import (
 __all__ = [
     "GLOO_OP_TIMEOUT_S",
     "ModelWeightsStatus",
+    "SignalGroup",
     "SignalGroupError",
     "broadcast_signal",
     "new_signal_group",
