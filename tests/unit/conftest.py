@@ -11,7 +11,7 @@ from paddle.distributed.communication.group import Group
 
 from fastdeploy_patch.paddle_internals import paddle_private
 from fastdeploy_patch.signal_group import group as signal_group_api
-from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR
+from fastdeploy_patch.signal_group.shm_transport import ShmRing
 
 
 @pytest.fixture(autouse=True)
@@ -99,16 +99,21 @@ class FakeTCPStore:
     timeout: int
 
 
-def shm_segments() -> set[str]:
-    """The signal segments present in /dev/shm."""
-    return {name for name in os.listdir(SHM_DIR) if name.startswith(SEGMENT_PREFIX)}
-
-
 @pytest.fixture(autouse=True)
-def _no_segment_left_behind() -> Iterator[None]:
-    before = shm_segments()
+def _no_segment_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Only the segments this test created count: another process on the host (a distributed run, another
+    # checkout's tests) may own live fdp_signal_ segments, and those are neither ours to judge nor to remove.
+    created: list[str] = []
+    real_create = ShmRing.create.__func__
+
+    def recording_create(cls: type[ShmRing], *args: object, **kwargs: object) -> ShmRing:
+        ring = real_create(cls, *args, **kwargs)
+        created.append(ring.path)
+        return ring
+
+    monkeypatch.setattr(ShmRing, "create", classmethod(recording_create))
     yield
-    leaked = shm_segments() - before
-    for name in leaked:
-        os.unlink(os.path.join(SHM_DIR, name))
+    leaked = [path for path in created if os.path.exists(path)]
+    for path in leaked:
+        os.unlink(path)
     assert not leaked, f"shared-memory segments leaked: {sorted(leaked)}"
