@@ -417,7 +417,7 @@ def test_compare_ref_that_moved_on_counts_only_the_branchs_own_lines(repo: Repo,
 
     run = run_gate(repo, "--compare-ref", "main")
 
-    # Against main's tip, feature's untested `legacy` (lines 6-9) would count as added: 2 of 6 lines, 33%.
+    # Against main's tip (main..HEAD), feature's `legacy` (lines 6-9, 3 never run) would count as added: 50%.
     assert "(main...HEAD, plus staged and unstaged changes)" in run.out
     assert run.code == 0
     assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
