@@ -143,25 +143,11 @@ def test_usage_error_without_the_separator() -> None:
     assert check.main(["only-a-data-file"]) == 2
 
 
-def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
-    # The unit tests of the signal group run the non-first-member side with mocks, in the test process: the data
-    # covers the lines, yet no rank ran them. The check must fail there and leave no combined data for the gate.
-    unit_tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/unit/test_signal_group*.py"))
-    data_file = tmp_path / "unit.coverage"
+def run_check(data_file: Path, *pytest_args: str) -> subprocess.CompletedProcess[str]:
+    """Run the check as tox does, outside any coverage run of this suite."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_")}
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.distributed.check_rank_coverage",
-            str(data_file),
-            "--",
-            *unit_tests,
-            "-q",
-            "-p",
-            "no:cacheprovider",
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "tests.distributed.check_rank_coverage", str(data_file), "--", *pytest_args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -169,6 +155,24 @@ def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
         timeout=110,
         check=False,
     )
+
+
+def test_a_run_that_collects_no_test_fails_with_pytests_exit_code(tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+
+    result = run_check(data_file, "tests/gate", "-k", "no_test_has_this_name", "-q", "-p", "no:cacheprovider")
+
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert not data_file.exists()
+
+
+def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
+    # The unit tests of the signal group run the non-first-member side with mocks, in the test process: the data
+    # covers the lines, yet no rank ran them. The check must fail there and leave no combined data for the gate.
+    unit_tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/unit/test_signal_group*.py"))
+    data_file = tmp_path / "unit.coverage"
+
+    result = run_check(data_file, *unit_tests, "-q", "-p", "no:cacheprovider")
 
     assert unit_tests
     assert result.returncode == 1, result.stdout + result.stderr
