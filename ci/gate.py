@@ -207,8 +207,9 @@ def _clock(mtime: float) -> str:
 
 
 def check_suite_data(suites: Sequence[tuple[str, Path]], source_dir: Path, cwd: Path) -> None:
-    """Raise GateError, naming the tox env to run first, when a suite's data file is missing or older than the
-    newest file under ``source_dir`` (data measured before the last edit would judge code it never ran)."""
+    """Raise GateError, naming the tox env to run again, when a suite's data file is missing, older than the newest
+    file under ``source_dir`` (data measured before the last edit would judge code it never ran), unreadable, or
+    measured no line."""
     if not source_dir.is_dir():
         raise GateError(f"source directory {_shown(source_dir, cwd)} not found: pass --source-dir.")
     changed_at, changed = last_source_change(source_dir)
