@@ -459,7 +459,7 @@ def test_bad_threshold_is_a_usage_error(
         gate.parse_args([])
 
     assert exited.value.code == 2
-    assert f"argument --fail-under: {message}" in capsys.readouterr().err
+    assert f"gate: error: argument --fail-under: {message}" in capsys.readouterr().err
 
 
 def test_threshold_bounds_are_accepted(gate: ModuleType) -> None:
