@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The rendezvous moves into the signal_group package; the first path that exists is the one checked.
 SOURCES = ("fastdeploy_patch/signal_group/rendezvous.py", "fastdeploy_patch/signal_group.py")
 FUNCTION = "_rendezvous_store"
+MODULE = "tests.distributed.check_rank_coverage"
 
 
 def non_first_member_lines(source: str, function: str = FUNCTION) -> tuple[int, list[int]]:
@@ -39,7 +40,7 @@ def non_first_member_lines(source: str, function: str = FUNCTION) -> tuple[int, 
     tree = ast.parse(source)
     func = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function), None)
     if func is None:
-        raise ValueError(f"no function {function} here: update FUNCTION in {__name__}")
+        raise ValueError(f"no function {function} here: update FUNCTION in {MODULE}")
     index, branch = next((i, n) for i, n in enumerate(func.body) if isinstance(n, ast.If))
     if not isinstance(branch.body[-1], ast.Return) or branch.orelse:
         raise ValueError(f"{function} no longer has the shape 'if first member: ... return' this check relies on")
@@ -51,7 +52,7 @@ def rendezvous_source(root: Path = ROOT) -> str:
     for relpath in SOURCES:
         if (root / relpath).is_file():
             return relpath
-    raise FileNotFoundError(f"none of {SOURCES} exists under {root}: update SOURCES in {__name__}")
+    raise FileNotFoundError(f"none of {SOURCES} exists under {root}: update SOURCES in {MODULE}")
 
 
 def process_files(data_file: Path) -> list[Path]:
@@ -96,7 +97,7 @@ def _coverage(*args: str) -> int:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) < 2 or argv[1] != "--":
-        print(f"usage: python -m {__name__} DATA_FILE -- PYTEST_ARGS...", file=sys.stderr)
+        print(f"usage: python -m {MODULE} DATA_FILE -- PYTEST_ARGS...", file=sys.stderr)
         return 2
     data_file = Path(argv[0]).resolve()
     data_file.parent.mkdir(parents=True, exist_ok=True)

@@ -123,9 +123,9 @@ def test_the_signal_group_package_is_preferred_to_the_module(fake_root: Path) ->
 
 
 def test_missing_source_and_function_are_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"none of .* exists under"):
+    with pytest.raises(FileNotFoundError, match=r"none of .* exists under .*: update SOURCES in tests\.distributed"):
         check.rendezvous_source(tmp_path)
-    with pytest.raises(ValueError, match="no function _rendezvous_store here"):
+    with pytest.raises(ValueError, match=r"no function _rendezvous_store here: update FUNCTION in tests\.distributed"):
         check.non_first_member_lines("def other():\n    pass\n")
     with pytest.raises(ValueError, match="no longer has the shape"):
         check.non_first_member_lines("def _rendezvous_store(r):\n    if r:\n        pass\n    return 1\n")
@@ -139,8 +139,11 @@ def test_the_real_rendezvous_has_the_shape_the_check_relies_on() -> None:
     assert lines == list(range(lines[0], lines[0] + len(lines)))
 
 
-def test_usage_error_without_the_separator() -> None:
+def test_usage_error_without_the_separator(capsys: pytest.CaptureFixture[str]) -> None:
     assert check.main(["only-a-data-file"]) == 2
+    assert capsys.readouterr().err == (
+        "usage: python -m tests.distributed.check_rank_coverage DATA_FILE -- PYTEST_ARGS...\n"
+    )
 
 
 def run_check(data_file: Path, *pytest_args: str) -> subprocess.CompletedProcess[str]:
