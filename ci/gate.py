@@ -7,7 +7,8 @@ Usage, from the repository root::
 
 With ``--suite-data`` (``tox -e gate`` passes ``unit=coverage-data/unit.coverage`` and
 ``distributed=coverage-data/distributed.coverage``), the gate runs no test: it checks that each suite's coverage
-data exists and is not older than the newest file under ``--source-dir``, combines the data into
+data exists, is readable, measured some line and is not older than the newest file under ``--source-dir``
+(modification times; ``__pycache__`` left out), combines the data into
 ``<report-dir>/combined.coverage`` and writes ``--coverage-xml`` from it. Without it, ``--coverage-xml`` must
 already exist.
 
@@ -24,9 +25,10 @@ what diff-cover cannot tell apart from a low score, runs it, and prints its JSON
 Exit codes:
     0  patch coverage at or above the threshold, or no coverable changed lines (said so plainly);
     1  patch coverage below the threshold;
-    2  usage or precondition error, one line starting ``gate: error:``: a suite's coverage data missing or older
-       than the source, not a git repository, a compare ref that cannot be resolved (in a shallow clone: how to
-       fetch the history), no merge base in a shallow clone, missing or unusable coverage.xml, diff-cover failed.
+    2  usage or precondition error, one line starting ``gate: error:``: a suite's coverage data missing, older
+       than the source, unreadable or empty (the line names the tox env to run); not a git repository; a compare
+       ref that cannot be resolved (in a shallow clone: how to fetch the history); no merge base in a shallow
+       clone; missing or unusable coverage.xml; diff-cover failed.
 """
 
 from __future__ import annotations
