@@ -1,27 +1,40 @@
 """Patch-coverage gate: fail a change whose new lines are covered less than a threshold (80% by default).
 
-Usage, from the repository root after the tests ran under coverage and ``coverage xml`` wrote coverage.xml::
+Usage, from the repository root::
 
-    python ci/gate.py [--compare-ref REF] [--fail-under PCT] [--coverage-xml coverage.xml] [--report-dir ci-reports]
+    python ci/gate.py [--suite-data NAME=DATA_FILE ...] [--source-dir fastdeploy_patch]
+                      [--compare-ref REF] [--fail-under PCT] [--coverage-xml coverage.xml] [--report-dir ci-reports]
+
+With ``--suite-data`` (``tox -e gate`` passes ``unit=coverage-data/unit.coverage`` and
+``distributed=coverage-data/distributed.coverage``), the gate runs no test: it checks that each suite's coverage
+data exists, is readable, measured some line and is not older than the newest file under ``--source-dir``
+(modification times; ``__pycache__`` left out), combines the data into
+``<report-dir>/combined.coverage`` and writes ``--coverage-xml`` from it. Without it, ``--coverage-xml`` must
+already exist.
 
 ``--compare-ref`` falls back to the ``COMPARE_REF`` environment variable, then to ``origin/main``;
 ``--fail-under`` falls back to ``GATE_FAIL_UNDER``, then to 80.
 
 diff-cover measures the lines that HEAD (plus staged and unstaged edits) adds relative to the merge base of the
-compare ref; this script checks what diff-cover cannot tell apart from a low score, runs it, and prints its JSON
-report per file. Reports: ``<report-dir>/patch-coverage.md`` (for a pull-request comment),
-``patch-coverage.html`` and ``patch-coverage.json``.
+compare ref, so commits the compare ref gained after the branch point never count. When HEAD is the only commit
+of a full clone (so ``HEAD~1`` does not exist), every line is gated against git's empty tree. This script checks
+what diff-cover cannot tell apart from a low score, runs it, and prints its JSON report per file. Reports:
+``<report-dir>/patch-coverage.md`` (for a pull-request comment), ``patch-coverage.html`` and
+``patch-coverage.json``.
 
 Exit codes:
     0  patch coverage at or above the threshold, or no coverable changed lines (said so plainly);
     1  patch coverage below the threshold;
-    2  usage or precondition error: not a git repository, unknown compare ref, missing or unusable coverage.xml,
-       diff-cover failed.
+    2  usage or precondition error, one line starting ``gate: error:``: a suite's coverage data missing, older
+       than the source, unreadable or empty (the line names the tox env to run); not a git repository; a compare
+       ref that cannot be resolved (in a shallow clone: how to fetch the history); no merge base in a shallow
+       clone; missing or unusable coverage.xml; diff-cover failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -31,6 +44,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from coverage import CoverageData
+from coverage.exceptions import CoverageException
 
 EXIT_PASS = 0
 EXIT_BELOW_THRESHOLD = 1
@@ -42,6 +58,7 @@ REPORT_STEM = "patch-coverage"
 
 # The same interpreter as the gate, so diff-cover comes from the environment the gate runs in.
 DIFF_COVER_COMMAND: list[str] = [sys.executable, "-m", "diff_cover.diff_cover_tool"]
+COVERAGE_COMMAND: list[str] = [sys.executable, "-m", "coverage"]
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -109,34 +126,135 @@ def repo_root(cwd: Path) -> Path:
     return Path(result.stdout.strip())
 
 
-def check_compare_ref(ref: str, cwd: Path) -> None:
-    """Raise GateError, naming ``ref`` and how to get it, unless ``ref`` resolves to a commit."""
-    if _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd).returncode == 0:
-        return
-    hint = "fetch it first, e.g. `git fetch origin main` for origin/main"
-    if ref.startswith("origin/"):
-        hint = f"fetch it first: `git fetch origin {ref.removeprefix('origin/')}`"
-    raise GateError(
-        f"compare ref {ref!r} does not exist in this repository: {hint}. "
-        "A shallow clone or a clone with a single commit lacks it; set COMPARE_REF or pass --compare-ref."
+@dataclass(frozen=True)
+class CompareBase:
+    """What diff-cover compares HEAD with: ``ref`` and the range notation, and the name the report shows."""
+
+    ref: str
+    notation: str
+    name: str
+
+
+def is_shallow(cwd: Path) -> bool:
+    """True in a shallow clone, whose history stops before the root commit."""
+    return _git(["rev-parse", "--is-shallow-repository"], cwd).stdout.strip() == "true"
+
+
+def _fetch_history_hint() -> str:
+    return (
+        "this is a shallow clone: fetch the history first (`git fetch --deepen=<commits>`, or "
+        "`git fetch --unshallow` for all of it; in GitHub Actions, `fetch-depth: 0` on actions/checkout)"
     )
 
 
-def diff_range_notation(ref: str, cwd: Path) -> str:
-    """Return ``...`` (changes since the merge base) when ``ref`` and HEAD share history, else ``..`` with a warning.
+def resolve_compare_base(ref: str, cwd: Path) -> CompareBase:
+    """Return what to diff HEAD against for ``ref``; raise GateError when that would not measure the change.
 
-    Without a merge base (a shallow clone, or unrelated histories) diff-cover's default three-dot range fails, so
-    the gate compares the two tips instead, which also counts what ``ref`` changed since the fork point.
+    - ``ref`` shares history with HEAD: its merge base (``...``), so only the change's own lines count.
+    - ``ref`` does not resolve in a full clone whose HEAD is the only commit: git's empty tree, so every line
+      counts (there is no earlier commit to compare with).
+    - In a shallow clone, a ``ref`` that does not resolve or has no merge base is an error that says how to fetch
+      the history: comparing the two tips instead would count what ``ref`` changed after the branch point.
+    - Unrelated histories in a full clone (no merge base exists at all): the two tips (``..``), with a warning.
     """
+    shallow = is_shallow(cwd)
+    if _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd).returncode != 0:
+        if shallow:
+            raise GateError(f"compare ref {ref!r} cannot be resolved: {_fetch_history_hint()}.")
+        if _git(["rev-list", "--max-count=2", "HEAD"], cwd).stdout.split() == [_head(cwd)]:
+            print(
+                f"gate: note: compare ref {ref!r} does not exist and HEAD is the only commit: "
+                "gating every line against the empty tree.",
+                file=sys.stderr,
+            )
+            empty_tree = _git(["hash-object", "-t", "tree", os.devnull], cwd).stdout.strip()
+            return CompareBase(empty_tree, "..", "the empty tree")
+        hint = "fetch it first, e.g. `git fetch origin main` for origin/main"
+        if ref.startswith("origin/"):
+            hint = f"fetch it first: `git fetch origin {ref.removeprefix('origin/')}`"
+        raise GateError(
+            f"compare ref {ref!r} does not exist in this repository: {hint}; or set COMPARE_REF or pass --compare-ref."
+        )
     if _git(["merge-base", ref, "HEAD"], cwd).returncode == 0:
-        return "..."
+        return CompareBase(ref, "...", ref)
+    if shallow:
+        raise GateError(f"{ref!r} and HEAD have no merge base in the fetched history: {_fetch_history_hint()}.")
     print(
-        f"gate: warning: {ref!r} and HEAD have no merge base (shallow clone?); comparing the two tips "
-        f"({ref}..HEAD), which also counts changes {ref} made since the fork. "
-        "Fetch full history (`git fetch --unshallow`) for the exact patch.",
+        f"gate: warning: {ref!r} and HEAD have no common history (unrelated branches); comparing the two tips "
+        f"({ref}..HEAD).",
         file=sys.stderr,
     )
-    return ".."
+    return CompareBase(ref, "..", ref)
+
+
+def _head(cwd: Path) -> str:
+    return _git(["rev-parse", "HEAD"], cwd).stdout.strip()
+
+
+def last_source_change(source_dir: Path) -> tuple[float, Path | None]:
+    """Return the newest modification time among the files under ``source_dir`` (bytecode caches left out) and
+    that file; ``(0.0, None)`` when it holds no file."""
+    newest: tuple[float, Path | None] = (0.0, None)
+    for path in source_dir.rglob("*"):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        mtime = path.stat().st_mtime
+        if mtime > newest[0]:
+            newest = (mtime, path)
+    return newest
+
+
+def _clock(mtime: float) -> str:
+    return datetime.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def check_suite_data(suites: Sequence[tuple[str, Path]], source_dir: Path, cwd: Path) -> None:
+    """Raise GateError, naming the tox env to run again, when a suite's data file is missing, older than the newest
+    file under ``source_dir`` (data measured before the last edit would judge code it never ran), unreadable, or
+    measured no line."""
+    if not source_dir.is_dir():
+        raise GateError(f"source directory {_shown(source_dir, cwd)} not found: pass --source-dir.")
+    changed_at, changed = last_source_change(source_dir)
+    for name, data in suites:
+        if not data.is_file():
+            raise GateError(
+                f"no coverage data from the {name} suite ({_shown(data, cwd)} not found): run `tox -e {name}` first."
+            )
+        written_at = data.stat().st_mtime
+        if changed is not None and written_at < changed_at:
+            raise GateError(
+                f"coverage data from the {name} suite ({_shown(data, cwd)}, written {_clock(written_at)}) is older "
+                f"than the last change to {_shown(source_dir, cwd)}/ ({_shown(changed, cwd)}, {_clock(changed_at)}): "
+                f"run `tox -e {name}` first."
+            )
+        # `coverage combine` skips an unreadable file with a mere warning: the suite's lines would vanish.
+        measured = CoverageData(basename=str(data))
+        try:
+            measured.read()
+        except CoverageException as exc:
+            raise GateError(
+                f"coverage data from the {name} suite is unreadable ({exc}): run `tox -e {name}` again."
+            ) from exc
+        if not any(measured.lines(path) for path in measured.measured_files()):
+            raise GateError(
+                f"coverage data from the {name} suite ({_shown(data, cwd)}) measured no line: "
+                f"run `tox -e {name}` again."
+            )
+
+
+def combine_suite_data(suites: Sequence[tuple[str, Path]], combined: Path, xml_path: Path, cwd: Path) -> None:
+    """Combine the suites' data files (kept as they are) into ``combined`` and write ``xml_path`` from it."""
+    steps = [
+        ["combine", "--keep", "--quiet", f"--data-file={combined}", *(str(data) for _, data in suites)],
+        ["xml", "--quiet", f"--data-file={combined}", "-o", str(xml_path)],
+    ]
+    for step in steps:
+        result = subprocess.run(
+            [*COVERAGE_COMMAND, *step], cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            raise GateError(f"`coverage {step[0]}` failed (exit {result.returncode}): {output}")
 
 
 def check_coverage_xml(xml_path: Path, root: Path) -> None:
@@ -174,7 +292,7 @@ def report_paths(report_dir: Path) -> dict[str, Path]:
 
 
 def run_diff_cover(
-    xml_path: Path, ref: str, notation: str, fail_under: float, reports: dict[str, Path], cwd: Path
+    xml_path: Path, base: CompareBase, fail_under: float, reports: dict[str, Path], cwd: Path
 ) -> tuple[int, PatchCoverage]:
     """Run diff-cover, writing every report; return its exit code and its JSON report.
 
@@ -184,8 +302,8 @@ def run_diff_cover(
     command = [
         *DIFF_COVER_COMMAND,
         str(xml_path),
-        f"--compare-branch={ref}",
-        f"--diff-range-notation={notation}",
+        f"--compare-branch={base.ref}",
+        f"--diff-range-notation={base.notation}",
         f"--fail-under={fail_under}",
         # Without it diff-cover truncates the total to an integer before comparing: 79.9 would read as 79.
         "--total-percent-float",
@@ -240,9 +358,10 @@ def verdict_line(coverage: PatchCoverage, fail_under: float, ref: str) -> str:
     return f"PASS: patch coverage {format_percent(coverage.percent)} meets the {threshold} threshold"
 
 
-def console_report(coverage: PatchCoverage, fail_under: float, ref: str, notation: str) -> str:
+def console_report(coverage: PatchCoverage, fail_under: float, base: CompareBase) -> str:
     """Return the per-file report: one line per measured changed file, then the total and the verdict."""
-    lines = [f"Patch coverage of HEAD against {ref} ({ref}{notation}HEAD, plus staged and unstaged changes):"]
+    diff = f"{base.ref}{base.notation}HEAD, plus staged and unstaged changes"
+    lines = [f"Patch coverage of HEAD against {base.name} ({diff}):"]
     for changed in coverage.files:
         entry = f"  {changed.path}: {format_percent(changed.percent)}"
         if changed.uncovered_lines:
@@ -253,7 +372,7 @@ def console_report(coverage: PatchCoverage, fail_under: float, ref: str, notatio
             f"TOTAL: {format_percent(coverage.percent)} of {coverage.coverable_lines} coverable changed lines "
             f"({coverage.uncovered_lines} uncovered; threshold {format_threshold(fail_under)})"
         )
-    lines.append(verdict_line(coverage, fail_under, ref))
+    lines.append(verdict_line(coverage, fail_under, base.name))
     return "\n".join(lines)
 
 
@@ -278,9 +397,18 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _suite_data(text: str) -> tuple[str, Path]:
+    name, sep, data = text.partition("=")
+    if not (sep and name and data):
+        raise argparse.ArgumentTypeError(f"expected NAME=DATA_FILE, got {text!r}")
+    return name, Path(data)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line, taking defaults from COMPARE_REF and GATE_FAIL_UNDER; exit 2 on a bad value."""
     parser = argparse.ArgumentParser(
+        # The name every message of the gate starts with, usage errors included.
+        prog="gate",
         description="Fail when the lines a change adds are covered less than a threshold (diff-cover).",
         epilog="Exit codes: 0 pass or nothing to gate, 1 below the threshold, 2 usage or precondition error.",
     )
@@ -297,6 +425,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--coverage-xml", type=Path, default=Path("coverage.xml"), help="default %(default)s")
     parser.add_argument("--report-dir", type=Path, default=Path("ci-reports"), help="default %(default)s")
+    parser.add_argument(
+        "--suite-data",
+        type=_suite_data,
+        action="append",
+        default=[],
+        metavar="NAME=DATA_FILE",
+        help="coverage data file that `tox -e NAME` leaves; repeat per suite. The gate checks it is newer than "
+        "--source-dir, combines them all and writes --coverage-xml from them",
+    )
+    parser.add_argument(
+        "--source-dir",
+        type=Path,
+        default=Path("fastdeploy_patch"),
+        help="the measured source; --suite-data older than its newest file is stale (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
@@ -306,22 +449,26 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     cwd = Path.cwd() if cwd is None else cwd
     xml_path = args.coverage_xml if args.coverage_xml.is_absolute() else cwd / args.coverage_xml
     report_dir = args.report_dir if args.report_dir.is_absolute() else cwd / args.report_dir
+    suites = [(name, data if data.is_absolute() else cwd / data) for name, data in args.suite_data]
     try:
         root = repo_root(cwd)
-        check_compare_ref(args.compare_ref, cwd)
-        check_coverage_xml(xml_path, root)
-        notation = diff_range_notation(args.compare_ref, cwd)
+        base = resolve_compare_base(args.compare_ref, cwd)
+        if suites:
+            check_suite_data(suites, args.source_dir if args.source_dir.is_absolute() else cwd / args.source_dir, cwd)
         try:
             report_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise GateError(f"cannot create the report directory {report_dir}: {exc}") from exc
+        if suites:
+            combine_suite_data(suites, report_dir / "combined.coverage", xml_path, cwd)
+        check_coverage_xml(xml_path, root)
         reports = report_paths(report_dir)
-        exit_code, coverage = run_diff_cover(xml_path, args.compare_ref, notation, args.fail_under, reports, cwd)
+        exit_code, coverage = run_diff_cover(xml_path, base, args.fail_under, reports, cwd)
     except GateError as exc:
         print(f"gate: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(console_report(coverage, args.fail_under, args.compare_ref, notation))
-    prepend_verdict(reports["markdown"], verdict_line(coverage, args.fail_under, args.compare_ref))
+    print(console_report(coverage, args.fail_under, base))
+    prepend_verdict(reports["markdown"], verdict_line(coverage, args.fail_under, base.name))
     print("Reports: " + ", ".join(_shown(reports[kind], cwd) for kind in ("markdown", "html", "json")))
     return exit_code
 

@@ -1,63 +1,123 @@
-"""Check that a combined coverage data file holds what only non-zero ranks run.
+"""Run a pytest suite under coverage in every process it starts, and prove that code inside the ranks was measured.
 
-``python -m tests.distributed.check_rank_coverage [DATA_FILE]`` runs after the distributed tests. The lines it
-checks are the side of ``signal_group._rendezvous_store`` that only a group's non-first members execute; every
-group's first member in these tests is rank 0 or another rank below them, and the test process itself never
-joins a group. So when those lines are covered, coverage measured code that ran inside non-zero ranks and
-combined it with the parent's. Exit code 0 when covered, 1 (with the missing lines) otherwise.
+``python -m tests.distributed.check_rank_coverage DATA_FILE -- PYTEST_ARGS...`` (what ``tox -e distributed`` runs):
+
+1. erases ``DATA_FILE`` and its per-process files, then runs ``python -m coverage run --data-file=DATA_FILE -m pytest
+   PYTEST_ARGS``. ``[tool.coverage.run] patch = ["subprocess"]`` makes the test process and every rank it starts
+   write a file of their own, ``DATA_FILE.<host>.pid<PID>.<random>``; the test process's pid is the one this script
+   started, so its file is told apart from the ranks'.
+2. checks that the lines of the rendezvous that only a group's non-first members run (``FUNCTION`` in the first of
+   ``SOURCES`` that exists) are covered in a file written by a process other than the test process. Mocked unit
+   tests run those lines in the test process itself, so on their data the check fails; it passes only when
+   coverage measured real non-zero ranks.
+3. when both passed, combines every per-process file into ``DATA_FILE``. A failed run leaves no ``DATA_FILE``, so
+   ``tox -e gate`` reports the data missing instead of judging a change by it.
+
+Exit code: pytest's when it failed (5 when it collected no test), else 1 when the check failed, else coverage
+combine's (0).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from coverage import CoverageData
 
-from fastdeploy_patch import signal_group
-
+ROOT = Path(__file__).resolve().parents[2]
+# The rendezvous moves into the signal_group package; the first path that exists is the one checked.
+SOURCES = ("fastdeploy_patch/signal_group/rendezvous.py", "fastdeploy_patch/signal_group.py")
 FUNCTION = "_rendezvous_store"
+MODULE = "tests.distributed.check_rank_coverage"
 
 
 def non_first_member_lines(source: str, function: str = FUNCTION) -> tuple[int, list[int]]:
     """The line of ``function``'s ``if`` on the first member, and the statements only other members run
     (those after that ``if``, which returns)."""
     tree = ast.parse(source)
-    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    func = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    if func is None:
+        raise ValueError(f"no function {function} here: update FUNCTION in {MODULE}")
     index, branch = next((i, n) for i, n in enumerate(func.body) if isinstance(n, ast.If))
     if not isinstance(branch.body[-1], ast.Return) or branch.orelse:
         raise ValueError(f"{function} no longer has the shape 'if first member: ... return' this check relies on")
     return branch.lineno, [stmt.lineno for stmt in func.body[index + 1 :]]
 
 
-def missing(data_file: str) -> tuple[list[int], list[str]]:
-    """The non-first-member lines and branch arcs of ``signal_group`` not covered in ``data_file``."""
-    source_path = Path(signal_group.__file__).resolve()
-    if_line, lines = non_first_member_lines(source_path.read_text())
-    data = CoverageData(basename=data_file)
-    data.read()
-    measured = [f for f in data.measured_files() if Path(f).as_posix().endswith("fastdeploy_patch/signal_group.py")]
-    if not measured:
-        return lines, [f"{data_file} has no data for fastdeploy_patch/signal_group.py"]
-    covered_lines = set().union(*(data.lines(f) or [] for f in measured))
-    covered_arcs = set().union(*(data.arcs(f) or [] for f in measured))
-    problems = []
-    if data.has_arcs() and (if_line, lines[0]) not in covered_arcs:
-        problems.append(f"branch {if_line}->{lines[0]} (not the first member) was never taken")
-    return [line for line in lines if line not in covered_lines], problems
+def rendezvous_source(root: Path = ROOT) -> str:
+    """The first of ``SOURCES`` that exists under ``root``, relative to it (as coverage's relative paths are)."""
+    for relpath in SOURCES:
+        if (root / relpath).is_file():
+            return relpath
+    raise FileNotFoundError(f"none of {SOURCES} exists under {root}: update SOURCES in {MODULE}")
 
 
-def main(argv: list[str]) -> int:
-    data_file = argv[0] if argv else ".coverage"
-    lines_missing, problems = missing(data_file)
-    where = f"fastdeploy_patch/signal_group.py:{FUNCTION}"
-    if lines_missing or problems:
-        print(f"FAIL: {where}: lines run only by non-zero ranks are not covered: {lines_missing} {problems}")
+def process_files(data_file: Path) -> list[Path]:
+    """The per-process data files that coverage's parallel mode wrote for ``data_file``."""
+    return sorted(data_file.parent.glob(f"{data_file.name}.*"))
+
+
+def missing_in_ranks(data_file: Path, test_pid: int, root: Path = ROOT) -> list[str]:
+    """What the per-process files of ``data_file`` lack outside the test process ``test_pid``: the rendezvous's
+    non-first-member lines and its branch to them. Empty when every one ran in another process."""
+    relpath = rendezvous_source(root)
+    if_line, lines = non_first_member_lines((root / relpath).read_text(encoding="utf-8"))
+    files = process_files(data_file)
+    own = [f for f in files if f".pid{test_pid}." in f.name]
+    others = [f for f in files if f not in own]
+    if not own:
+        return [f"no coverage data from the test process (pid {test_pid}) next to {data_file}: was it measured?"]
+    if not others:
+        return [
+            f"no process other than the test process wrote coverage data next to {data_file}: no rank was measured"
+        ]
+    covered_lines: set[int] = set()
+    covered_arcs: set[tuple[int, int]] = set()
+    for path in others:
+        data = CoverageData(basename=str(path))
+        data.read()
+        for measured in data.measured_files():
+            if Path(measured).as_posix().endswith(relpath):
+                covered_lines.update(data.lines(measured) or [])
+                covered_arcs.update(data.arcs(measured) or [])
+    problems = [
+        f"{relpath}:{line} ({FUNCTION}) did not run in any rank" for line in lines if line not in covered_lines
+    ]
+    if covered_arcs and (if_line, lines[0]) not in covered_arcs:
+        problems.append(f"{relpath}: branch {if_line}->{lines[0]} (not the first member) was never taken in a rank")
+    return problems
+
+
+def _coverage(*args: str) -> int:
+    return subprocess.run([sys.executable, "-m", "coverage", *args], check=False).returncode
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) < 2 or argv[1] != "--":
+        print(f"usage: python -m {MODULE} DATA_FILE -- PYTEST_ARGS...", file=sys.stderr)
+        return 2
+    data_file = Path(argv[0]).resolve()
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    # Files left by an earlier run would count as ranks measured now.
+    CoverageData(basename=str(data_file)).erase(parallel=True)
+    suite = subprocess.Popen(
+        [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", "-m", "pytest", *argv[2:]]
+    )
+    code = suite.wait()
+    if code != 0:
+        return code
+    problems = missing_in_ranks(data_file, suite.pid)
+    where = f"{rendezvous_source()}:{FUNCTION}"
+    if problems:
+        print(f"FAIL: {where}: the lines only non-zero ranks run were not measured in a rank:")
+        print("\n".join(f"  {problem}" for problem in problems))
         return 1
-    _, lines = non_first_member_lines(Path(signal_group.__file__).read_text())
-    print(f"OK: {where} lines {lines}, run only by non-zero ranks, are covered in {data_file}")
-    return 0
+    print(f"OK: {where}: the lines only non-zero ranks run were measured inside the ranks")
+    # Only a passing run leaves DATA_FILE, so the gate never judges a change by the data of a failed run.
+    return _coverage("combine", "--quiet", f"--data-file={data_file}")
 
 
 if __name__ == "__main__":

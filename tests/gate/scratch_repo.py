@@ -16,13 +16,14 @@ CHILD_TIMEOUT_S = 60
 _MEASURE = """
 import coverage
 
-cov = coverage.Coverage(data_file=".coverage", config_file=False, source=["pkg"], branch=True)
+cov = coverage.Coverage(data_file={data_file!r}, config_file=False, source=["pkg"], branch=True)
 cov.set_option("run:relative_files", {relative})
 cov.start()
 {calls}
 cov.stop()
 cov.save()
-cov.xml_report(outfile="coverage.xml")
+if {xml}:
+    cov.xml_report(outfile="coverage.xml")
 """
 
 
@@ -51,9 +52,10 @@ class Repo:
         self.git("add", "--all")
         self.git("commit", "--quiet", "--message", message)
 
-    def measure(self, calls: str, *, relative: bool = True) -> None:
-        """Run ``calls`` (Python statements) under coverage of ``pkg`` and write coverage.xml in the repository."""
-        script = _MEASURE.format(relative=relative, calls=textwrap.dedent(calls).strip())
+    def measure(self, calls: str, *, relative: bool = True, data_file: str = ".coverage", xml: bool = True) -> None:
+        """Run ``calls`` (Python statements) under coverage of ``pkg``, saving the data in ``data_file``, and write
+        coverage.xml in the repository unless ``xml`` is False."""
+        script = _MEASURE.format(relative=relative, calls=textwrap.dedent(calls).strip(), data_file=data_file, xml=xml)
         result = subprocess.run(
             [sys.executable, "-c", script],
             cwd=self.path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -295,15 +296,132 @@ def test_default_compare_ref_is_origin_main(repo: Repo, run_gate: RunGate) -> No
     assert "`git fetch origin main`" in run.err
 
 
-def test_previous_commit_of_a_single_commit_clone_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
-    commit_base(repo)
-    repo.measure("import pkg.calc")
+def test_single_commit_repository_gates_every_line_against_the_empty_tree(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(
+        repo,
+        """
+        def add(a, b):
+            return a + b
+
+
+        def neg(x):
+            return -x
+        """,
+    )
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)")
 
     run = run_gate(repo, "--compare-ref", "HEAD~1")
 
+    empty_tree = repo.git("hash-object", "-t", "tree", "/dev/null").strip()
+    assert "gate: note: compare ref 'HEAD~1' does not exist and HEAD is the only commit" in run.err
+    assert f"Patch coverage of HEAD against the empty tree ({empty_tree}..HEAD, plus staged" in run.out
+    assert run.code == 1
+    assert file_lines(run.out) == ["  pkg/calc.py: 75.0% (uncovered lines: 6)"]
+    assert "TOTAL: 75.0% of 4 coverable changed lines (1 uncovered; threshold 80%)" in run.out
+
+
+def test_missing_previous_commit_in_a_longer_full_history_is_a_clear_error(repo: Repo, run_gate: RunGate) -> None:
+    # HEAD~3 does not exist, but HEAD has a parent: not the single-commit case, so no fallback to the empty tree.
+    quarter_covered_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~3")
+
     assert run.code == 2
-    assert "compare ref 'HEAD~1' does not exist in this repository" in run.err
-    assert "a clone with a single commit lacks it" in run.err
+    assert "gate: error: compare ref 'HEAD~3' does not exist in this repository" in run.err
+
+
+def shallow_clone(repo: Repo, target: Repo, *args: str) -> None:
+    subprocess.run(
+        ["git", "clone", "--quiet", "--depth=1", *args, f"file://{repo.path}", str(target.path)],
+        check=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+
+
+def test_shallow_clone_without_the_compare_ref_says_how_to_fetch_history(
+    repo: Repo, run_gate: RunGate, tmp_path
+) -> None:
+    quarter_covered_change(repo)
+    clone = Repo(tmp_path / "shallow")
+    shallow_clone(repo, clone)
+    repo.measure("import pkg.calc; pkg.calc.add(1, 2)")
+    shutil.copy(repo.path / "coverage.xml", clone.path / "coverage.xml")
+
+    run = run_gate(clone, "--compare-ref", "HEAD~1")
+
+    # Not treated as a single-commit repository: its HEAD has a parent that was not fetched.
+    assert run.code == 2
+    assert run.out == ""
+    assert run.err.startswith("gate: error: compare ref 'HEAD~1' cannot be resolved: this is a shallow clone")
+    assert "`git fetch --deepen=<commits>`" in run.err
+    assert "`fetch-depth: 0` on actions/checkout" in run.err
+    assert len(run.err.splitlines()) == 1
+
+
+def test_shallow_clone_without_a_merge_base_says_how_to_fetch_history(repo: Repo, run_gate: RunGate, tmp_path) -> None:
+    commit_base(repo)
+    repo.git("switch", "--quiet", "--create", "feature")
+    with (repo.path / "pkg" / "calc.py").open("a", encoding="utf-8") as module:
+        module.write("\n\ndef neg(x):\n    return -x\n")
+    repo.commit("feature")
+    repo.git("switch", "--quiet", "main")
+    repo.write("README.md", "main moved on\n")
+    repo.commit("main moves on")
+    clone = Repo(tmp_path / "shallow")
+    shallow_clone(repo, clone, "--branch=feature")
+    clone.git("fetch", "--quiet", "--depth=1", "origin", "main:refs/remotes/origin/main")
+    clone.measure("import pkg.calc")
+
+    run = run_gate(clone, "--compare-ref", "origin/main")
+
+    # Comparing the tips instead would also count what main changed after the branch point.
+    assert run.code == 2
+    assert "gate: error: 'origin/main' and HEAD have no merge base in the fetched history" in run.err
+    assert "`git fetch --deepen=<commits>`" in run.err
+
+
+def test_compare_ref_that_moved_on_counts_only_the_branchs_own_lines(repo: Repo, run_gate: RunGate) -> None:
+    commit_base(
+        repo,
+        """
+        def add(a, b):
+            return a + b
+
+
+        def legacy(x):
+            if x:
+                return 1
+            return 0
+        """,
+    )
+    repo.git("switch", "--quiet", "--create", "feature")
+    with (repo.path / "pkg" / "calc.py").open("a", encoding="utf-8") as module:
+        module.write("\n\ndef neg(x):\n    return -x\n")
+    repo.commit("feature: neg, tested")
+    repo.git("switch", "--quiet", "main")
+    # After the branch point, main drops `legacy` and adds an untested function: neither is the branch's change.
+    repo.write(
+        "pkg/calc.py",
+        """
+        def add(a, b):
+            return a + b
+
+
+        def untested(y):
+            return y * 3
+        """,
+    )
+    repo.commit("main moves on")
+    repo.git("switch", "--quiet", "feature")
+    repo.measure("import pkg.calc; pkg.calc.neg(1)")
+
+    run = run_gate(repo, "--compare-ref", "main")
+
+    # Against main's tip (main..HEAD), feature's `legacy` (lines 6-9, 3 never run) would count as added: 50%.
+    assert "(main...HEAD, plus staged and unstaged changes)" in run.out
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+    assert "TOTAL: 100.0% of 2 coverable changed lines (0 uncovered; threshold 80%)" in run.out
 
 
 def test_compare_ref_and_threshold_come_from_the_environment(
@@ -341,7 +459,7 @@ def test_bad_threshold_is_a_usage_error(
         gate.parse_args([])
 
     assert exited.value.code == 2
-    assert f"argument --fail-under: {message}" in capsys.readouterr().err
+    assert f"gate: error: argument --fail-under: {message}" in capsys.readouterr().err
 
 
 def test_threshold_bounds_are_accepted(gate: ModuleType) -> None:
@@ -415,7 +533,7 @@ def test_absolute_paths_from_another_checkout_are_an_error_not_a_pass(repo: Repo
     assert file_lines(in_place.out) == ["  pkg/calc.py: 25.0% (uncovered lines: 6-8)"]
 
 
-def test_without_a_merge_base_the_gate_warns_and_compares_the_tips(repo: Repo, run_gate: RunGate) -> None:
+def test_unrelated_histories_in_a_full_clone_warn_and_compare_the_tips(repo: Repo, run_gate: RunGate) -> None:
     commit_base(repo)
     repo.git("switch", "--quiet", "--orphan", "unrelated")
     repo.write("NOTES.txt", "another history\n")
@@ -425,7 +543,7 @@ def test_without_a_merge_base_the_gate_warns_and_compares_the_tips(repo: Repo, r
 
     run = run_gate(repo, "--compare-ref", "unrelated")
 
-    assert "gate: warning: 'unrelated' and HEAD have no merge base" in run.err
+    assert "gate: warning: 'unrelated' and HEAD have no common history (unrelated branches)" in run.err
     assert "(unrelated..HEAD, plus staged and unstaged changes)" in run.out
     assert run.code == 0
     assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
@@ -514,3 +632,153 @@ def test_percent_is_rounded_down_to_one_decimal(gate: ModuleType, value: float, 
 def test_threshold_prints_without_a_trailing_zero(gate: ModuleType) -> None:
     assert gate.format_threshold(80.0) == "80%"
     assert gate.format_threshold(72.5) == "72.5%"
+
+
+SUITES = ("--suite-data", "unit=cov/unit.coverage", "--suite-data", "distributed=cov/distributed.coverage")
+
+
+def two_function_change(repo: Repo) -> None:
+    """Base, then a change adding `neg` and `double` (2 coverable lines each), each run by one suite only."""
+    # As in the project: coverage's CLI, which combines the suites' data, keeps their relative paths only with it.
+    repo.write("pyproject.toml", "[tool.coverage.run]\nrelative_files = true\n")
+    commit_base(repo)
+    with (repo.path / "pkg" / "calc.py").open("a", encoding="utf-8") as module:
+        module.write("\n\ndef neg(x):\n    return -x\n\n\ndef double(x):\n    return 2 * x\n")
+    repo.commit("neg and double")
+    repo.measure("import pkg.calc; pkg.calc.neg(1)", data_file="cov/unit.coverage", xml=False)
+    repo.measure("import pkg.calc; pkg.calc.double(1)", data_file="cov/distributed.coverage", xml=False)
+
+
+def test_suite_data_is_combined_into_coverage_xml_and_kept(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    # Either suite alone covers half of the change; only their union reaches 100%.
+    assert run.code == 0, run.err
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+    assert "TOTAL: 100.0% of 4 coverable changed lines (0 uncovered; threshold 80%)" in run.out
+    assert (repo.path / "cov" / "unit.coverage").is_file()
+    assert (repo.path / "cov" / "distributed.coverage").is_file()
+    assert (repo.path / "ci-reports" / "combined.coverage").is_file()
+    assert "pkg/calc.py" in (repo.path / "coverage.xml").read_text(encoding="utf-8")
+
+
+def test_combined_data_replaces_an_earlier_coverage_xml(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+    repo.measure("import pkg.calc")  # a stale coverage.xml in which neither function ran
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 0
+    assert file_lines(run.out) == ["  pkg/calc.py: 100.0%"]
+
+
+@pytest.mark.parametrize("suite", ["unit", "distributed"])
+def test_missing_suite_data_names_the_command_to_run_first(repo: Repo, run_gate: RunGate, suite: str) -> None:
+    two_function_change(repo)
+    (repo.path / "cov" / f"{suite}.coverage").unlink()
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 2
+    assert run.out == ""
+    assert run.err == (
+        f"gate: error: no coverage data from the {suite} suite (cov/{suite}.coverage not found): "
+        f"run `tox -e {suite}` first.\n"
+    )
+    assert not (repo.path / "coverage.xml").exists()
+
+
+@pytest.mark.parametrize("suite", ["unit", "distributed"])
+def test_suite_data_older_than_the_source_names_the_command_to_run_first(
+    repo: Repo, run_gate: RunGate, suite: str
+) -> None:
+    two_function_change(repo)
+    data = repo.path / "cov" / f"{suite}.coverage"
+    written = data.stat().st_mtime
+    os.utime(data, (written - 60, written - 60))
+    # Bytecode caches are not a change to the source.
+    (repo.path / "pkg" / "__pycache__").mkdir(exist_ok=True)
+    (repo.path / "pkg" / "__pycache__" / "calc.cpython.pyc").write_bytes(b"")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 2
+    assert run.err.startswith(f"gate: error: coverage data from the {suite} suite (cov/{suite}.coverage, written ")
+    assert "is older than the last change to pkg/ (pkg/" in run.err
+    assert run.err.endswith(f"): run `tox -e {suite}` first.\n")
+    assert len(run.err.splitlines()) == 1
+
+
+def test_suite_data_written_after_the_last_source_change_is_fresh(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+    newest = max(path.stat().st_mtime for path in (repo.path / "pkg").rglob("*.py"))
+    for suite in ("unit", "distributed"):
+        os.utime(repo.path / "cov" / f"{suite}.coverage", (newest, newest))
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 0, run.err
+
+
+def test_missing_source_directory_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", *SUITES)
+
+    assert run.code == 2
+    assert run.err == "gate: error: source directory fastdeploy_patch not found: pass --source-dir.\n"
+
+
+def test_unreadable_suite_data_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+    (repo.path / "cov" / "unit.coverage").write_text("not a coverage data file", encoding="utf-8")
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 2
+    assert run.err.startswith(
+        f"gate: error: coverage data from the unit suite is unreadable (Couldn't use data file '{repo.path}/cov/unit"
+    )
+    assert run.err.endswith("run `tox -e unit` again.\n")
+
+
+def test_suite_data_that_measured_nothing_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+    two_function_change(repo)
+    repo.measure("pass", data_file="cov/distributed.coverage", xml=False)
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 2
+    assert run.err == (
+        "gate: error: coverage data from the distributed suite (cov/distributed.coverage) measured no line: "
+        "run `tox -e distributed` again.\n"
+    )
+
+
+def test_failed_coverage_command_is_an_error(
+    repo: Repo, run_gate: RunGate, gate: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    two_function_change(repo)
+    monkeypatch.setattr(gate, "COVERAGE_COMMAND", [sys.executable, "-c", "import sys; sys.exit('no combine')"])
+
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
+
+    assert run.code == 2
+    assert run.err == "gate: error: `coverage combine` failed (exit 1): no combine\n"
+
+
+def test_usage_errors_are_printed_as_gate_error(repo: Repo) -> None:
+    result = subprocess.run(
+        [sys.executable, str(GATE_PATH), "--suite-data", "unit"],
+        cwd=repo.path,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: gate ")
+    assert result.stderr.endswith("gate: error: argument --suite-data: expected NAME=DATA_FILE, got 'unit'\n")

@@ -1,0 +1,182 @@
+"""tests/distributed/check_rank_coverage.py: lines only non-zero ranks run must be measured in a rank process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from coverage import CoverageData
+
+from tests.distributed import check_rank_coverage as check
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_PID = 4242
+RANK_PID = 4343
+
+RENDEZVOUS = """
+def _rendezvous_store(members, rank, key):
+    store = make()
+    if rank == members[0]:
+        serve(store)
+        return store
+    address = store.get(key)
+    return connect(address)
+"""
+
+
+def write_process_data(data_file: Path, pid: int, arcs: list[tuple[int, int]], relpath: str) -> None:
+    """A per-process data file, named as coverage's parallel mode names it, with ``arcs`` run in ``relpath``."""
+    data = CoverageData(basename=f"{data_file}.vm.pid{pid}.X{pid}")
+    data.add_arcs({relpath: arcs})
+    data.write()
+
+
+@pytest.fixture
+def fake_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "fastdeploy_patch").mkdir(parents=True)
+    (root / "fastdeploy_patch" / "signal_group.py").write_text(RENDEZVOUS.lstrip("\n"), encoding="utf-8")
+    return root
+
+
+# In RENDEZVOUS: the `if` is line 3; lines 6-7 run only for non-first members.
+FIRST_MEMBER_ARCS = [(-1, 2), (2, 3), (3, 4), (4, 5), (5, -1)]
+OTHER_MEMBER_ARCS = [(-1, 2), (2, 3), (3, 6), (6, 7), (7, -1)]
+
+
+def test_non_first_member_lines_are_those_after_the_returning_if() -> None:
+    assert check.non_first_member_lines(RENDEZVOUS.lstrip("\n")) == (3, [6, 7])
+
+
+def test_lines_run_in_a_rank_process_pass(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == []
+
+
+def test_lines_run_only_in_the_test_process_fail(fake_root: Path, tmp_path: Path) -> None:
+    # What mocked unit tests leave: the test process itself ran the non-first-member side; the ranks did not.
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, RANK_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+        "fastdeploy_patch/signal_group.py:6 (_rendezvous_store) did not run in any rank",
+        "fastdeploy_patch/signal_group.py:7 (_rendezvous_store) did not run in any rank",
+        "fastdeploy_patch/signal_group.py: branch 3->6 (not the first member) was never taken in a rank",
+    ]
+
+
+def test_lines_reached_without_the_branch_fail(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, RANK_PID, [(-1, 6), (6, 7), (7, -1)], "fastdeploy_patch/signal_group.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+        "fastdeploy_patch/signal_group.py: branch 3->6 (not the first member) was never taken in a rank"
+    ]
+
+
+def test_ranks_measured_in_another_file_do_not_count(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/other.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+        "fastdeploy_patch/signal_group.py:6 (_rendezvous_store) did not run in any rank",
+        "fastdeploy_patch/signal_group.py:7 (_rendezvous_store) did not run in any rank",
+    ]
+
+
+def test_no_rank_data_fails(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+        f"no process other than the test process wrote coverage data next to {data_file}: no rank was measured"
+    ]
+
+
+def test_no_test_process_data_fails(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+
+    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+        f"no coverage data from the test process (pid {TEST_PID}) next to {data_file}: was it measured?"
+    ]
+
+
+def test_the_signal_group_package_is_preferred_to_the_module(fake_root: Path) -> None:
+    (fake_root / "fastdeploy_patch" / "signal_group").mkdir()
+    (fake_root / "fastdeploy_patch" / "signal_group" / "rendezvous.py").write_text(RENDEZVOUS, encoding="utf-8")
+
+    assert check.rendezvous_source(fake_root) == "fastdeploy_patch/signal_group/rendezvous.py"
+
+
+def test_missing_source_and_function_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"none of .* exists under .*: update SOURCES in tests\.distributed"):
+        check.rendezvous_source(tmp_path)
+    with pytest.raises(ValueError, match=r"no function _rendezvous_store here: update FUNCTION in tests\.distributed"):
+        check.non_first_member_lines("def other():\n    pass\n")
+    with pytest.raises(ValueError, match="no longer has the shape"):
+        check.non_first_member_lines("def _rendezvous_store(r):\n    if r:\n        pass\n    return 1\n")
+
+
+def test_the_real_rendezvous_has_the_shape_the_check_relies_on() -> None:
+    relpath = check.rendezvous_source()
+    if_line, lines = check.non_first_member_lines((ROOT / relpath).read_text(encoding="utf-8"))
+
+    assert if_line < lines[0]
+    assert lines == list(range(lines[0], lines[0] + len(lines)))
+
+
+def test_usage_error_without_the_separator(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check.main(["only-a-data-file"]) == 2
+    assert capsys.readouterr().err == (
+        "usage: python -m tests.distributed.check_rank_coverage DATA_FILE -- PYTEST_ARGS...\n"
+    )
+
+
+def run_check(data_file: Path, *pytest_args: str) -> subprocess.CompletedProcess[str]:
+    """Run the check as tox does, outside any coverage run of this suite."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.distributed.check_rank_coverage", str(data_file), "--", *pytest_args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+
+def test_a_run_that_collects_no_test_fails_with_pytests_exit_code(tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+
+    result = run_check(data_file, "tests/gate", "-k", "no_test_has_this_name", "-q", "-p", "no:cacheprovider")
+
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert not data_file.exists()
+
+
+def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
+    # The unit tests of the signal group run the non-first-member side with mocks, in the test process: the data
+    # covers the lines, yet no rank ran them. The check must fail there and leave no combined data for the gate.
+    unit_tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/unit/test_signal_group*.py"))
+    data_file = tmp_path / "unit.coverage"
+
+    result = run_check(data_file, *unit_tests, "-q", "-p", "no:cacheprovider")
+
+    assert unit_tests
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL: fastdeploy_patch/signal_group" in result.stdout
+    assert "the lines only non-zero ranks run were not measured in a rank" in result.stdout
+    assert not data_file.exists()
