@@ -28,9 +28,9 @@ from pathlib import Path
 from coverage import CoverageData
 
 ROOT = Path(__file__).resolve().parents[2]
-# The rendezvous moves into the signal_group package; the first path that exists is the one checked.
-SOURCES = ("fastdeploy_patch/signal_group/rendezvous.py", "fastdeploy_patch/signal_group.py")
-FUNCTION = "_rendezvous_store"
+# The gloo group's own rendezvous store: its first member serves it, every other member connects to it.
+SOURCES = ("fastdeploy_patch/signal_group/rendezvous.py",)
+FUNCTION = "gloo_store"
 MODULE = "tests.distributed.check_rank_coverage"
 
 

@@ -19,7 +19,7 @@ TEST_PID = 4242
 RANK_PID = 4343
 
 RENDEZVOUS = """
-def _rendezvous_store(members, rank, key):
+def gloo_store(members, rank, key):
     store = make()
     if rank == members[0]:
         serve(store)
@@ -39,8 +39,10 @@ def write_process_data(data_file: Path, pid: int, arcs: list[tuple[int, int]], r
 @pytest.fixture
 def fake_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
-    (root / "fastdeploy_patch").mkdir(parents=True)
-    (root / "fastdeploy_patch" / "signal_group.py").write_text(RENDEZVOUS.lstrip("\n"), encoding="utf-8")
+    (root / "fastdeploy_patch" / "signal_group").mkdir(parents=True)
+    (root / "fastdeploy_patch" / "signal_group" / "rendezvous.py").write_text(
+        RENDEZVOUS.lstrip("\n"), encoding="utf-8"
+    )
     return root
 
 
@@ -55,8 +57,8 @@ def test_non_first_member_lines_are_those_after_the_returning_if() -> None:
 
 def test_lines_run_in_a_rank_process_pass(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
-    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == []
 
@@ -64,40 +66,40 @@ def test_lines_run_in_a_rank_process_pass(fake_root: Path, tmp_path: Path) -> No
 def test_lines_run_only_in_the_test_process_fail(fake_root: Path, tmp_path: Path) -> None:
     # What mocked unit tests leave: the test process itself ran the non-first-member side; the ranks did not.
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
-    write_process_data(data_file, RANK_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
-        "fastdeploy_patch/signal_group.py:6 (_rendezvous_store) did not run in any rank",
-        "fastdeploy_patch/signal_group.py:7 (_rendezvous_store) did not run in any rank",
-        "fastdeploy_patch/signal_group.py: branch 3->6 (not the first member) was never taken in a rank",
+        "fastdeploy_patch/signal_group/rendezvous.py:6 (gloo_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py:7 (gloo_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py: branch 3->6 (not the first member) was never taken in a rank",
     ]
 
 
 def test_lines_reached_without_the_branch_fail(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group.py")
-    write_process_data(data_file, RANK_PID, [(-1, 6), (6, 7), (7, -1)], "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, [(-1, 6), (6, 7), (7, -1)], "fastdeploy_patch/signal_group/rendezvous.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
-        "fastdeploy_patch/signal_group.py: branch 3->6 (not the first member) was never taken in a rank"
+        "fastdeploy_patch/signal_group/rendezvous.py: branch 3->6 (not the first member) was never taken in a rank"
     ]
 
 
 def test_ranks_measured_in_another_file_do_not_count(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/other.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
-        "fastdeploy_patch/signal_group.py:6 (_rendezvous_store) did not run in any rank",
-        "fastdeploy_patch/signal_group.py:7 (_rendezvous_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py:6 (gloo_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py:7 (gloo_store) did not run in any rank",
     ]
 
 
 def test_no_rank_data_fails(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
         f"no process other than the test process wrote coverage data next to {data_file}: no rank was measured"
@@ -106,27 +108,20 @@ def test_no_rank_data_fails(fake_root: Path, tmp_path: Path) -> None:
 
 def test_no_test_process_data_fails(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
-    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
     assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
         f"no coverage data from the test process (pid {TEST_PID}) next to {data_file}: was it measured?"
     ]
 
 
-def test_the_signal_group_package_is_preferred_to_the_module(fake_root: Path) -> None:
-    (fake_root / "fastdeploy_patch" / "signal_group").mkdir()
-    (fake_root / "fastdeploy_patch" / "signal_group" / "rendezvous.py").write_text(RENDEZVOUS, encoding="utf-8")
-
-    assert check.rendezvous_source(fake_root) == "fastdeploy_patch/signal_group/rendezvous.py"
-
-
 def test_missing_source_and_function_are_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"none of .* exists under .*: update SOURCES in tests\.distributed"):
         check.rendezvous_source(tmp_path)
-    with pytest.raises(ValueError, match=r"no function _rendezvous_store here: update FUNCTION in tests\.distributed"):
+    with pytest.raises(ValueError, match=r"no function gloo_store here: update FUNCTION in tests\.distributed"):
         check.non_first_member_lines("def other():\n    pass\n")
     with pytest.raises(ValueError, match="no longer has the shape"):
-        check.non_first_member_lines("def _rendezvous_store(r):\n    if r:\n        pass\n    return 1\n")
+        check.non_first_member_lines("def gloo_store(r):\n    if r:\n        pass\n    return 1\n")
 
 
 def test_the_real_rendezvous_has_the_shape_the_check_relies_on() -> None:
