@@ -1,9 +1,10 @@
 """The side-by-side signal-sync latency benchmark behind ``fastdeploy-patch bench``.
 
-Every rank times the same per-step status sync done three (on GPU, four) ways, interleaved step by step so that
-machine noise hits every path alike: upstream's ``broadcast_object_list`` on the default group, the patch's CPU
-tensor on the gloo signal group, and the same with a timeout below gloo's own limit, which adds a deadline
-thread.
+Every rank times the same per-step status sync done three (on GPU, four) ways: upstream's
+``broadcast_object_list`` on the default group, the patch's CPU tensor on the gloo signal group, and the same with
+a timeout below gloo's own limit, which adds a deadline thread. Each path runs its steps back to back, as a worker
+loop would, in ``ROUNDS`` rounds that rotate through the paths, so that slow spells on a noisy machine spread over
+every path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ DEADLINE_TIMEOUT_S = 5.0
 deadline thread."""
 
 DEFAULT_WARMUP = 200
+
+ROUNDS = 5
+"""Turns each path's timed steps are split into; the turns rotate through the paths."""
 
 PATH_LABELS = {
     "legacy": "legacy: broadcast_object_list, default group",
@@ -122,7 +126,7 @@ def bench_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
         paths["legacy_gpu"] = legacy_gpu
     paths["patch"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
     paths["patch_deadline"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=deadline_group)
-    return {"rank": rank, "samples_ns": measure(paths, iters, warmup, rounds=5)}
+    return {"rank": rank, "samples_ns": measure(paths, iters, warmup, rounds=ROUNDS)}
 
 
 def pooled(results: Sequence[dict]) -> dict[str, list[int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -12,14 +13,23 @@ import threading
 from collections.abc import Callable, Sequence
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_arg(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``; anything else is a usage error saying ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_arg(1, "a positive integer")
+_non_negative_int = _int_arg(0, "an integer >= 0")
 
 
 def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
@@ -32,23 +42,14 @@ def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (``inf`` would mean never stopping the ranks)."""
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
     return value
 
 
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     smoke = sub.add_parser("smoke", help="quick check: broadcast from each src, safe shutdown, restart")
     smoke.add_argument("--nranks", type=_positive_int, default=2, help="CPU ranks to start (default 2)")
-    smoke.add_argument("--timeout", type=float, default=120.0, help="seconds before the ranks are killed")
+    smoke.add_argument(
+        "--timeout", type=_seconds, default=120.0, help="seconds before the ranks are killed (default 120)"
+    )
 
     from fastdeploy_patch.demo import MIN_STEPS
 
@@ -74,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS})",
     )
-    demo.add_argument(
-        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --steps)"
-    )
+    demo.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --steps)")
 
     bench = sub.add_parser("bench", help="per-step signal-sync latency: legacy broadcast against the patch")
     bench.add_argument(
@@ -89,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_non_negative_int, default=200, help="untimed steps first (default 200)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", metavar="FILE.png", help="save the latency distributions (needs the plot extra)")
-    bench.add_argument(
-        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --iters)"
-    )
+    bench.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --iters)")
     return parser
 
 

@@ -99,6 +99,20 @@ def test_measure_uses_the_monotonic_nanosecond_clock_by_default() -> None:
     assert len(samples["a"]) == 2 and all(isinstance(ns, int) and ns >= 0 for ns in samples["a"])
 
 
+def test_the_module_docstring_describes_the_schedule_bench_rank_runs() -> None:
+    # Back to back per path, in rounds: not step by step across the paths.
+    assert "back to back" in bench.__doc__ and "in ``ROUNDS`` rounds that rotate through the paths" in bench.__doc__
+    assert "step by step" not in bench.__doc__
+    with (
+        mock.patch.object(bench, "measure", return_value={}) as timed,
+        mock.patch.object(bench, "gpu_available", return_value=False),
+        mock.patch.object(signal_group, "new_signal_group"),
+        mock.patch("paddle.distributed.get_rank", return_value=0),
+    ):
+        bench.bench_rank(iters=7, warmup=1)
+    assert timed.call_args.kwargs == {"rounds": bench.ROUNDS} and bench.ROUNDS == 5
+
+
 # --- backend and GPU detection -------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The `demo` and `bench` subcommands and the argument errors of every subcommand, with the ranks faked."""
+"""The `demo` and `bench` subcommands, with the ranks faked (argument errors: test_cli_arguments.py)."""
 
 from __future__ import annotations
 
@@ -19,61 +19,7 @@ from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.launcher import RankFailed
 from fastdeploy_patch.status import ModelWeightsStatus
 
-# --- argument errors ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("argv", "usage", "error"),
-    [
-        (["demo", "--nranks", "0"], "demo", "argument --nranks: expected a positive integer, got '0'"),
-        (["demo", "--steps", "0"], "demo", "argument --steps: expected a positive integer, got '0'"),
-        (["demo", "--steps", "-3"], "demo", "argument --steps: expected a positive integer, got '-3'"),
-        (
-            ["demo", "--steps", "19"],
-            "demo",
-            "argument --steps: expected at least 20 steps, room for a whole clear/update cycle, got '19'",
-        ),
-        (["demo", "--timeout", "0"], "demo", "argument --timeout: expected a positive number of seconds, got '0'"),
-        (
-            ["demo", "--timeout", "soon"],
-            "demo",
-            "argument --timeout: expected a positive number of seconds, got 'soon'",
-        ),
-        (["bench", "--iters", "0"], "bench", "argument --iters: expected a positive integer, got '0'"),
-        (["bench", "--iters", "many"], "bench", "argument --iters: expected a positive integer, got 'many'"),
-        (["bench", "--nranks", "0"], "bench", "argument --nranks: expected a positive integer, got '0'"),
-        (
-            ["bench", "--nranks", "1"],
-            "bench",
-            "argument --nranks: expected at least 2 ranks: a broadcast needs a peer, got '1'",
-        ),
-        (["bench", "--warmup", "-1"], "bench", "argument --warmup: expected an integer >= 0, got '-1'"),
-        (["bench", "--warmup", "x"], "bench", "argument --warmup: expected an integer >= 0, got 'x'"),
-        (["frobnicate"], None, "argument COMMAND: invalid choice: 'frobnicate'"),
-        ([], None, "the following arguments are required: COMMAND"),
-    ],
-)
-def test_bad_arguments_print_usage_and_one_error_line_and_exit_2(argv, usage, error, capsys) -> None:
-    with (
-        mock.patch("fastdeploy_patch.launcher.run_ranks") as run,
-        pytest.raises(SystemExit) as exited,
-    ):
-        cli.main(argv)
-    assert exited.value.code == 2
-    run.assert_not_called()
-    err = capsys.readouterr().err
-    prog = f"fastdeploy-patch {usage}" if usage else "fastdeploy-patch"
-    assert err.startswith(f"usage: {prog} ")
-    last = err.rstrip("\n").splitlines()[-1]
-    assert last.startswith(f"{prog}: error: {error}")
-
-
-@pytest.mark.parametrize(
-    "argv", [["demo", "--steps", "20"], ["bench", "--nranks", "2", "--iters", "1", "--warmup", "0"]]
-)
-def test_the_smallest_valid_values_are_accepted(argv) -> None:
-    args = cli.build_parser().parse_args(argv)
-    assert args.command == argv[0]
+# --- defaults ------------------------------------------------------------------------------------------------
 
 
 def test_defaults() -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -338,3 +339,12 @@ def test_format_table_has_a_row_per_rank_in_aligned_columns_then_the_verdict() -
 def test_format_table_says_when_the_ranks_disagree() -> None:
     table = format_table([_result(0), _result(1, steps=31)])
     assert table.splitlines()[-1] == "ranks agree: NO"
+
+
+def test_the_readme_shows_both_verdict_lines_the_table_prints() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    agree = [_result(0), _result(1)]
+    disagree = [_result(0), _result(1, transitions=[[9, "CLEARING"]])]
+    for results in (agree, disagree):
+        verdict = format_table(results).splitlines()[-1]
+        assert f"`{verdict}`" in readme
