@@ -13,15 +13,16 @@ import threading
 from collections.abc import Callable, Sequence
 
 
-def _int_arg(minimum: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``; anything else is a usage error saying ``expected``."""
+def _int_arg(minimum: int, expected: str, maximum: float = math.inf) -> Callable[[str], int]:
+    """An argparse type: an integer from ``minimum`` to ``maximum``; anything else is a usage error saying
+    ``expected``."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < minimum:
+        if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from fastdeploy_patch.demo import MIN_STEPS
+    from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
         "demo", help="RL weight update on N CPU ranks: the engine requests clear, then update; a summary table"
@@ -78,8 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS})",
     )
     demo.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --steps)")
+    demo.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="auto",
+        help="the signal group's transport (default auto: shared memory when every rank can map it, else gloo)",
+    )
+    demo.add_argument(
+        "--lookahead",
+        type=_int_arg(0, f"an integer from 0 to {MAX_LOOKAHEAD}", MAX_LOOKAHEAD),
+        default=0,
+        help="steps after rank 0 reads a status that every rank acts on it (default 0; needs shared memory)",
+    )
+    demo.set_defaults(check=_demo_flags_agree, parser=demo)
 
-    bench = sub.add_parser("bench", help="per-step signal-sync latency: legacy broadcast against the patch")
+    bench = sub.add_parser(
+        "bench",
+        help="per-step signal-sync latency of each path (legacy, gloo, shm); --jitter: loop time under jitter",
+    )
     bench.add_argument(
         "--nranks",
         type=_int_at_least(2, "expected at least 2 ranks: a broadcast needs a peer"),
@@ -88,10 +106,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--iters", type=_positive_int, default=5000, help="timed steps per path (default 5000)")
     bench.add_argument("--warmup", type=_non_negative_int, default=200, help="untimed steps first (default 200)")
+    bench.add_argument(
+        "--jitter",
+        action="store_true",
+        help="instead: loop time per step when every rank does its own 200-400 us of CPU work each step, for no "
+        "sync, gloo, shm and shm with a lookahead",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", metavar="FILE.png", help="save the latency distributions (needs the plot extra)")
     bench.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --iters)")
+    sub.add_parser(
+        "doctor",
+        help="what this machine offers the signal group (Paddle, GPUs, /dev/shm, transport, multi-host); "
+        "exits 1 when it cannot work",
+    )
     return parser
+
+
+def _demo_flags_agree(args: argparse.Namespace) -> str | None:
+    from fastdeploy_patch.demo import min_steps
+
+    if args.lookahead and args.transport == "gloo":
+        return (
+            f"argument --lookahead: lookahead {args.lookahead} needs the shared-memory transport, not gloo: "
+            "use --transport shm or auto, or --lookahead 0"
+        )
+    if args.steps < min_steps(args.lookahead):
+        return (
+            f"argument --steps: expected at least {min_steps(args.lookahead)} steps with --lookahead "
+            f"{args.lookahead}, room for a whole clear/update cycle, got '{args.steps}'"
+        )
+    return None
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from fastdeploy_patch import doctor
+
+    findings = doctor.run()
+    print(doctor.format_findings(findings))
+    return doctor.exit_code(findings)
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -134,7 +187,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     # Start-up (import paddle, rendezvous) dominates short runs; each step then costs its pause plus a little.
     timeout = args.timeout or 120.0 + args.steps * (DEFAULT_STEP_INTERVAL_S + 0.05)
-    print(f"demo: starting {args.nranks} CPU rank(s) for {args.steps} steps; the engine drives one clear/update cycle")
+    print(
+        f"demo: starting {args.nranks} CPU rank(s) for {args.steps} steps (signal transport {args.transport}, "
+        f"lookahead {args.lookahead}); the engine drives one clear/update cycle"
+    )
     print("demo: waiting for the ranks to start (importing Paddle takes a few seconds)...", flush=True)
     prefix = _shm_prefix()
     stop = threading.Event()
@@ -152,6 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
                     "progress_name": progress.name,
                     "steps": args.steps,
                     "step_interval": DEFAULT_STEP_INTERVAL_S,
+                    "transport": args.transport,
+                    "lookahead": args.lookahead,
                 }
                 results = run_ranks("fastdeploy_patch.demo:demo_rank", args.nranks, kwargs=kwargs, timeout=timeout)
             finally:
@@ -177,26 +235,28 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import paddle
 
-    from fastdeploy_patch.bench import build_report, format_report, load_pyplot, pick_backend, plot_report
+    from fastdeploy_patch import bench
     from fastdeploy_patch.launcher import RankError, run_ranks
 
     # Fail before minutes of measuring, not after.
     try:
-        plt = load_pyplot() if args.plot else None
+        plt = bench.load_pyplot() if args.plot else None
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    backend = pick_backend(args.nranks)
+    backend = bench.pick_backend(args.nranks)
     timeout = args.timeout or 120.0 + (args.iters + args.warmup) * 0.02
+    what = "loop steps with per-rank CPU work" if args.jitter else "timed steps"
     # stdout carries only the result, so that --json output is one JSON object.
     print(
-        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} timed steps per path...",
+        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} {what} per path...",
         file=sys.stderr,
         flush=True,
     )
+    target = "fastdeploy_patch.bench:jitter_rank" if args.jitter else "fastdeploy_patch.bench:bench_rank"
     try:
         results = run_ranks(
-            "fastdeploy_patch.bench:bench_rank",
+            target,
             args.nranks,
             kwargs={"iters": args.iters, "warmup": args.warmup},
             timeout=timeout,
@@ -208,22 +268,21 @@ def _bench(args: argparse.Namespace) -> int:
     except RankError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
-    report = build_report(
-        results,
-        nranks=args.nranks,
-        iters=args.iters,
-        warmup=args.warmup,
-        backend=backend,
-        paddle_version=paddle.__version__,
-    )
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    figures = {"nranks": args.nranks, "iters": args.iters, "warmup": args.warmup, "paddle_version": paddle.__version__}
+    if args.jitter:
+        report = bench.build_jitter_report(results, **figures)
+        text = bench.format_jitter_report(report)
+    else:
+        report = bench.build_report(results, backend=backend, **figures)
+        text = bench.format_report(report)
+    print(json.dumps(report, indent=2) if args.json else text)
     if plt is not None:
-        plot_report(results, report, args.plot, plt)
-        print(f"bench: latency distributions saved to {args.plot}", file=sys.stderr)
+        bench.plot_report(results, report, args.plot, plt)
+        print(f"bench: distributions saved to {args.plot}", file=sys.stderr)
     return 0
 
 
-_COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench}
+_COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench, "doctor": _doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,4 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # supervisor) must still stop the ranks, so ask for KeyboardInterrupt explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
+    problem = args.check(args) if "check" in args else None
+    if problem:
+        args.parser.error(problem)
     return _COMMANDS[args.command](args)

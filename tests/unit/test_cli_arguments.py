@@ -26,6 +26,7 @@ BAD_VALUES: dict[tuple[str, str], list[tuple[str, str]]] = {
         ("19", "expected at least 20 steps, room for a whole clear/update cycle"),
     ],
     ("demo", "--timeout"): [(v, SECONDS) for v in ("0", "-1", "soon", "nan", "inf", "-inf")],
+    ("demo", "--lookahead"): [(v, "expected an integer from 0 to 32") for v in ("-1", "33", "1000", *NOT_INTEGERS)],
     ("bench", "--nranks"): [
         *((v, POSITIVE_INT) for v in ("0", "-2", *NOT_INTEGERS)),
         ("1", "expected at least 2 ranks: a broadcast needs a peer"),
@@ -41,6 +42,7 @@ GOOD_VALUES: dict[tuple[str, str], list[tuple[str, object]]] = {
     ("demo", "--nranks"): [("1", 1)],
     ("demo", "--steps"): [("20", 20)],
     ("demo", "--timeout"): [("7", 7.0)],
+    ("demo", "--lookahead"): [("0", 0), ("32", 32)],
     ("bench", "--nranks"): [("2", 2), ("4", 4)],
     ("bench", "--iters"): [("1", 1)],
     ("bench", "--warmup"): [("0", 0)],
@@ -88,7 +90,10 @@ def test_a_bad_value_exits_2_with_usage_and_one_error_line(command, flag, value,
     [(command, flag, value, parsed) for (command, flag), good in GOOD_VALUES.items() for value, parsed in good],
 )
 def test_the_smallest_and_usual_good_values_are_accepted(command, flag, value, parsed) -> None:
-    args = cli.build_parser().parse_args([command, flag, value])
+    # Enough steps for any lookahead, so that only the flag under test decides.
+    extra = ["--steps", "1000"] if command == "demo" and flag != "--steps" else []
+    args = cli.build_parser().parse_args([command, flag, value, *extra])
+    assert cli._demo_flags_agree(args) is None if command == "demo" else "check" not in args
     assert getattr(args, flag.lstrip("-").replace("-", "_")) == parsed
 
 
