@@ -1,5 +1,5 @@
-"""fastdeploy_patch: the model-weights status synced over a CPU (gloo) signal group, and a process-group
-shutdown that tolerates gloo.
+"""fastdeploy_patch: the model-weights status synced over a CPU signal group (shared memory on one host, gloo
+between hosts), and a process-group shutdown that tolerates gloo.
 
 Paddle is an extra, not a hard dependency (its CPU and GPU wheels conflict): install
 ``fastdeploy-patch[cpu]`` or ``fastdeploy-patch[gpu]``.
@@ -21,6 +21,7 @@ except ImportError as exc:
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.signal_group import (
     GLOO_OP_TIMEOUT_S,
+    SignalGroup,
     SignalGroupError,
     broadcast_signal,
     new_signal_group,
@@ -29,6 +30,7 @@ from fastdeploy_patch.signal_group import (
 __all__ = [
     "GLOO_OP_TIMEOUT_S",
     "ModelWeightsStatus",
+    "SignalGroup",
     "SignalGroupError",
     "broadcast_signal",
     "new_signal_group",

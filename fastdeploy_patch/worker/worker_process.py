@@ -10,7 +10,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.rl.dynamic_weight_manager import DynamicWeightManager
-from fastdeploy_patch.signal_group import GLOO_OP_TIMEOUT_S, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import GLOO_OP_TIMEOUT_S, SignalGroup, broadcast_signal, new_signal_group
 from fastdeploy_patch.status import ModelWeightsStatus
 
 SIGNAL_SRC = 0
@@ -21,9 +21,11 @@ class WorkerProcess:
     """One tensor-parallel rank's worker: a model, its weight manager and the event loop.
 
     With more than one rank it creates its signal group exactly once, here, before any loop step: creating a
-    gloo group inside the loop is what broke upstream's integration tests. ``status_signal`` is the engine's
-    shared-memory status and is required on rank 0, which alone reads it. ``forward_input``, when given, is
-    fed to the model on every NORMAL step, standing in for a batch of inference.
+    gloo group inside the loop is what broke upstream's integration tests. ``signal_transport`` and
+    ``signal_lookahead`` go to ``new_signal_group``: with lookahead d, the status rank 0 reads at step s takes
+    effect on every rank at step s + d. ``status_signal`` is the engine's shared-memory status and is required on
+    rank 0, which alone reads it. ``forward_input``, when given, is fed to the model on every NORMAL step,
+    standing in for a batch of inference.
     """
 
     def __init__(
@@ -32,6 +34,8 @@ class WorkerProcess:
         *,
         status_signal: StatusSignal | None = None,
         signal_timeout: float | datetime.timedelta = GLOO_OP_TIMEOUT_S,
+        signal_transport: str = "auto",
+        signal_lookahead: int = 0,
         forward_input: paddle.Tensor | None = None,
     ) -> None:
         self.rank = dist.get_rank()
@@ -39,7 +43,16 @@ class WorkerProcess:
         if self.rank == SIGNAL_SRC and status_signal is None:
             raise ValueError(f"rank {SIGNAL_SRC} reads the engine's weights status: pass status_signal")
         self.status_signal = status_signal if self.rank == SIGNAL_SRC else None
-        self.signal_group = new_signal_group(timeout=signal_timeout) if self.nranks > 1 else None
+        self.signal_group = (
+            new_signal_group(
+                timeout=signal_timeout,
+                transport=signal_transport,
+                lookahead=signal_lookahead,
+                initial=ModelWeightsStatus.NORMAL,
+            )
+            if self.nranks > 1
+            else None
+        )
         self.model = model
         self.weight_manager = DynamicWeightManager(model, status_signal=self.status_signal)
         self.steps = 0
@@ -49,29 +62,34 @@ class WorkerProcess:
         self.forward_passes = 0
         self._forward_input = forward_input
 
-    def _broadcast_model_weights_signal(self, src: int, group: dist.communication.group.Group | None) -> int:
+    def _broadcast_model_weights_signal(self, src: int, group: SignalGroup | None) -> int:
         """Return the status rank ``src`` read from the engine's shared memory, the same on every rank."""
         value = int(self.status_signal.value[0]) if self.rank == src else 0
         return broadcast_signal(value, src=src, group=group)
 
     def event_loop_step(self) -> ModelWeightsStatus:
-        """Run one step: sync the status, then clear or update the weights, or run a forward pass when NORMAL.
+        """Run one step: sync the status; clear or update the weights at the step a status takes effect, and run a
+        forward pass on every NORMAL step.
 
-        Returns the status every rank agreed on for this step.
+        With lookahead a status stays in effect for several steps (rank 0 keeps publishing CLEARING until the
+        clear it triggers has run), so clearing and updating happen once, on the transition; acting again would
+        clear twice or update parameters that are no longer cleared. Returns the status every rank agreed on for
+        this step.
         """
         started = time.perf_counter_ns()
         status = ModelWeightsStatus(self._broadcast_model_weights_signal(SIGNAL_SRC, self.signal_group))
         self.sync_latencies_ns.append(time.perf_counter_ns() - started)
         self.steps += 1
-        if status != self.status:
+        changed = status != self.status
+        if changed:
             self.transitions.append((self.steps, status))
             self.status = status
-        if status == ModelWeightsStatus.CLEARING:
-            self.weight_manager.clear_parameters()
-        elif status == ModelWeightsStatus.UPDATING:
-            self.weight_manager.update_parameters()
-        elif status == ModelWeightsStatus.NORMAL:
+        if status == ModelWeightsStatus.NORMAL:
             self._forward()
+        elif changed and status == ModelWeightsStatus.CLEARING:
+            self.weight_manager.clear_parameters()
+        elif changed and status == ModelWeightsStatus.UPDATING:
+            self.weight_manager.update_parameters()
         return status
 
     def event_loop(self, max_steps: int, *, step_interval: float = 0.0) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastdeploy_patch.ipc_signal import StatusSignal
+from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR
 
 SHM_PREFIX = "fdp_dist_"
@@ -64,8 +65,10 @@ def stray_processes(grace: float = LEFTOVER_GRACE_S) -> dict[int, str]:
 
 
 def our_segments() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if p.name.startswith(SHM_PREFIX)} if shm.is_dir() else set()
+    """The segments this suite's status signals and the signal groups' rings leave in /dev/shm."""
+    shm = Path(SHM_DIR)
+    prefixes = (SHM_PREFIX, SEGMENT_PREFIX)
+    return {p.name for p in shm.iterdir() if p.name.startswith(prefixes)} if shm.is_dir() else set()
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,11 @@ import paddle
 import paddle.distributed as dist
 from paddle.distributed import collective
 
-from fastdeploy_patch import signal_group
 from fastdeploy_patch.gpu_profile import count_device_events
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.ipc_signal import StatusSignal
-from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, SEGMENT_PREFIX, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import group as signal_group_api
 from fastdeploy_patch.status import ModelWeightsStatus
 from fastdeploy_patch.worker.worker_process import WorkerProcess
 
@@ -107,23 +108,42 @@ def _checksums(model: paddle.nn.Layer) -> dict[str, str]:
 # --- launch A: broadcasts, bad input, group created once, safe shutdown, the upstream bug --------------------
 
 
-def signal_checks(*, status_name: str, steps: int, loop_steps: int, cycles: int, profile_steps: int) -> dict:
-    """Every single-group check on one launch; the upstream bug is provoked last since it leaves Paddle's
-    groups half shut down."""
+def signal_checks(
+    *,
+    transport: str,
+    status_name: str,
+    steps: int,
+    loop_steps: int,
+    cycles: int,
+    profile_steps: int,
+    idle_s: float,
+    lookaheads: list[int],
+    lookahead_steps: int,
+) -> dict:
+    """Every single-group check on one launch, on one transport; the upstream bug is provoked last since it leaves
+    Paddle's groups half shut down."""
     rank, nranks = dist.get_rank(), dist.get_world_size()
     report: dict = {"rank": rank, "nranks": nranks}
     registry_before_group = _registry()
-    group = new_signal_group()
+    group = new_signal_group(transport=transport)
     report["registry_grew_by"] = sorted(set(_registry()) - set(registry_before_group))
-    report["signal_group_name"] = group.name
+    report["transport"] = group.transport
+    report["signal_group_name"] = _paddle_name(group)
     report["stream"] = _stream(group, rank, nranks, steps)
+    report["stale"] = _stale_value(group, rank, nranks)
     report["probes"] = _probes(group, nranks)
     report["bad_input"] = _bad_input(group, rank, nranks)
-    report["worker"] = _worker_group_once(rank, status_name, loop_steps)
+    report["idle"] = _idle_wait(group, rank, idle_s)
+    report["worker"] = _worker_group_once(rank, status_name, loop_steps, transport)
     report["profile"] = _profile_signal(group, profile_steps)
     report["safe_shutdown"] = _safe_shutdown(group, nranks, cycles)
+    report["lookahead"] = {str(d): _lookahead_stream(rank, nranks, d, lookahead_steps) for d in lookaheads}
     report["upstream_bug"] = _upstream_shutdown(group)
     return report
+
+
+def _paddle_name(group) -> str | None:
+    return group.paddle_group.name if group.paddle_group is not None else None
 
 
 def _stream(group, rank: int, nranks: int, steps: int) -> dict:
@@ -136,6 +156,47 @@ def _stream(group, rank: int, nranks: int, steps: int) -> dict:
         if value != expected:
             mismatches.append([step, src, value, expected])
     return {"steps": steps, "mismatches": mismatches[:10], "digest": stream_digest(received)}
+
+
+def _stale_value(group, rank: int, nranks: int) -> list[int]:
+    """The statuses of a clear and update, each followed by NORMAL (0), from the last rank: a transport that kept
+    the previous value when src sends 0 would deliver CLEARING or UPDATING twice."""
+    src = nranks - 1
+    sent = [ModelWeightsStatus.CLEARING, 0, ModelWeightsStatus.UPDATING, 0, 0, ModelWeightsStatus.CLEARED, 0]
+    return [broadcast_signal(int(v) if rank == src else 99, src=src, group=group) for v in sent]
+
+
+def _idle_wait(group, rank: int, idle_s: float) -> dict:
+    """Rank 0 publishes only after ``idle_s``: every other rank reports the CPU time its waiting broadcast used."""
+    if rank == 0:
+        time.sleep(idle_s)
+    wall, cpu = time.monotonic(), time.process_time()
+    value = broadcast_signal(31337 if rank == 0 else 0, src=0, group=group)
+    return {"value": value, "wall": time.monotonic() - wall, "cpu": time.process_time() - cpu}
+
+
+def _lookahead_stream(rank: int, nranks: int, lookahead: int, steps: int) -> dict:
+    """``steps`` calls on a shared-memory group with ``lookahead``, src changing every call: call n must return
+    the value of call n - lookahead (the initial value first). Then the group is closed and refuses a call."""
+    initial = -7
+    group = new_signal_group(transport="shm", lookahead=lookahead, initial=initial)
+    received, mismatches = [], []
+    for step in range(steps):
+        src = stream_src(step, nranks)
+        value = broadcast_signal(stream_value(step, src) if rank == src else 0, src=src, group=group)
+        earlier = step - lookahead
+        expected = initial if earlier < 0 else stream_value(earlier, stream_src(earlier, nranks))
+        received.append(value)
+        if value != expected:
+            mismatches.append([step, src, value, expected])
+    group.close()
+    return {
+        "transport": group.transport,
+        "lookahead": group.lookahead,
+        "mismatches": mismatches[:10],
+        "digest": stream_digest(received),
+        "after_close": _call_error(lambda: broadcast_signal(0, src=0, group=group)),
+    }
 
 
 def _probes(group, nranks: int) -> dict[str, list[int]]:
@@ -167,21 +228,22 @@ def _bad_input(group, rank: int, nranks: int) -> dict:
     return report
 
 
-def _worker_group_once(rank: int, status_name: str, loop_steps: int) -> dict:
+def _worker_group_once(rank: int, status_name: str, loop_steps: int, transport: str) -> dict:
     """A worker creates its signal group in its constructor and never again, whatever the loop does."""
     status = StatusSignal(status_name) if rank == 0 else None
     try:
         registry_before = _registry()
-        created_before = signal_group._created
-        worker = WorkerProcess(_model(rank), status_signal=status)
+        created_before = signal_group_api._created
+        worker = WorkerProcess(_model(rank), status_signal=status, signal_transport=transport)
         registry_after_init = _registry()
-        created_after_init = signal_group._created
+        created_after_init = signal_group_api._created
         ran = worker.event_loop(loop_steps)
         return {
             "new_groups_at_init": sorted(set(registry_after_init) - set(registry_before)),
-            "worker_group": worker.signal_group.name,
+            "worker_group": _paddle_name(worker.signal_group),
+            "worker_transport": worker.signal_group.transport,
             "created_at_init": created_after_init - created_before,
-            "created_in_loop": signal_group._created - created_after_init,
+            "created_in_loop": signal_group_api._created - created_after_init,
             "registry_unchanged_by_loop": _registry() == registry_after_init,
             "steps": [ran, worker.steps],
             "transitions": worker.transitions,
@@ -235,7 +297,16 @@ def _upstream_shutdown(group) -> dict | None:
 # --- launch B: the RL control cycle ----------------------------------------------------------------------------
 
 
-def rl_cycle(*, status_name: str, progress_name: str, step_interval: float, max_steps: int, tail: int) -> dict:
+def rl_cycle(
+    *,
+    status_name: str,
+    progress_name: str,
+    step_interval: float,
+    max_steps: int,
+    tail: int,
+    transport: str,
+    lookahead: int,
+) -> dict:
     """Run the worker's event loop while the test's driver flips the engine status, until every rank has seen
     the cycle back to NORMAL and ``tail`` more steps. Rank 0 publishes its step count for the driver."""
     rank = dist.get_rank()
@@ -244,7 +315,13 @@ def rl_cycle(*, status_name: str, progress_name: str, step_interval: float, max_
     try:
         model = _model(rank)
         before = _checksums(model)
-        worker = WorkerProcess(model, status_signal=status, forward_input=paddle.ones([2, 6]))
+        worker = WorkerProcess(
+            model,
+            status_signal=status,
+            forward_input=paddle.ones([2, 6]),
+            signal_transport=transport,
+            signal_lookahead=lookahead,
+        )
         released_when_cleared, done_at = None, None
         while done_at is None or worker.steps < done_at + tail:
             if worker.steps >= max_steps:
@@ -261,6 +338,8 @@ def rl_cycle(*, status_name: str, progress_name: str, step_interval: float, max_
         manager = worker.weight_manager
         return {
             "rank": rank,
+            "transport": worker.signal_group.transport,
+            "lookahead": worker.signal_group.lookahead,
             "transitions": [[step, int(s)] for step, s in worker.transitions],
             "steps": worker.steps,
             "initialized_after_clear": released_when_cleared,
@@ -280,7 +359,7 @@ def rl_cycle(*, status_name: str, progress_name: str, step_interval: float, max_
 # --- launch C: several signal groups in one process -------------------------------------------------------------
 
 
-def several_groups(*, rounds: int) -> dict:
+def several_groups(*, rounds: int, transport: str) -> dict:
     """Create several signal groups per round (the world twice, and subsets whose first member is not rank 0),
     then broadcast a value unique to each group from its last and first member."""
     rank, nranks = dist.get_rank(), dist.get_world_size()
@@ -288,7 +367,7 @@ def several_groups(*, rounds: int) -> dict:
     per_round = []
     registry_start = len(_registry())
     for round_ in range(rounds):
-        groups = [(layout or list(range(nranks)), new_signal_group(layout)) for layout in layouts]
+        groups = [(layout or list(range(nranks)), new_signal_group(layout, transport=transport)) for layout in layouts]
         received = []
         for index, (members, group) in enumerate(groups):
             if rank not in members:
@@ -301,7 +380,9 @@ def several_groups(*, rounds: int) -> dict:
                 value = 100_000 * round_ + 100 * index + src
                 values.append(broadcast_signal(value if rank == src else -1, src=src, group=group))
             received.append(values)
-        per_round.append({"members": [m for m, _ in groups], "received": received})
+        per_round.append(
+            {"members": [m for m, _ in groups], "received": received, "transports": [g.transport for _, g in groups]}
+        )
     return {
         "rank": rank,
         "rounds": per_round,
@@ -312,10 +393,10 @@ def several_groups(*, rounds: int) -> dict:
 # --- launches D and E: faults -----------------------------------------------------------------------------------
 
 
-def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float) -> NoReturn:
+def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float, transport: str, lookahead: int) -> NoReturn:
     """The victim exits abruptly at step ``die_at``; every survivor reports the error it got."""
     rank = dist.get_rank()
-    group = new_signal_group(timeout=timeout)
+    group = new_signal_group(timeout=timeout, transport=transport, lookahead=lookahead)
     for step in range(steps):
         if rank == victim and step == die_at:
             exit_now({"rank": rank, "died_at": step})
@@ -330,34 +411,59 @@ def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float) -> NoRetu
     raise AssertionError(f"rank {rank} ran {steps} broadcasts without noticing that rank {victim} died")
 
 
-def stuck_peer(*, stuck: int, stuck_at: int, timeout: float, stuck_for: float) -> NoReturn:
+def stuck_peer(
+    *, stuck: int, stuck_at: int, timeout: float, stuck_for: float, transport: str, lookahead: int
+) -> NoReturn:
     """The stuck rank, the signal's src, stays alive but stops broadcasting at ``stuck_at``; every other rank
-    reports how long its broadcast waited before it gave up.
+    goes on calling and reports how many calls still returned (the lookahead's worth) and how long the call that
+    waited took to give up.
 
-    The stuck rank is the src because a src's send completes into the socket buffer whether or not a receiver
-    takes part: it is the receivers that wait on a stuck peer."""
+    The stuck rank is the src because a src's send completes into the socket buffer (or the ring) whether or not
+    a receiver takes part: it is the receivers that wait on a stuck peer."""
     rank = dist.get_rank()
-    group = new_signal_group(timeout=timeout)
+    group = new_signal_group(timeout=timeout, transport=transport, lookahead=lookahead)
     for step in range(stuck_at):
         broadcast_signal(step, src=stuck, group=group)
     if rank == stuck:
         time.sleep(stuck_for)
         exit_now({"rank": rank, "slept": stuck_for})
-    started = time.monotonic()
-    error = _call_error(lambda: broadcast_signal(stuck_at, src=stuck, group=group))
-    elapsed = time.monotonic() - started
+    returned, error = [], None
+    while error is None and len(returned) <= lookahead:
+        started = time.monotonic()
+        try:
+            returned.append(broadcast_signal(0, src=stuck, group=group))
+        except Exception as exc:  # noqa: BLE001 - the report names whatever was raised
+            error = _error(exc)
+        elapsed = time.monotonic() - started
     again_started = time.monotonic()
     again = _call_error(lambda: broadcast_signal(stuck_at, src=stuck, group=group))
     # The abandoned broadcast still sits in gloo on a daemon thread; do not let teardown wait for it.
     exit_now(
         {
             "rank": rank,
+            "returned_after_stuck": returned,
             "elapsed": elapsed,
             "error": error,
             "again": again,
             "again_elapsed": time.monotonic() - again_started,
         }
     )
+
+
+# --- launch F: every rank SIGKILLed mid-run ------------------------------------------------------------------
+
+
+def killed_mid_run(*, steps: int) -> NoReturn:
+    """Broadcast ``steps`` times on a shared-memory group, show the segment's mapping (unlinked already), then
+    SIGKILL this rank: nothing may be left in /dev/shm."""
+    rank = dist.get_rank()
+    group = new_signal_group(transport="shm")
+    for step in range(steps):
+        broadcast_signal(step, src=step % dist.get_world_size(), group=group)
+    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if SEGMENT_PREFIX in line]
+    print(f"rank {rank} maps: {maps}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("SIGKILL did not kill the rank")
 
 
 # --- GPU runners only --------------------------------------------------------------------------------------------

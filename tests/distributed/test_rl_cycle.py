@@ -1,5 +1,7 @@
 """The whole RL control cycle on real ranks: the test process plays the engine and flips the shared-memory
-status NORMAL -> CLEARING -> (CLEARED) -> UPDATING -> NORMAL while the workers run their event loop."""
+status NORMAL -> CLEARING -> (CLEARED) -> UPDATING -> NORMAL while the workers run their event loop, on both
+transports and with lookahead (a status then takes effect that many steps after rank 0 read it, on every rank
+at the same step)."""
 
 from __future__ import annotations
 
@@ -58,8 +60,15 @@ class Driver(threading.Thread):
             self.error = str(exc)
 
 
-@pytest.mark.parametrize("nranks", [2, 4])
-def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(nranks: int) -> None:
+CASES = [(2, "gloo", 0), (4, "gloo", 0), (2, "shm", 0), (4, "shm", 0), (2, "shm", 4), (4, "shm", 4)]
+
+
+@pytest.mark.parametrize(
+    ("nranks", "transport", "lookahead"), CASES, ids=[f"{n}ranks-{t}-lookahead{d}" for n, t, d in CASES]
+)
+def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(
+    nranks: int, transport: str, lookahead: int
+) -> None:
     with new_status_signal() as status, new_status_signal() as progress:
         driver = Driver(status, progress)
         driver.start()
@@ -73,6 +82,8 @@ def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(n
                     "step_interval": STEP_INTERVAL_S,
                     "max_steps": MAX_STEPS,
                     "tail": TAIL_STEPS,
+                    "transport": transport,
+                    "lookahead": lookahead,
                 },
             )
         except BaseException:
@@ -94,10 +105,13 @@ def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(n
         ModelWeightsStatus.NORMAL,
     ]
     (cleared_step, _), (cleared_seen, _), (update_step, _), (normal_step, _) = transitions
-    assert cleared_seen == cleared_step + 1 and normal_step == update_step + 1
+    # Rank 0 publishes CLEARED (NORMAL) the step after the clear (update) ran; it takes effect lookahead steps
+    # later.
+    assert cleared_seen == cleared_step + 1 + lookahead and normal_step == update_step + 1 + lookahead
     assert update_step - cleared_seen >= SETTLE_STEPS - 1
     for report in reports:
         rank = report["rank"]
+        assert (report["transport"], report["lookahead"]) == (transport, lookahead)
         assert report["transitions"] == transitions, f"rank {rank} saw the transitions at other steps"
         assert report["steps"] == normal_step + TAIL_STEPS
         n_params = len(report["checksums_before"])

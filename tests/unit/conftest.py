@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from paddle.distributed.communication.group import Group
 
-from fastdeploy_patch import signal_group
 from fastdeploy_patch.paddle_internals import paddle_private
+from fastdeploy_patch.signal_group import group as signal_group_api
+from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +25,7 @@ def _fresh_private_cache() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _fresh_signal_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each test starts as a fresh worker: no signal group created yet, so rendezvous keys start at 1.
-    monkeypatch.setattr(signal_group, "_SIGNAL_GROUPS", {})
-    monkeypatch.setattr(signal_group, "_created", 0)
+    monkeypatch.setattr(signal_group_api, "_created", 0)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class FakeGlobalStore:
     values: dict[str, bytes] = field(default_factory=dict)
     sets: list[tuple[str, str]] = field(default_factory=list)
     gets: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    adds: list[tuple[str, int]] = field(default_factory=list)
 
     def set(self, key: str, value: str) -> None:
         self.sets.append((key, value))
@@ -76,6 +79,13 @@ class FakeGlobalStore:
         # The real store hands the value back as a list of byte values.
         self.gets.append(key)
         return list(self.values[key])
+
+    def add(self, key: str, amount: int) -> int:
+        """Add to a counter; like the real store, the other ranks' additions must already be there (tests put them
+        in ``counters`` beforehand)."""
+        self.adds.append((key, amount))
+        self.counters[key] = self.counters.get(key, 0) + amount
+        return self.counters[key]
 
 
 @dataclass
@@ -87,3 +97,18 @@ class FakeTCPStore:
     is_master: bool
     num_workers: int
     timeout: int
+
+
+def shm_segments() -> set[str]:
+    """The signal segments present in /dev/shm."""
+    return {name for name in os.listdir(SHM_DIR) if name.startswith(SEGMENT_PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def _no_segment_left_behind() -> Iterator[None]:
+    before = shm_segments()
+    yield
+    leaked = shm_segments() - before
+    for name in leaked:
+        os.unlink(os.path.join(SHM_DIR, name))
+    assert not leaked, f"shared-memory segments leaked: {sorted(leaked)}"

@@ -18,6 +18,7 @@ def test_the_public_api_is_the_modules_own_objects() -> None:
     assert fastdeploy_patch.__all__ == [
         "GLOO_OP_TIMEOUT_S",
         "ModelWeightsStatus",
+        "SignalGroup",
         "SignalGroupError",
         "broadcast_signal",
         "new_signal_group",
@@ -26,6 +27,7 @@ def test_the_public_api_is_the_modules_own_objects() -> None:
     assert fastdeploy_patch.new_signal_group is signal_group.new_signal_group
     assert fastdeploy_patch.broadcast_signal is signal_group.broadcast_signal
     assert fastdeploy_patch.SignalGroupError is signal_group.SignalGroupError
+    assert fastdeploy_patch.SignalGroup is signal_group.SignalGroup
     assert fastdeploy_patch.GLOO_OP_TIMEOUT_S == 30.0
     assert fastdeploy_patch.shutdown_process_groups is group_shutdown.shutdown_process_groups
     assert fastdeploy_patch.ModelWeightsStatus is status.ModelWeightsStatus

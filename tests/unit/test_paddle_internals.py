@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from unittest import mock
 
 import paddle
 import pytest
 from paddle.distributed import collective
 
+from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.paddle_internals import paddle_private
 
 
@@ -78,7 +81,41 @@ def test_an_owner_without_a_name_is_shown_as_itself() -> None:
         (collective, "_get_shutdown_group_map_by_name"),
         (collective, "_set_default_store"),
         (paddle.Tensor, "_clear_data"),
+        (paddle_internals.core, "create_or_get_global_tcp_store"),
     ],
 )
 def test_the_installed_paddle_has_every_private_the_package_uses(owner: object, name: str) -> None:
     assert paddle_private(owner, name) is getattr(owner, name)
+
+
+def test_has_gloo_tells_whether_paddle_has_the_gloo_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert paddle_internals.has_gloo() is True
+    monkeypatch.delattr(paddle_internals.core, "ProcessGroupGloo")
+    assert paddle_internals.has_gloo() is False
+
+
+def test_global_store_is_paddles_global_tcp_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = object()
+    monkeypatch.setattr(paddle_internals.core, "create_or_get_global_tcp_store", lambda: store)
+    assert paddle_internals.global_store() is store
+
+
+def test_open_tcp_store_passes_its_arguments_in_paddles_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened = mock.Mock()
+    monkeypatch.setattr(paddle_internals.core, "TCPStore", opened)
+    got = paddle_internals.open_tcp_store("10.0.0.1", 4321, is_master=True, num_workers=3, timeout_s=300)
+    opened.assert_called_once_with("10.0.0.1", 4321, True, 3, 300)
+    assert got is opened.return_value
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_lent_default_store_is_taken_back_also_on_error(monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+    lent, global_store = object(), object()
+    defaults: list[object] = []
+    monkeypatch.setattr(collective, "_set_default_store", defaults.append)
+    monkeypatch.setattr(paddle_internals, "global_store", lambda: global_store)
+    with contextlib.suppress(KeyError), paddle_internals.default_store_lent(lent):
+        assert defaults == [lent]
+        if fails:
+            raise KeyError("new_group failed")
+    assert defaults == [lent, global_store]

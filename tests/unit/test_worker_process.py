@@ -58,8 +58,10 @@ def _model() -> mock.Mock:
 
 
 def test_the_signal_group_is_created_once_at_start(rank: Rank) -> None:
-    worker = WorkerProcess(_model(), status_signal=_signal(), signal_timeout=2.5)
-    rank.new_signal_group.assert_called_once_with(timeout=2.5)
+    worker = WorkerProcess(
+        _model(), status_signal=_signal(), signal_timeout=2.5, signal_transport="shm", signal_lookahead=4
+    )
+    rank.new_signal_group.assert_called_once_with(timeout=2.5, transport="shm", lookahead=4, initial=S.NORMAL)
     assert worker.signal_group is rank.group
 
     assert worker.event_loop(5) == 5
@@ -67,9 +69,11 @@ def test_the_signal_group_is_created_once_at_start(rank: Rank) -> None:
     assert rank.broadcast_signal.call_args_list == [mock.call(0, src=SIGNAL_SRC, group=rank.group)] * 5
 
 
-def test_the_default_signal_timeout_is_gloos_limit(rank: Rank) -> None:
+def test_the_defaults_are_gloos_limit_the_auto_transport_and_lockstep(rank: Rank) -> None:
     WorkerProcess(_model(), status_signal=_signal())
-    rank.new_signal_group.assert_called_once_with(timeout=GLOO_OP_TIMEOUT_S)
+    rank.new_signal_group.assert_called_once_with(
+        timeout=GLOO_OP_TIMEOUT_S, transport="auto", lookahead=0, initial=S.NORMAL
+    )
 
 
 def test_a_single_rank_makes_no_group(rank: Rank) -> None:
@@ -146,6 +150,25 @@ def test_each_status_triggers_its_action_at_the_step_it_arrives(rank: Rank) -> N
     assert all(call.args == (batch,) for call in model.call_args_list)
     assert len(worker.sync_latencies_ns) == 7
     assert all(isinstance(ns, int) and ns >= 0 for ns in worker.sync_latencies_ns)
+
+
+def test_a_status_that_stays_in_effect_acts_once_on_its_transition(rank: Rank) -> None:
+    """With lookahead d, CLEARING and UPDATING arrive on up to d + 1 consecutive steps: the weights are cleared and
+    updated once each (a second update would find the parameters no longer cleared)."""
+    model = _model()
+    worker = WorkerProcess(model, status_signal=_signal(), forward_input=paddle.ones([1, 3]))
+    arriving = [0, -1, -1, -1, -2, -2, 1, 1, 1, 0, 0]
+    rank.broadcast_signal.side_effect = arriving
+    steps_at: list[tuple[str, int]] = []
+    rank.manager.clear_parameters.side_effect = lambda: steps_at.append(("clear", worker.steps))
+    rank.manager.update_parameters.side_effect = lambda: steps_at.append(("update", worker.steps))
+
+    assert [worker.event_loop_step() for _ in arriving] == [S(value) for value in arriving]
+
+    assert steps_at == [("clear", 2), ("update", 7)]
+    assert worker.transitions == [(2, S.CLEARING), (5, S.CLEARED), (7, S.UPDATING), (10, S.NORMAL)]
+    # NORMAL steps 1, 10 and 11 ran the model, and only they.
+    assert worker.forward_passes == 3 and model.call_count == 3
 
 
 def test_each_step_records_how_long_the_status_sync_took(rank: Rank) -> None:

@@ -1,0 +1,41 @@
+"""The signal group: every rank of a worker learns the model-weights status that rank ``src`` read, every step.
+
+Why each transport exists. **Shared memory** (``shm_transport``) is the fast path on one host: a published value
+is one 8-byte store into a ring that every rank maps, about a microsecond a step and no collective, so ranks
+need not run in lockstep (``lookahead``) and a timeout can be as long as a slow weight reload. **gloo**
+(``gloo_transport``) carries the signal between hosts, where no memory is shared, as a CPU int32 tensor on a
+gloo group; Paddle's global TCP store is also where every rank agrees which transport a group uses
+(``rendezvous``). **NCCL** never carries the signal: on the default GPU group each step would launch a kernel
+and copy device to host, which waits for all queued GPU work.
+
+Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
+``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``liveness`` (is a peer process alive),
+``errors``.
+"""
+
+from __future__ import annotations
+
+from fastdeploy_patch.signal_group.arguments import INT32_MAX, INT32_MIN, MAX_LOOKAHEAD, MAX_TIMEOUT_S, TRANSPORTS
+from fastdeploy_patch.signal_group.errors import SignalGroupError
+from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S
+from fastdeploy_patch.signal_group.group import SignalGroup, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group.rendezvous import RENDEZVOUS_TIMEOUT_S
+from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR, SHM_RING_SLOTS, check_shm_usable
+
+__all__ = [
+    "GLOO_OP_TIMEOUT_S",
+    "INT32_MAX",
+    "INT32_MIN",
+    "MAX_LOOKAHEAD",
+    "MAX_TIMEOUT_S",
+    "RENDEZVOUS_TIMEOUT_S",
+    "SEGMENT_PREFIX",
+    "SHM_DIR",
+    "SHM_RING_SLOTS",
+    "TRANSPORTS",
+    "SignalGroup",
+    "SignalGroupError",
+    "broadcast_signal",
+    "check_shm_usable",
+    "new_signal_group",
+]

@@ -1,0 +1,96 @@
+"""Checks of what callers pass to the signal group, run before any communication: each names the bad value and
+what was expected."""
+
+from __future__ import annotations
+
+import datetime
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S
+from fastdeploy_patch.signal_group.shm_transport import SHM_RING_SLOTS
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+MAX_TIMEOUT_S = 86_400.0
+"""The longest timeout a group accepts (one day): longer than any weight reload, short enough to catch a typo."""
+
+MAX_LOOKAHEAD = SHM_RING_SLOTS // 2
+"""The deepest lookahead: half the ring, so the src can still run ahead of the slowest reader by as much."""
+
+TRANSPORTS = ("auto", "shm", "gloo")
+
+
+def timeout_seconds(timeout: object, transport: str) -> float:
+    """``timeout`` (seconds or a timedelta) as float seconds; at most a day, and at most gloo's 30 s for gloo."""
+    if isinstance(timeout, datetime.timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (int or float) or a datetime.timedelta, got {timeout!r}")
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout must be > 0 and <= {MAX_TIMEOUT_S:g} s (one day), got {timeout!r}")
+    if transport == "gloo" and seconds > GLOO_OP_TIMEOUT_S:
+        raise ValueError(
+            f"timeout must be <= {GLOO_OP_TIMEOUT_S:g} s with transport='gloo', got {timeout!r}: Paddle's gloo "
+            f"backend fails every op after a fixed {GLOO_OP_TIMEOUT_S:g} s; use transport='shm' (ranks on one host) "
+            "for a longer one"
+        )
+    return seconds
+
+
+def member_ranks(ranks: object, world_size: int) -> list[int]:
+    """The sorted global ranks of the group (default: the whole world)."""
+    if ranks is None:
+        return list(range(world_size))
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise TypeError(f"ranks must be a sequence of global ranks, got {ranks!r}")
+    for rank in ranks:
+        if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
+            raise TypeError(f"ranks must hold integers, got {rank!r} in {ranks!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} in {ranks!r} is outside the world of {world_size} ranks")
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"ranks must not repeat, got {ranks!r}")
+    return sorted(int(rank) for rank in ranks)
+
+
+def transport_name(transport: object) -> str:
+    """``transport`` when it is one of ``TRANSPORTS``."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, got {transport!r}")
+    return transport
+
+
+def lookahead_steps(lookahead: object, transport: str) -> int:
+    """``lookahead`` as an int in ``0..MAX_LOOKAHEAD``; above 0 only on shared memory."""
+    if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)):
+        raise TypeError(f"lookahead must be an integer number of calls, got {lookahead!r}")
+    if not 0 <= lookahead <= MAX_LOOKAHEAD:
+        raise ValueError(f"lookahead must be between 0 and {MAX_LOOKAHEAD} calls (half the ring), got {lookahead!r}")
+    if lookahead and transport == "gloo":
+        raise ValueError(
+            f"lookahead {lookahead} needs the shared-memory transport, but transport='gloo' was asked for: gloo is a "
+            "collective in lockstep; use transport='shm' or 'auto' with every rank on one host"
+        )
+    return int(lookahead)
+
+
+def int32(value: object, what: str = "signal value") -> int:
+    """``value`` as an int when it is an integer in int32 range."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer (int or numpy integer), got {value!r}")
+    if not INT32_MIN <= value <= INT32_MAX:
+        raise ValueError(f"{what} {value!r} is outside int32 range [{INT32_MIN}, {INT32_MAX}]")
+    return int(value)
+
+
+def src_rank(src: object) -> int:
+    """``src`` as an int when it is an integer."""
+    if isinstance(src, bool) or not isinstance(src, (int, np.integer)):
+        raise TypeError(f"src must be an integer global rank, got {src!r}")
+    return int(src)

@@ -1,0 +1,229 @@
+"""The public API: ``new_signal_group`` makes a ``SignalGroup``, ``broadcast_signal`` sends one int32 over it."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+import paddle
+import paddle.distributed as dist
+
+from fastdeploy_patch import paddle_internals
+from fastdeploy_patch.signal_group import arguments, rendezvous
+from fastdeploy_patch.signal_group.errors import SignalGroupError, unusable_message
+from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S, GlooTransport
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+
+# Creation is collective, so every rank increments this in the same order and derives the same keys.
+_created = 0
+
+
+class SignalGroup:
+    """A group of ranks that broadcast one int32 signal per call, over shared memory or gloo.
+
+    Made by ``new_signal_group`` on every rank of the world; on a rank outside ``ranks`` it exists only to keep
+    creations in step, and a broadcast on it raises ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: str,
+        ranks: list[int],
+        rank: int,
+        timeout: float,
+        lookahead: int,
+        endpoint: GlooTransport | ShmTransport | None,
+        paddle_group: dist.communication.group.Group | None = None,
+    ) -> None:
+        self._transport = transport
+        self._ranks = ranks
+        self._rank = rank
+        self._timeout = timeout
+        self._lookahead = lookahead
+        self._endpoint = endpoint
+        self._paddle_group = paddle_group
+        self._broken: str | None = None
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"gloo"``: the same on every rank."""
+        return self._transport
+
+    @property
+    def ranks(self) -> list[int]:
+        """The members' global ranks, sorted."""
+        return list(self._ranks)
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a broadcast waits for a peer before ``TimeoutError``."""
+        return self._timeout
+
+    @property
+    def lookahead(self) -> int:
+        """How many calls later a published value is returned (0: the same call)."""
+        return self._lookahead
+
+    @property
+    def paddle_group(self) -> dist.communication.group.Group | None:
+        """The Paddle gloo group a gloo signal group wraps (registered with Paddle like any group); None for shm."""
+        return self._paddle_group
+
+    def close(self) -> None:
+        """Release this rank's end (unmap the segment, drop the gloo store). Idempotent; later broadcasts raise
+        ``SignalGroupError``. A Paddle gloo group stays registered: Paddle cannot remove one."""
+        if self._broken != "it was closed":
+            self._broken = "it was closed"
+            if self._endpoint is not None:
+                self._endpoint.close()
+
+    def __enter__(self) -> SignalGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"SignalGroup(transport={self._transport!r}, ranks={self._ranks}, timeout={self._timeout:g}, "
+            f"lookahead={self._lookahead})"
+        )
+
+    def _broadcast(self, value: object, src: int) -> int:
+        if src not in self._ranks:
+            raise ValueError(f"src {src} is not a member of the signal group (ranks {self._ranks})")
+        if self._endpoint is None:
+            raise ValueError(
+                f"this process (rank {self._rank}) is not a member of the signal group (ranks {self._ranks})"
+            )
+        if self._broken is not None:
+            raise SignalGroupError(unusable_message(self._ranks, self._broken))
+        sent = arguments.int32(value) if src == self._rank else None
+        try:
+            return self._endpoint.broadcast(sent, src)
+        except TimeoutError:
+            self._broken = f"a broadcast from src {src} timed out"
+            raise
+        except SignalGroupError:
+            self._broken = f"a broadcast from src {src} lost a peer"
+            raise
+
+
+def new_signal_group(
+    ranks: Sequence[int] | None = None,
+    *,
+    timeout: float | datetime.timedelta = GLOO_OP_TIMEOUT_S,
+    transport: str = "auto",
+    lookahead: int = 0,
+    initial: int = 0,
+) -> SignalGroup | None:
+    """Create the signal group over ``ranks`` (default: the whole world).
+
+    Collective: every rank of the world calls it, in the same order as its other group creations, once at worker
+    start. Returns ``None`` when fewer than 2 ranks take part.
+
+    ``transport``: ``"auto"`` picks shared memory when every member can map the group's segment (all on one host),
+    else gloo; ``"shm"`` insists on shared memory and raises ``RuntimeError`` naming the members that cannot map
+    it; ``"gloo"`` is the CPU tensor on a gloo group. ``timeout`` bounds every broadcast: up to one day on shared
+    memory, at most gloo's fixed 30 s on gloo. With ``lookahead`` d > 0 (shared memory only), call n publishes
+    its value and returns call n - d's; the first d calls return ``initial``.
+
+    Raises ``TypeError``/``ValueError`` for bad arguments before any communication; ``ValueError`` on every rank
+    when ``auto`` falls back to gloo but ``timeout`` or ``lookahead`` needs shared memory (saying why shared memory
+    was not possible); ``RuntimeError`` when the distributed environment is not initialised or gloo is needed
+    and this Paddle build has none.
+    """
+    global _created
+    transport = arguments.transport_name(transport)
+    seconds = arguments.timeout_seconds(timeout, transport)
+    steps = arguments.lookahead_steps(lookahead, transport)
+    initial = arguments.int32(initial, "initial")
+    members = arguments.member_ranks(ranks, dist.get_world_size())
+    if len(members) < 2:
+        return None
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "the distributed environment is not initialised: call paddle.distributed.init_parallel_env() in "
+            "every rank (started by paddle.distributed.launch or spawn) before new_signal_group()"
+        )
+    if transport == "gloo":
+        _require_gloo()
+    _created += 1
+    key = rendezvous.key_prefix(_created)
+    rank = dist.get_rank()
+    if transport != "gloo":
+        ring, failed = rendezvous.negotiate_shm(members, rank, dist.get_world_size(), key)
+        if not failed:
+            endpoint = (
+                ShmTransport(ring, rank, timeout=seconds, lookahead=steps, initial=initial)
+                if ring is not None
+                else None
+            )
+            return SignalGroup(
+                transport="shm", ranks=members, rank=rank, timeout=seconds, lookahead=steps, endpoint=endpoint
+            )
+        _refuse_gloo(members, failed, transport, seconds, steps)
+        _require_gloo()
+    group, store = rendezvous.new_gloo_group(members, rank, key)
+    endpoint = GlooTransport(group, timeout=seconds, store=store) if store is not None else None
+    return SignalGroup(
+        transport="gloo", ranks=members, rank=rank, timeout=seconds, lookahead=0, endpoint=endpoint, paddle_group=group
+    )
+
+
+def _require_gloo() -> None:
+    if not paddle_internals.has_gloo():
+        raise RuntimeError(
+            f"this Paddle build ({paddle.__version__}) has no gloo backend, which the gloo signal transport needs: "
+            "install a Paddle wheel built with gloo (the official CPU and GPU wheels are)"
+        )
+
+
+def _refuse_gloo(members: list[int], failed: dict[int, str], transport: str, seconds: float, steps: int) -> None:
+    """Raise when shared memory failed and gloo cannot stand in (the same on every rank, which all read ``failed``)."""
+    why = "; ".join(f"rank {rank}: {reason}" for rank, reason in sorted(failed.items()))
+    cannot = (
+        f"ranks {sorted(failed)} of the signal group (ranks {members}) cannot map its shared-memory segment ({why})"
+    )
+    if transport == "shm":
+        raise RuntimeError(f"{cannot}; transport='shm' needs every member on one host with a usable /dev/shm")
+    if seconds > GLOO_OP_TIMEOUT_S:
+        raise ValueError(
+            f"{cannot}, so transport='auto' falls back to gloo, whose ops fail after a fixed {GLOO_OP_TIMEOUT_S:g} s: "
+            f"timeout {seconds:g} s is too long; pass a timeout <= {GLOO_OP_TIMEOUT_S:g} s or put the ranks on one "
+            "host"
+        )
+    if steps:
+        raise ValueError(
+            f"{cannot}, so transport='auto' falls back to gloo, which cannot give lookahead {steps}: pass "
+            "lookahead=0 or put the ranks on one host"
+        )
+
+
+def broadcast_signal(value: int, src: int = 0, group: SignalGroup | None = None) -> int:
+    """Broadcast one int32 from global rank ``src`` over the signal ``group`` and return it on every rank.
+
+    With the group's lookahead d > 0, returns instead the value published d calls earlier (the group's initial
+    value for the first d calls). ``value`` is checked on ``src`` (an integer in int32 range) and ignored
+    elsewhere; bad input raises ``TypeError``/``ValueError`` before any communication. With ``group=None`` a world
+    of one rank gets ``value`` back; a larger world gets ``ValueError``. A stuck peer raises ``TimeoutError``
+    within the group's timeout plus about a second; a peer that exited raises ``SignalGroupError``. Either error,
+    and ``close()``, leave the group unusable: every later call raises ``SignalGroupError`` at once. Calls on one
+    group must not overlap, and every member must make the same calls (``src`` may change from call to call).
+    """
+    src = arguments.src_rank(src)
+    if group is None:
+        world_size = dist.get_world_size()
+        if world_size > 1:
+            raise ValueError(
+                f"broadcast_signal() needs the signal group in a world of {world_size} ranks: create it once "
+                "with new_signal_group() at worker start and pass it as group= (the default group may be NCCL, "
+                "which cannot carry a CPU tensor)"
+            )
+        if src != 0:
+            raise ValueError(f"src {src} is not a rank of a single-rank world")
+        return arguments.int32(value)
+    if not isinstance(group, SignalGroup):
+        raise ValueError(f"group {group!r} was not created by new_signal_group()")
+    return group._broadcast(value, src)

@@ -1,0 +1,374 @@
+"""The shared-memory signal transport: a ring of packed 8-byte slots in one segment under /dev/shm.
+
+Segment layout (every number below is a named constant of this module; all words are little-endian uint64)::
+
+    offset                          what                                             written by
+    0                     HEADER    MAGIC_AT      magic "FDPSIG" + 0x0001          creator, once
+                                    VERSION_AT    LAYOUT_VERSION                   creator, once
+                                    SLOTS_AT      SHM_RING_SLOTS                   creator, once
+                                    MEMBERS_AT    member count                     creator, once
+                                    NONCE_AT      random 64-bit nonce (in handle)  creator, once
+                                    BROKEN_AT     0, or r + 1: rank r found gone   any member that finds it
+    HEADER_BYTES (64)     MEMBER i  + CURSOR_AT   values consumed by member i      member i, every call
+      + i * MEMBER_BYTES            + PID_AT      pid of member i                  member i, at attach
+      (one 64-byte line             + START_AT    its start time (clock ticks)     member i, at attach
+       per member)                  + PIDNS_AT    its PID-namespace inode          member i, at attach
+    ring_at(n)            SLOT k    (sequence << 32) | (value & 0xffffffff)        the src of the call
+      + k * SLOT_BYTES              k = call % SHM_RING_SLOTS, sequence = (call + 1) mod 2**32
+
+A slot's word means:
+
+    sequence == (m + 1) mod 2**32   the value of call m is published; a reader of call m takes it
+    anything else (0 at start)      call m is not published yet; its reader waits
+
+Protocol, for call number n (counted from 0 on every member; every member makes the same calls):
+
+- The writer (the call's src) waits for room: every member's cursor >= n - SHM_RING_SLOTS + 1, so the slot it
+  is about to overwrite (call n - SHM_RING_SLOTS) has been consumed by all. It then stores slot n % SLOTS.
+- With lookahead d, every member (the writer too) returns the value of call m = n - d: it waits until slot
+  m % SLOTS holds sequence m + 1, reads the value, and sets its cursor to m + 1. The first d calls return the
+  group's initial value and consume nothing. A writer never waits for itself: its cursor is n - d and
+  d <= SLOTS // 2.
+- A waiter judges liveness only of the members it waits on (the src of call m, or the readers behind), and only
+  while its condition is unmet: a src that published and then exited fails nobody. A member that finds a peer
+  gone records it at BROKEN_AT, so that the other members fail fast instead of waiting for their timeout.
+
+The segment is a file made with ``os.open(O_CREAT | O_EXCL, 0o600)``, sized with ``posix_fallocate`` and mapped
+with ``mmap``; ``multiprocessing.shared_memory`` is not used. Its resource tracker (a helper process per rank)
+would unlink the segment from a rank that only attached (Python < 3.13 has no ``track=False``), and
+``posix_fallocate`` makes a full /dev/shm fail here with ``ENOSPC`` instead of a SIGBUS at the first store.
+Only the creator unlinks the name, as soon as every member has reported attached (see ``rendezvous``): from then
+on the mapping lives exactly as long as the processes that use it, and a SIGKILL leaves nothing in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import mmap
+import os
+import secrets
+from dataclasses import dataclass
+
+from fastdeploy_patch.signal_group import liveness, waiting
+from fastdeploy_patch.signal_group.errors import SignalGroupError, lost_peer_message, stuck_peer_message
+
+SHM_DIR = "/dev/shm"
+"""Where segments live: the tmpfs that POSIX shared memory uses on Linux."""
+
+SEGMENT_PREFIX = "fdp_signal_"
+"""Every segment's file name starts with this (then a random token); leak checks scan SHM_DIR for it."""
+
+SHM_RING_SLOTS = 64
+"""Slots in the ring: how far the src may run ahead of the slowest reader (minus the lookahead). A power of two,
+so that a call's slot is ``call & (SHM_RING_SLOTS - 1)``."""
+
+LAYOUT_VERSION = 1
+MAGIC = int.from_bytes(b"FDPSIG\x00\x01", "little")
+
+WORD_BYTES = 8
+HEADER_BYTES = 64
+MAGIC_AT = 0
+VERSION_AT = 8
+SLOTS_AT = 16
+MEMBERS_AT = 24
+NONCE_AT = 32
+BROKEN_AT = 40
+
+# One cache line per member: each member stores its cursor every call, and must not slow the others' lines.
+MEMBER_BYTES = 64
+CURSOR_AT = 0
+PID_AT = 8
+START_AT = 16
+PIDNS_AT = 24
+
+SLOT_BYTES = 8
+_SLOT_MASK = SHM_RING_SLOTS - 1
+_SEQUENCE_MASK = 0xFFFFFFFF
+_VALUE_MASK = 0xFFFFFFFF
+_SIGN_BIT = 0x80000000
+
+
+def members_at(member: int) -> int:
+    """Byte offset of member ``member``'s record (its index among the sorted ranks)."""
+    return HEADER_BYTES + member * MEMBER_BYTES
+
+
+def ring_at(members: int) -> int:
+    """Byte offset of slot 0 in a segment for ``members`` members."""
+    return members_at(members)
+
+
+def segment_bytes(members: int) -> int:
+    """The size of a segment for ``members`` members."""
+    return ring_at(members) + SHM_RING_SLOTS * SLOT_BYTES
+
+
+@dataclass(frozen=True)
+class ShmHandle:
+    """What a member needs to attach: sent by the creator to the others through the rendezvous store."""
+
+    name: str
+    size: int
+    ranks: tuple[int, ...]
+    layout_version: int
+    nonce: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "size": self.size,
+                "ranks": list(self.ranks),
+                "layout_version": self.layout_version,
+                "nonce": self.nonce,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ShmHandle:
+        fields = json.loads(text)
+        return cls(fields["name"], fields["size"], tuple(fields["ranks"]), fields["layout_version"], fields["nonce"])
+
+
+class ShmRing:
+    """One member's mapping of a group's segment. Make it with ``create`` (one member) or ``attach`` (the others)."""
+
+    def __init__(self, handle: ShmHandle, path: str, region: mmap.mmap, *, creator: bool) -> None:
+        self.handle = handle
+        self.path = path
+        self._region = region
+        self.words = memoryview(region).cast("Q")
+        self._creator = creator
+        self._linked = creator
+
+    @classmethod
+    def create(cls, ranks: list[int], rank: int, *, shm_dir: str = SHM_DIR) -> ShmRing:
+        """Create, size and map a new segment for the sorted ``ranks``, and record ``rank`` (this process) in it.
+
+        Raises ``OSError`` when the segment cannot be made (no /dev/shm, full, not permitted)."""
+        name = SEGMENT_PREFIX + secrets.token_hex(8)
+        path = os.path.join(shm_dir, name)
+        size = segment_bytes(len(ranks))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            region = mmap.mmap(fd, size)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        handle = ShmHandle(name, size, tuple(ranks), LAYOUT_VERSION, secrets.randbits(64))
+        ring = cls(handle, path, region, creator=True)
+        for at, word in (
+            (MAGIC_AT, MAGIC),
+            (VERSION_AT, LAYOUT_VERSION),
+            (SLOTS_AT, SHM_RING_SLOTS),
+            (MEMBERS_AT, len(ranks)),
+            (NONCE_AT, handle.nonce),
+        ):
+            ring.words[at // WORD_BYTES] = word
+        ring._record(rank)
+        return ring
+
+    @classmethod
+    def attach(cls, handle: ShmHandle, rank: int, *, shm_dir: str = SHM_DIR) -> ShmRing:
+        """Map the segment ``handle`` names and record ``rank`` (this process) in it.
+
+        Raises ``OSError`` saying why when the segment is not there (another host, another mount namespace) or is
+        not the one the handle describes."""
+        path = os.path.join(shm_dir, handle.name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError as exc:
+            raise OSError(
+                errno.ENOENT,
+                f"{path} does not exist here (is this rank on another host, or in another mount namespace?)",
+            ) from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size != handle.size:
+                raise OSError(errno.EINVAL, f"{path} holds {size} bytes, but the group's segment has {handle.size}")
+            region = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        ring = cls(handle, path, region, creator=False)
+        expected = {
+            MAGIC_AT: MAGIC,
+            VERSION_AT: handle.layout_version,
+            SLOTS_AT: SHM_RING_SLOTS,
+            MEMBERS_AT: len(handle.ranks),
+            NONCE_AT: handle.nonce,
+        }
+        found = {at: ring.words[at // WORD_BYTES] for at in expected}
+        if found != expected or handle.layout_version != LAYOUT_VERSION:
+            ring.close()
+            raise OSError(
+                errno.EINVAL,
+                f"{path} is not the group's segment (its header does not match the handle: another host's file of "
+                f"the same name, or mixed fastdeploy_patch versions; this one speaks layout {LAYOUT_VERSION})",
+            )
+        ring._record(rank)
+        return ring
+
+    def _record(self, rank: int) -> None:
+        me = liveness.this_process()
+        at = members_at(self.handle.ranks.index(rank)) // WORD_BYTES
+        self.words[at + PID_AT // WORD_BYTES] = me.pid
+        self.words[at + START_AT // WORD_BYTES] = me.start_ticks
+        self.words[at + PIDNS_AT // WORD_BYTES] = me.pid_namespace
+
+    def identity(self, member: int) -> liveness.ProcessIdentity:
+        """The process recorded for member index ``member``."""
+        at = members_at(member) // WORD_BYTES
+        return liveness.ProcessIdentity(
+            self.words[at + PID_AT // WORD_BYTES],
+            self.words[at + START_AT // WORD_BYTES],
+            self.words[at + PIDNS_AT // WORD_BYTES],
+        )
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only; once). Mappings stay valid until their processes unmap."""
+        if self._linked:
+            self._linked = False
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        """Unmap (and, on the creator, unlink if that has not happened yet). Idempotent."""
+        if self._creator:
+            self.unlink()
+        if not self._region.closed:
+            self.words.release()
+            self._region.close()
+
+
+def check_shm_usable(shm_dir: str = SHM_DIR) -> None:
+    """Create, map twice, check and remove a tiny segment in ``shm_dir``; raise ``OSError`` with a readable reason
+    when shared memory cannot work here."""
+    if not os.path.isdir(shm_dir):
+        raise OSError(errno.ENOENT, f"{shm_dir} is not a directory: shared memory needs a tmpfs mounted there")
+    try:
+        ring = ShmRing.create([0, 1], 0, shm_dir=shm_dir)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create a shared-memory segment in {shm_dir}: {exc.strerror}") from exc
+    try:
+        other = ShmRing.attach(ring.handle, 1, shm_dir=shm_dir)
+        try:
+            ring.words[ring_at(2) // WORD_BYTES] = MAGIC
+            if other.words[ring_at(2) // WORD_BYTES] != MAGIC:
+                raise OSError(
+                    errno.EIO,
+                    f"a word stored through one mapping of a segment in {shm_dir} did not show through another",
+                )
+        finally:
+            other.close()
+    finally:
+        ring.close()
+
+
+class ShmTransport:
+    """One member's end of a shared-memory signal group: ``broadcast`` is the per-call protocol above."""
+
+    def __init__(self, ring: ShmRing, rank: int, *, timeout: float, lookahead: int, initial: int) -> None:
+        self.ring = ring
+        self._ranks = list(ring.handle.ranks)
+        self._members = len(self._ranks)
+        self._words = ring.words
+        self._timeout = timeout
+        self._lookahead = lookahead
+        self._initial = initial
+        self._cursors = [(members_at(i) + CURSOR_AT) // WORD_BYTES for i in range(self._members)]
+        self._my_cursor = self._cursors[self._ranks.index(rank)]
+        self._slot0 = ring_at(self._members) // WORD_BYTES
+        self._calls = 0
+        # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
+        self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
+        # The writer may publish every call up to this one without looking at the cursors again.
+        self._room_until = SHM_RING_SLOTS - 1
+
+    def broadcast(self, value: int | None, src: int) -> int:
+        """Publish ``value`` (on src; None elsewhere) as this call's value and return call n - lookahead's."""
+        n = self._calls
+        words = self._words
+        if value is not None:
+            if n > self._room_until:
+                self._make_room(n, src)
+            # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
+            # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
+            # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
+            words[self._slot0 + (n & _SLOT_MASK)] = (((n + 1) & _SEQUENCE_MASK) << 32) | (value & _VALUE_MASK)
+        self._srcs.append(src)
+        self._calls = n + 1
+        m = n - self._lookahead
+        if m < 0:
+            return self._initial
+        slot = self._slot0 + (m & _SLOT_MASK)
+        sequence = (m + 1) & _SEQUENCE_MASK
+        word = words[slot]
+        if word >> 32 != sequence:
+            self._wait_for_value(slot, sequence, m, src)
+            word = words[slot]
+        words[self._my_cursor] = m + 1
+        value = word & _VALUE_MASK
+        return value - (1 << 32) if value & _SIGN_BIT else value
+
+    def _min_cursor(self) -> int:
+        return min(self._words[at] for at in self._cursors)
+
+    def _make_room(self, n: int, src: int) -> None:
+        needed = n - SHM_RING_SLOTS + 1
+        if self._min_cursor() < needed:
+            words, cursors = self._words, self._cursors
+
+            def behind() -> list[int]:
+                return [i for i, at in enumerate(cursors) if words[at] < needed]
+
+            self._wait(
+                lambda: all(words[at] >= needed for at in cursors),
+                behind,
+                src,
+                lambda late: f" (ranks {late} have not taken the value of call {n - SHM_RING_SLOTS} yet)",
+            )
+        self._room_until = self._min_cursor() + SHM_RING_SLOTS - 1
+
+    def _wait_for_value(self, slot: int, sequence: int, m: int, src: int) -> None:
+        words = self._words
+        writer = self._ranks.index(self._srcs[0])
+        self._wait(
+            lambda: words[slot] >> 32 == sequence,
+            lambda: [writer],
+            src,
+            lambda late: f" (rank {late[0]} has not published the value of call {m})",
+        )
+
+    def _wait(self, ready, waited_on, src: int, stuck_detail) -> None:
+        started = waiting.time.monotonic()
+
+        def find_lost() -> SignalGroupError | None:
+            broken = self._words[BROKEN_AT // WORD_BYTES]
+            if broken:
+                detail = f"rank {broken - 1} exited, as another member found"
+            else:
+                for member in waited_on():
+                    reason = liveness.gone_reason(self.ring.identity(member))
+                    if reason is not None:
+                        self._words[BROKEN_AT // WORD_BYTES] = self._ranks[member] + 1
+                        detail = f"rank {self._ranks[member]}: {reason}"
+                        break
+                else:
+                    return None
+            return SignalGroupError(lost_peer_message(self._ranks, src, waiting.time.monotonic() - started, detail))
+
+        if not waiting.wait_until(ready, self._timeout, find_lost):
+            late = [self._ranks[i] for i in waited_on()]
+            raise TimeoutError(
+                stuck_peer_message(
+                    self._ranks, src, waiting.time.monotonic() - started, self._timeout, stuck_detail(late)
+                )
+            )
+
+    def close(self) -> None:
+        """Unmap the segment; this end cannot be used afterwards."""
+        self.ring.close()

@@ -1,0 +1,28 @@
+"""Nothing leaks from a shared-memory signal group, even when every rank is SIGKILLed in the middle of a run: the
+segment's name is removed as soon as every member has mapped it."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
+from tests.distributed import rank_fns
+from tests.distributed.conftest import our_segments
+from tests.distributed.harness import run_ranks_expecting_failure
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_every_rank_killed_mid_run_leaves_nothing_in_dev_shm(nranks: int) -> None:
+    before = our_segments()
+    failed = run_ranks_expecting_failure(rank_fns.killed_mid_run, nranks, kwargs={"steps": 300})
+
+    assert failed.returncode == -signal.SIGKILL
+    # Each rank that got to print its maps had the segment mapped, already unlinked: the kernel frees it with the
+    # last mapping.
+    maps = [tail for tail in failed.reports.values() if "maps: [" in tail]
+    assert maps, failed.reports
+    for tail in maps:
+        assert f"{SHM_DIR}/{SEGMENT_PREFIX}" in tail and "(deleted)" in tail, tail
+    assert our_segments() - before == set()

@@ -1,0 +1,416 @@
+"""The shared-memory transport on real segments in /dev/shm: the layout, create and attach, the ring protocol
+(lockstep and lookahead, src changing, a full ring), dead and stuck peers, and ``check_shm_usable``.
+
+Two members of one group live in this one process: each has its own mapping of the segment, and the tests call
+them in turn (a writer, then its readers), or from two threads where both must wait for each other.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from unittest import mock
+
+import pytest
+
+from fastdeploy_patch.signal_group import SignalGroup, SignalGroupError, broadcast_signal, liveness, shm_transport
+from fastdeploy_patch.signal_group.shm_transport import (
+    BROKEN_AT,
+    HEADER_BYTES,
+    LAYOUT_VERSION,
+    MAGIC,
+    MEMBER_BYTES,
+    SEGMENT_PREFIX,
+    SHM_DIR,
+    SHM_RING_SLOTS,
+    WORD_BYTES,
+    ShmHandle,
+    ShmRing,
+    ShmTransport,
+    check_shm_usable,
+    members_at,
+    ring_at,
+    segment_bytes,
+)
+
+INITIAL = -7
+
+
+def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
+    assert SEGMENT_PREFIX == "fdp_signal_" and SHM_DIR == "/dev/shm"
+    assert (HEADER_BYTES, MEMBER_BYTES, WORD_BYTES) == (64, 64, 8)
+    assert [members_at(i) for i in range(3)] == [64, 128, 192]
+    assert ring_at(2) == 192 and ring_at(4) == 320
+    assert segment_bytes(2) == 192 + 64 * 8 and segment_bytes(4) == 320 + 64 * 8
+    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 1
+
+
+def test_a_handle_travels_as_json() -> None:
+    handle = ShmHandle("fdp_signal_ab", 704, (0, 3), 1, 2**64 - 1)
+    assert ShmHandle.from_json(handle.to_json()) == handle
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[ShmRing, ShmRing]]:
+    """The two members' mappings of one segment for ranks [0, 5]: rank 0 created it, rank 5 attached."""
+    creator = ShmRing.create([0, 5], 0)
+    other = ShmRing.attach(creator.handle, 5)
+    yield creator, other
+    other.close()
+    creator.close()
+
+
+def test_create_makes_a_private_sized_segment_and_records_the_creator(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, _ = pair
+    handle = creator.handle
+    assert handle.name.startswith(SEGMENT_PREFIX) and len(handle.name) == len(SEGMENT_PREFIX) + 16
+    assert creator.path == os.path.join(SHM_DIR, handle.name)
+    info = os.stat(creator.path)
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == segment_bytes(2) == handle.size
+    assert (handle.ranks, handle.layout_version) == ((0, 5), LAYOUT_VERSION)
+    words = creator.words
+    assert [words[at // 8] for at in (0, 8, 16, 24, 32, 40)] == [MAGIC, 1, SHM_RING_SLOTS, 2, handle.nonce, 0]
+    assert creator.identity(0) == liveness.this_process()
+
+
+def test_two_creations_get_different_names_and_nonces() -> None:
+    first, second = ShmRing.create([0, 1], 0), ShmRing.create([0, 1], 0)
+    try:
+        assert first.handle.name != second.handle.name and first.handle.nonce != second.handle.nonce
+    finally:
+        first.close()
+        second.close()
+
+
+def test_attach_maps_the_same_memory_and_records_the_member(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, other = pair
+    assert other.handle == creator.handle and other.path == creator.path
+    assert other.identity(1) == liveness.this_process()
+    creator.words[ring_at(2) // 8 + 3] = 123456789
+    assert other.words[ring_at(2) // 8 + 3] == 123456789
+
+
+def test_only_the_creator_unlinks_and_the_mappings_outlive_the_name(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, other = pair
+    other.unlink()
+    assert os.path.exists(creator.path)
+    creator.unlink()
+    creator.unlink()
+    assert not os.path.exists(creator.path)
+    creator.words[80] = 42
+    assert other.words[80] == 42
+
+
+def test_close_unmaps_once_and_the_creator_unlinks_if_nobody_did() -> None:
+    creator = ShmRing.create([0, 1], 0)
+    creator.close()
+    creator.close()
+    assert not os.path.exists(creator.path)
+    with pytest.raises(ValueError):
+        _ = creator.words[0]
+
+
+def test_attach_says_when_the_segment_is_not_on_this_host(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, _ = pair
+    creator.unlink()
+    with pytest.raises(OSError) as err:
+        ShmRing.attach(creator.handle, 5)
+    assert err.value.errno == errno.ENOENT
+    assert err.value.strerror == (
+        f"{creator.path} does not exist here (is this rank on another host, or in another mount namespace?)"
+    )
+
+
+def test_attach_refuses_a_file_of_another_size(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, _ = pair
+    handle = ShmHandle(creator.handle.name, 1024, (0, 5), 1, creator.handle.nonce)
+    with pytest.raises(OSError) as err:
+        ShmRing.attach(handle, 5)
+    assert str(err.value).endswith(f"{creator.path} holds {segment_bytes(2)} bytes, but the group's segment has 1024")
+
+
+@pytest.mark.parametrize(
+    "change", [{"nonce": 1}, {"layout_version": 2}, {"ranks": (0, 5, 6)}], ids=["nonce", "version", "members"]
+)
+def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRing, ShmRing], change: dict) -> None:
+    creator, _ = pair
+    fields = {**creator.handle.__dict__, **change}
+    if "ranks" in change:
+        # Same size as the real segment, so that only the header can tell.
+        fields["size"] = creator.handle.size
+    with pytest.raises(OSError) as err:
+        ShmRing.attach(ShmHandle(**fields), 5)
+    assert err.value.strerror == (
+        f"{creator.path} is not the group's segment (its header does not match the handle: another host's file of "
+        "the same name, or mixed fastdeploy_patch versions; this one speaks layout 1)"
+    )
+
+
+def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_header(
+    pair: tuple[ShmRing, ShmRing],
+) -> None:
+    creator, _ = pair
+    creator.words[8 // 8] = 2
+    with pytest.raises(OSError, match="is not the group's segment"):
+        ShmRing.attach(ShmHandle(**{**creator.handle.__dict__, "layout_version": 2}), 5)
+
+
+def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+        ShmRing.create([0, 1], 0, shm_dir=str(tmp_path))
+    assert err.value is full
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
+    before = set(os.listdir(SHM_DIR))
+    check_shm_usable()
+    assert set(os.listdir(SHM_DIR)) == before
+
+
+def test_check_shm_usable_says_when_the_directory_is_missing(tmp_path: os.PathLike) -> None:
+    missing = os.path.join(tmp_path, "nope")
+    with pytest.raises(OSError) as err:
+        check_shm_usable(missing)
+    assert err.value.errno == errno.ENOENT
+    assert err.value.strerror == f"{missing} is not a directory: shared memory needs a tmpfs mounted there"
+
+
+def test_check_shm_usable_says_when_no_segment_can_be_created(tmp_path: os.PathLike) -> None:
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    with mock.patch.object(ShmRing, "create", side_effect=denied), pytest.raises(OSError) as err:
+        check_shm_usable(str(tmp_path))
+    assert err.value.errno == errno.EACCES and err.value.__cause__ is denied
+    assert err.value.strerror == f"cannot create a shared-memory segment in {tmp_path}: Permission denied"
+
+
+def test_check_shm_usable_says_when_two_mappings_do_not_share_memory(tmp_path: os.PathLike) -> None:
+    elsewhere = ShmRing.create([0, 1], 0, shm_dir=str(tmp_path))
+    try:
+        with mock.patch.object(ShmRing, "attach", return_value=elsewhere), pytest.raises(OSError) as err:
+            check_shm_usable(str(tmp_path))
+        assert err.value.errno == errno.EIO
+        assert "did not show through another" in err.value.strerror
+    finally:
+        elsewhere.close()
+    assert os.listdir(tmp_path) == []
+
+
+# --- the ring protocol ----------------------------------------------------------------------------------------
+
+
+def _ends(pair: tuple[ShmRing, ShmRing], *, lookahead: int = 0, timeout: float = 5.0) -> list[ShmTransport]:
+    creator, other = pair
+    return [
+        ShmTransport(creator, 0, timeout=timeout, lookahead=lookahead, initial=INITIAL),
+        ShmTransport(other, 5, timeout=timeout, lookahead=lookahead, initial=INITIAL),
+    ]
+
+
+def _call(ends: list[ShmTransport], value: int, src: int) -> list[int]:
+    """One call on both members: the src first (it never waits for a reader), then the other."""
+    ranks = [0, 5]
+    order = sorted(range(2), key=lambda i: ranks[i] != src)
+    got = [0, 0]
+    for i in order:
+        got[i] = ends[i].broadcast(value if ranks[i] == src else None, src)
+    return got
+
+
+def test_every_member_gets_srcs_value_from_either_src(pair: tuple[ShmRing, ShmRing]) -> None:
+    ends = _ends(pair)
+    values = [-(2**31), 2**31 - 1, -1, 0, 1, 77, -77]
+    for step, value in enumerate(values * 3):
+        src = (0, 5)[step % 2]
+        assert _call(ends, value, src) == [value, value], (step, src)
+
+
+def test_a_zero_right_after_another_value_arrives_as_zero(pair: tuple[ShmRing, ShmRing]) -> None:
+    ends = _ends(pair)
+    assert [_call(ends, v, 0) for v in (-1, 0, 1, 0, 0)] == [[-1, -1], [0, 0], [1, 1], [0, 0], [0, 0]]
+
+
+def test_the_slot_word_packs_the_sequence_above_the_value(pair: tuple[ShmRing, ShmRing]) -> None:
+    ends = _ends(pair)
+    _call(ends, -2, 0)
+    _call(ends, 3, 5)
+    slot0 = ring_at(2) // 8
+    assert pair[0].words[slot0] == (1 << 32) | 0xFFFFFFFE
+    assert pair[0].words[slot0 + 1] == (2 << 32) | 3
+    # Each member's cursor counts the values it has taken.
+    assert [pair[0].words[members_at(i) // 8] for i in (0, 1)] == [2, 2]
+
+
+def test_the_sequence_wraps_at_two_to_the_32(pair: tuple[ShmRing, ShmRing]) -> None:
+    ends = _ends(pair)
+    for end in ends:
+        end._calls = 2**32 - 2
+        end._room_until = 2**33
+    assert _call(ends, 5, 0) == [5, 5]
+    assert _call(ends, 6, 5) == [6, 6]
+    # Call 2**32 - 1 is published with sequence 0, the next with 1.
+    assert pair[0].words[ring_at(2) // 8 + SHM_RING_SLOTS - 1] == (0 << 32) | 6
+
+
+@pytest.mark.parametrize("lookahead", [1, 3, 32])
+def test_lookahead_returns_the_value_published_that_many_calls_earlier(
+    pair: tuple[ShmRing, ShmRing], lookahead: int
+) -> None:
+    ends = _ends(pair, lookahead=lookahead)
+    sent = [1000 + step for step in range(200)]
+    # The src changes every call and every third call: inside any window of calls.
+    srcs = [(0, 5)[(step // 3 + step) % 2] for step in range(200)]
+    got = [_call(ends, value, src) for value, src in zip(sent, srcs, strict=True)]
+    expected = [INITIAL] * lookahead + sent[: 200 - lookahead]
+    assert [g[0] for g in got] == expected and [g[1] for g in got] == expected
+
+
+def test_a_reader_waits_only_when_more_than_lookahead_calls_ahead_of_the_src(pair: tuple[ShmRing, ShmRing]) -> None:
+    reader = _ends(pair, lookahead=2, timeout=0.05)[1]
+    assert [reader.broadcast(None, 0), reader.broadcast(None, 0)] == [INITIAL, INITIAL]
+    with pytest.raises(TimeoutError) as err:
+        reader.broadcast(None, 0)
+    assert str(err.value).startswith("signal broadcast from src 0 on the signal group (ranks [0, 5]) got no answer")
+    assert str(err.value).endswith(
+        "(timeout 0.05 s): a peer is stuck and is not taking part (rank 0 has not published the value of call 0)"
+    )
+
+
+def test_the_src_runs_ahead_by_the_ring_and_then_waits_for_the_slowest_reader(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, _ = _ends(pair, lookahead=4, timeout=0.05)
+    for step in range(SHM_RING_SLOTS):
+        writer.broadcast(step, 0)
+    with pytest.raises(TimeoutError) as err:
+        writer.broadcast(SHM_RING_SLOTS, 0)
+    assert str(err.value).endswith(
+        "(timeout 0.05 s): a peer is stuck and is not taking part (ranks [5] have not taken the value of call 0 yet)"
+    )
+
+
+def test_the_src_takes_the_room_readers_made(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, timeout=0.05)
+    for step in range(3 * SHM_RING_SLOTS):
+        assert writer.broadcast(step, 0) == step
+        if step >= SHM_RING_SLOTS - 1:
+            assert reader.broadcast(None, 0) == step - SHM_RING_SLOTS + 1
+    assert writer._room_until >= 3 * SHM_RING_SLOTS - 1
+
+
+def test_threads_in_lockstep_and_with_lookahead_see_the_whole_stream(pair: tuple[ShmRing, ShmRing]) -> None:
+    """Both members really wait for each other here (the src often finds the ring full, a reader an empty slot)."""
+    steps = 3000
+    for lookahead in (0, 5):
+        ends = _ends(pair, lookahead=lookahead)
+        got: list[list[int]] = [[], []]
+
+        def run(me: int, ends: list[ShmTransport] = ends, got: list[list[int]] = got) -> None:
+            rank = (0, 5)[me]
+            for step in range(steps):
+                src = (0, 5)[(step // 7) % 2]
+                got[me].append(ends[me].broadcast(step * 3 if rank == src else None, src))
+
+        threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        expected = [INITIAL] * lookahead + [step * 3 for step in range(steps - lookahead)]
+        assert got == [expected, expected], lookahead
+        # The next group on the same segment starts from clean slots.
+        for at in range(ring_at(2) // 8, segment_bytes(2) // 8):
+            pair[0].words[at] = 0
+        for i in (0, 1):
+            pair[0].words[members_at(i) // 8] = 0
+
+
+# --- dead peers -----------------------------------------------------------------------------------------------
+
+
+def _gone_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _pretend_member_is(ring: ShmRing, member: int, pid: int) -> None:
+    at = members_at(member) // 8
+    ring.words[at + 1] = pid
+
+
+def test_a_src_that_exited_fails_its_readers_within_a_second(pair: tuple[ShmRing, ShmRing]) -> None:
+    _, reader = _ends(pair, timeout=30)
+    pid = _gone_pid()
+    _pretend_member_is(pair[0], 0, pid)
+    started = time.monotonic()
+    with pytest.raises(SignalGroupError) as err:
+        reader.broadcast(None, 0)
+    assert time.monotonic() - started < 1.0
+    message = str(err.value)
+    assert message.startswith("signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.")
+    assert message.endswith(f"a peer exited or dropped its connection (rank 0: process {pid} is gone)")
+    # Left in the segment for the members that wait on someone else.
+    assert pair[0].words[BROKEN_AT // 8] == 0 + 1
+
+
+def test_a_mark_left_by_another_member_fails_a_waiter_fast(pair: tuple[ShmRing, ShmRing]) -> None:
+    _, reader = _ends(pair, timeout=30)
+    pair[0].words[BROKEN_AT // 8] = 7 + 1
+    with pytest.raises(SignalGroupError) as err:
+        reader.broadcast(None, 0)
+    assert str(err.value).endswith("a peer exited or dropped its connection (rank 7 exited, as another member found)")
+
+
+def test_a_reader_that_exited_fails_the_src_once_the_ring_is_full(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, _ = _ends(pair, timeout=30)
+    pid = _gone_pid()
+    _pretend_member_is(pair[0], 1, pid)
+    for step in range(SHM_RING_SLOTS):
+        writer.broadcast(step, 0)
+    with pytest.raises(SignalGroupError) as err:
+        writer.broadcast(0, 0)
+    assert str(err.value).endswith(f"a peer exited or dropped its connection (rank 5: process {pid} is gone)")
+
+
+def test_a_src_that_published_and_exited_fails_nobody(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, lookahead=2, timeout=30)
+    for value in (1, 2, 3):
+        writer.broadcast(value, 0)
+    _pretend_member_is(pair[0], 0, _gone_pid())
+    assert [reader.broadcast(None, 0) for _ in range(4)] == [INITIAL, INITIAL, 1, 2]
+
+
+def test_a_reader_judges_the_src_of_the_call_it_waits_for_not_of_this_call(pair: tuple[ShmRing, ShmRing]) -> None:
+    """With lookahead 2, call 2's value comes from call 0's src; rank 5, src of calls 1 and 2, is alive."""
+    _, reader = _ends(pair, lookahead=2, timeout=30)
+    pid = _gone_pid()
+    _pretend_member_is(pair[0], 0, pid)
+    assert reader.broadcast(None, 0) == INITIAL
+    assert reader.broadcast(11, 5) == INITIAL
+    with pytest.raises(SignalGroupError, match=rf"\(rank 0: process {pid} is gone\)$"):
+        reader.broadcast(12, 5)
+
+
+def test_a_shm_groups_failure_leaves_it_unusable(pair: tuple[ShmRing, ShmRing]) -> None:
+    ends = _ends(pair, timeout=0.05)
+    groups = [
+        SignalGroup(transport="shm", ranks=[0, 5], rank=rank, timeout=0.05, lookahead=0, endpoint=end)
+        for rank, end in zip((0, 5), ends, strict=True)
+    ]
+    with pytest.raises(TimeoutError):
+        broadcast_signal(0, src=0, group=groups[1])
+    with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 timed out; "):
+        broadcast_signal(0, src=0, group=groups[1])
+    _pretend_member_is(pair[0], 1, _gone_pid())
+    for step in range(SHM_RING_SLOTS):
+        broadcast_signal(step, src=0, group=groups[0])
+    with pytest.raises(SignalGroupError, match=r"process \d+ is gone\)$"):
+        broadcast_signal(1, src=0, group=groups[0])
+    with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 lost a peer; "):
+        broadcast_signal(1, src=0, group=groups[0])

@@ -1,0 +1,200 @@
+"""The one wait loop (spin, yield, capped sleep, liveness checks, deadline) on a fake clock, and the liveness
+verdicts from /proc on real and fake processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from fastdeploy_patch.signal_group import liveness, waiting
+from fastdeploy_patch.signal_group.liveness import ProcessIdentity, gone_reason, this_process
+from fastdeploy_patch.signal_group.waiting import wait_until
+
+
+def test_the_phases_are_documented_figures() -> None:
+    assert waiting.SPIN_S == 20e-6
+    assert waiting.YIELD_S == 1e-3
+    assert waiting.SLEEP_FIRST_S == 20e-6
+    assert waiting.SLEEP_CAP_S == 1e-3
+    assert waiting.LIVENESS_INTERVAL_S == 0.05
+
+
+@dataclass
+class Clock:
+    """time.monotonic, time.sleep and os.sched_yield for the wait loop: every poll advances ``tick`` seconds."""
+
+    now: float = 100.0
+    tick: float = 5e-6
+    sleeps: list[float] = field(default_factory=list)
+    yields: int = 0
+
+    def monotonic(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def sched_yield(self) -> None:
+        self.yields += 1
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    fake = Clock()
+    with (
+        mock.patch.object(waiting.time, "monotonic", fake.monotonic),
+        mock.patch.object(waiting.time, "sleep", fake.sleep),
+        mock.patch.object(waiting.os, "sched_yield", fake.sched_yield),
+    ):
+        yield fake
+
+
+def _until(clock: Clock, at: float):
+    return lambda: clock.now >= at
+
+
+def test_a_condition_already_met_returns_at_once(clock: Clock) -> None:
+    lost = mock.Mock()
+    assert wait_until(lambda: True, 1.0, lost) is True
+    assert (clock.sleeps, clock.yields) == ([], 0)
+    lost.assert_not_called()
+
+
+def test_it_spins_then_yields_then_sleeps_doubling_up_to_the_cap(clock: Clock) -> None:
+    start = clock.now
+    assert wait_until(_until(clock, start + 0.02), 1.0, lambda: None) is True
+    # 20 us of spinning at 5 us a poll, then yields for 1 ms, then sleeps.
+    assert 190 <= clock.yields <= 202
+    assert clock.sleeps[:7] == pytest.approx([20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 640e-6, 1e-3])
+    assert set(clock.sleeps[6:]) == {1e-3}
+
+
+def test_peers_are_checked_every_liveness_interval_while_waiting(clock: Clock) -> None:
+    checks: list[float] = []
+
+    def lost() -> None:
+        checks.append(clock.now)
+
+    start = clock.now
+    assert wait_until(_until(clock, start + 0.26), 1.0, lost) is True
+    assert len(checks) == 5
+    gaps = [b - a for a, b in zip([start, *checks], checks, strict=False)]
+    assert all(0.05 <= gap < 0.052 for gap in gaps), gaps
+
+
+def test_a_lost_peer_raises_what_the_check_returned(clock: Clock) -> None:
+    error = RuntimeError("rank 1 is gone")
+    with pytest.raises(RuntimeError) as err:
+        wait_until(lambda: False, 10.0, lambda: error)
+    assert err.value is error
+    assert 0.05 <= clock.now - 100.0 < 0.06
+
+
+def test_a_peer_that_published_before_it_exited_fails_nobody(clock: Clock) -> None:
+    answers = iter([False] * 100_000)
+    published = []
+
+    def ready() -> bool:
+        return bool(published) or next(answers)
+
+    def lost() -> RuntimeError:
+        # The value lands between the last poll and the liveness verdict.
+        published.append(True)
+        return RuntimeError("rank 1 is gone")
+
+    assert wait_until(ready, 10.0, lost) is True
+
+
+def test_the_deadline_returns_false_and_never_sleeps_past_it(clock: Clock) -> None:
+    start = clock.now
+    assert wait_until(lambda: False, 0.0123, lambda: None) is False
+    assert 0.0123 <= clock.now - start < 0.0124
+    assert clock.sleeps[-1] < 1e-3
+
+
+def test_a_value_arriving_at_the_deadline_still_counts(clock: Clock) -> None:
+    start = clock.now
+    assert wait_until(_until(clock, start + 0.0123), 0.0123, lambda: None) is True
+
+
+def test_a_real_second_of_waiting_costs_little_cpu() -> None:
+    cpu, wall = time.process_time(), time.monotonic()
+    assert wait_until(lambda: False, 0.5, lambda: None) is False
+    wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+    assert wall >= 0.5
+    # Bound that catches a busy loop (which would use about 100%), not a speed claim.
+    assert cpu < 0.5 * wall
+
+
+# --- liveness ---------------------------------------------------------------------------------------------
+
+
+def test_this_process_is_named_by_pid_start_time_and_pid_namespace() -> None:
+    me = this_process()
+    start = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    assert me == ProcessIdentity(os.getpid(), start, os.stat("/proc/self/ns/pid").st_ino)
+    assert gone_reason(me) is None
+
+
+def test_a_reaped_process_is_gone() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    peer = ProcessIdentity(child.pid, 1, this_process().pid_namespace)
+    assert gone_reason(peer) == f"process {child.pid} is gone"
+
+
+def test_an_exited_process_not_yet_reaped_has_exited() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    start = int(stat.read_text().rsplit(")", 1)[1].split()[19])
+    try:
+        assert gone_reason(ProcessIdentity(child.pid, start, this_process().pid_namespace)) == (
+            f"process {child.pid} has exited"
+        )
+    finally:
+        child.wait()
+
+
+def test_a_reused_pid_is_told_apart_by_its_start_time() -> None:
+    me = this_process()
+    peer = ProcessIdentity(me.pid, me.start_ticks + 1, me.pid_namespace)
+    assert gone_reason(peer) == f"process {me.pid} is gone (its pid now belongs to another process)"
+
+
+@pytest.mark.parametrize("namespace", ["other", "unknown"])
+def test_a_peer_in_another_or_an_unknown_pid_namespace_is_never_judged(namespace: str) -> None:
+    me = this_process()
+    pid_namespace = me.pid_namespace + 1 if namespace == "other" else 0
+    # Even a pid that is certainly not alive here: it may be a live process in its own namespace.
+    assert gone_reason(ProcessIdentity(2**22 + 1, 5, pid_namespace)) is None
+
+
+def test_without_a_readable_pid_namespace_it_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(liveness, "PROC", "/nonexistent-proc")
+    assert liveness._pid_namespace() == 0
+
+
+def test_a_command_name_with_spaces_and_parentheses_is_parsed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    fields = ["S"] + [str(i) for i in range(4, 22)] + ["777", "0"]
+    (tmp_path / "42" / "stat").write_text(f"42 (odd) name (x) {' '.join(fields)}\n")
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    (tmp_path / "self" / "ns" / "pid").write_text("")
+    monkeypatch.setattr(liveness, "PROC", str(tmp_path))
+    here = os.stat(tmp_path / "self" / "ns" / "pid").st_ino
+    assert gone_reason(ProcessIdentity(42, 777, here)) is None
+    assert gone_reason(ProcessIdentity(42, 778, here)) == "process 42 is gone (its pid now belongs to another process)"
