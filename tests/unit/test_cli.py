@@ -193,7 +193,7 @@ def test_demo_runs_the_ranks_with_the_engine_driving_and_prints_the_table(driver
 
 def test_demo_passes_the_transport_and_lookahead_to_every_rank(driver) -> None:
     shifted = [[12, "CLEARING"], [13, "CLEARED"], [16, "UPDATING"], [17, "NORMAL"]]
-    results = [_rank_result(0, lookahead=4, transitions=shifted), _rank_result(1, lookahead=4, transitions=shifted)]
+    results = [_rank_result(r, lookahead=4, transitions=shifted, steps=40) for r in (0, 1)]
     ranks = FakeRanks(results)
     with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
         assert cli.main(["demo", "--transport", "shm", "--lookahead", "4", "--steps", "40"]) == 0

@@ -87,7 +87,7 @@ def test_demo_rank_gives_the_worker_the_transport_and_lookahead_and_reports_the_
     real = demo.StatusSignal
 
     def worker(model, **kwargs):
-        made.append(kwargs)
+        made.append({**kwargs, "status_name": kwargs["status_signal"].name})
         fake = mock.Mock(rank=0, steps=0, transitions=[], sync_latencies_ns=[], forward_passes=0, signal_group=group)
         fake.weight_manager = mock.Mock(
             parameters_released=0, parameters_restored=0, groups_shut_down=0, groups_restarted=0
@@ -104,7 +104,7 @@ def test_demo_rank_gives_the_worker_the_transport_and_lookahead_and_reports_the_
     assert (kwargs["signal_transport"], kwargs["signal_lookahead"]) == ("shm", 3)
     # Rank 0's worker reads the engine's status through the watcher, which writes through to the segment.
     assert isinstance(kwargs["status_signal"], demo._WatchedStatus)
-    assert kwargs["status_signal"].name == status.name
+    assert kwargs["status_name"] == status.name
     assert (result["transport"], result["lookahead"]) == ("shm", 3)
 
 

@@ -293,13 +293,13 @@ def test_run_gathers_this_machines_facts() -> None:
         mock.patch.object(os, "listdir", return_value=["lo"]) as listdir,
     ):
         findings = doctor.run()
+        env, list_interfaces = network.call_args.args
+        assert env is os.environ and list_interfaces() == ["lo"]
     from fastdeploy_patch.signal_group.shm_transport import check_shm_usable
 
     assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, NETWORK)
     assert shm.call_args.args[0] == "/dev/shm" and shm.call_args.args[1:] == (doctor._read_mounts, os.statvfs)
     probe.assert_called_once_with(check_shm_usable)
-    env, list_interfaces = network.call_args.args
-    assert env is os.environ and list_interfaces() == ["lo"]
     listdir.assert_called_once_with("/sys/class/net")
 
 
