@@ -272,21 +272,34 @@ def gloo():
         yield pick
 
 
-def test_bench_runs_every_rank_and_prints_the_table_with_the_ratio(gloo, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS) as run:
-        assert cli.main(["bench"]) == 0
+def _jitter_table() -> str:
+    report = bench.build_jitter_report(
+        JITTER_RESULTS, nranks=2, iters=5000, warmup=200, paddle_version=paddle.__version__
+    )
+    return bench.format_jitter_report(report)
+
+
+@pytest.mark.parametrize(
+    ("extra", "target", "results", "table", "what"),
+    [
+        ([], "bench_rank", RESULTS, lambda: format_report(_report()), "timed steps"),
+        (["--jitter"], "jitter_rank", JITTER_RESULTS, _jitter_table, "loop steps with per-rank CPU work"),
+    ],
+)
+def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target, results, table, what) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=results) as run:
+        assert cli.main(["bench", *extra]) == 0
     gloo.assert_called_once_with(2)
     run.assert_called_once_with(
-        "fastdeploy_patch.bench:bench_rank",
+        f"fastdeploy_patch.bench:{target}",
         2,
         kwargs={"iters": 5000, "warmup": 200},
         timeout=pytest.approx(120.0 + 5200 * 0.02),
         backend="gloo",
     )
     captured = capsys.readouterr()
-    assert captured.out == format_report(_report()) + "\n"
-    assert "gloo / shm: " in captured.out
-    assert captured.err == "bench: 2 ranks (gloo), 200 warm-up + 5000 timed steps per path...\n"
+    assert captured.out == table() + "\n"
+    assert captured.err == f"bench: 2 ranks (gloo), 200 warm-up + 5000 {what} per path...\n"
 
 
 def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
@@ -301,24 +314,6 @@ def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
     report = json.loads(out)
     assert report == _report(nranks=3, iters=10, warmup=0, backend="nccl")
     assert list(report["ratios"]) == ["legacy_over_gloo", "gloo_over_shm", "legacy_over_shm"]
-
-
-def test_bench_jitter_runs_the_jitter_loop_and_prints_its_table(gloo, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=JITTER_RESULTS) as run:
-        assert cli.main(["bench", "--jitter", "--iters", "100", "--warmup", "5"]) == 0
-    run.assert_called_once_with(
-        "fastdeploy_patch.bench:jitter_rank",
-        2,
-        kwargs={"iters": 100, "warmup": 5},
-        timeout=pytest.approx(120.0 + 105 * 0.02),
-        backend="gloo",
-    )
-    captured = capsys.readouterr()
-    report = bench.build_jitter_report(
-        JITTER_RESULTS, nranks=2, iters=100, warmup=5, paddle_version=paddle.__version__
-    )
-    assert captured.out == bench.format_jitter_report(report) + "\n"
-    assert captured.err == "bench: 2 ranks (gloo), 5 warm-up + 100 loop steps with per-rank CPU work per path...\n"
 
 
 def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
