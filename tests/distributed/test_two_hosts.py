@@ -147,8 +147,16 @@ def two_hosts_rank(steps: int) -> dict:
     within = [
         broadcast_signal(-step - rank, src=local.ranks[step % RANKS_PER_HOST], group=local) for step in range(steps)
     ]
+    refused = {}
+    # Collective and refused on every rank alike: shm forced across hosts, and auto with what only shm can give.
+    for name, kwargs in {"shm": {"transport": "shm"}, "auto_long_timeout": {"timeout": 60}}.items():
+        try:
+            new_signal_group(**kwargs)
+        except (RuntimeError, ValueError) as exc:
+            refused[name] = f"{type(exc).__name__}: {exc}"
     result = {
         "rank": rank,
+        "refused": refused,
         "world": [world.transport, world.ranks],
         "local": [local.transport, local.ranks],
         "across": across,
@@ -170,6 +178,8 @@ def test_auto_picks_gloo_across_hosts_and_shm_within_one(two_hosts: list[Simulat
             f"rank {r['rank']} at {r['endpoint']}: all 4 ranks -> {r['world'][0]}, "
             f"ranks {r['local'][1]} -> {r['local'][0]}, /dev/shm device {r['shm_device']}"
         )
+    for name, message in results[0]["refused"].items():
+        print(f"rank 0, {name}: {message}")
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     for r in results:
         host = r["rank"] // RANKS_PER_HOST
@@ -178,6 +188,12 @@ def test_auto_picks_gloo_across_hosts_and_shm_within_one(two_hosts: list[Simulat
         assert r["local"] == ["shm", [2 * host, 2 * host + 1]]
         assert r["across"] == [1000 * step + step % 4 for step in range(STEPS)]
         assert r["within"] == [-step - (2 * host + step % 2) for step in range(STEPS)]
+    cannot = "ranks [2, 3] of the signal group (ranks [0, 1, 2, 3]) cannot map its shared-memory segment"
+    for r in results:
+        assert r["refused"]["shm"].startswith(f"RuntimeError: {cannot}"), r["refused"]
+        assert r["refused"]["shm"].endswith("transport='shm' needs every member on one host with a usable /dev/shm")
+        assert r["refused"]["auto_long_timeout"].startswith(f"ValueError: {cannot}"), r["refused"]
+        assert "so transport='auto' falls back to gloo" in r["refused"]["auto_long_timeout"]
     # Each host has a /dev/shm of its own, shared by its two ranks, unlike this process's.
     devices = [r["shm_device"] for r in results]
     assert devices[0] == devices[1] != devices[2] == devices[3]
