@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from fastdeploy_patch.launcher import RankPlacement
+from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR, run_ranks_or_fail
 
 HOST_ADDRESSES = ("10.231.0.1", "10.231.0.2")
@@ -43,6 +44,11 @@ class SimulatedHost:
     veth: str
     address: str
     holder: subprocess.Popen
+
+    def shm_segments(self) -> list[str]:
+        """The signal segments in this host's private /dev/shm, seen through its holder's root."""
+        shm = Path(f"/proc/{self.holder.pid}/root/dev/shm")
+        return sorted(p.name for p in shm.iterdir() if p.name.startswith(SEGMENT_PREFIX))
 
     def placement(self) -> RankPlacement:
         enter = ("nsenter", f"--target={self.holder.pid}", "--mount", "--net", f"--wd={os.getcwd()}", "--")
@@ -194,6 +200,9 @@ def test_auto_picks_gloo_across_hosts_and_shm_within_one(two_hosts: list[Simulat
         assert r["refused"]["shm"].endswith("transport='shm' needs every member on one host with a usable /dev/shm")
         assert r["refused"]["auto_long_timeout"].startswith(f"ValueError: {cannot}"), r["refused"]
         assert "so transport='auto' falls back to gloo" in r["refused"]["auto_long_timeout"]
+    # Nothing left in either host's own /dev/shm, refused groups included.
+    for host in two_hosts:
+        assert host.shm_segments() == [], host.namespace
     # Each host has a /dev/shm of its own, shared by its two ranks, unlike this process's.
     devices = [r["shm_device"] for r in results]
     assert devices[0] == devices[1] != devices[2] == devices[3]
