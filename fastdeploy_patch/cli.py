@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=120.0, help="seconds before the ranks are killed (default 120)"
     )
 
-    from fastdeploy_patch.demo import MIN_STEPS
+    from fastdeploy_patch.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
     from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_int_at_least(MIN_STEPS, f"expected at least {MIN_STEPS} steps, room for a whole clear/update cycle"),
         default=200,
-        help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS})",
+        help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS} plus {STEPS_PER_LOOKAHEAD} per "
+        "step of --lookahead)",
     )
     demo.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --steps)")
     demo.add_argument(
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lookahead",
         type=_int_arg(0, f"an integer from 0 to {MAX_LOOKAHEAD}", MAX_LOOKAHEAD),
         default=0,
-        help="steps after rank 0 reads a status that every rank acts on it (default 0; needs shared memory)",
+        help=f"steps after rank 0 reads a status that every rank acts on it (0 to {MAX_LOOKAHEAD}, default 0; "
+        "needs shared memory)",
     )
     demo.set_defaults(check=_demo_flags_agree, parser=demo)
 
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sync, gloo, shm and shm with a lookahead",
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    bench.add_argument("--plot", metavar="FILE.png", help="save the latency distributions (needs the plot extra)")
+    bench.add_argument("--plot", metavar="FILE.png", help="save the distributions as a plot (needs the plot extra)")
     bench.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --iters)")
     sub.add_parser(
         "doctor",
