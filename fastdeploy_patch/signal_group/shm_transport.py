@@ -49,6 +49,8 @@ import json
 import mmap
 import os
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastdeploy_patch.signal_group import liveness, waiting
@@ -343,8 +345,18 @@ class ShmTransport:
             lambda late: f" (rank {late[0]} has not published the value of call {m})",
         )
 
-    def _wait(self, ready, waited_on, src: int, stuck_detail) -> None:
-        started = waiting.time.monotonic()
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        waited_on: Callable[[], list[int]],
+        src: int,
+        stuck_detail: Callable[[list[int]], str],
+    ) -> None:
+        """Wait until ``ready()``; ``waited_on()`` gives the member indexes whose liveness matters meanwhile.
+
+        Raises ``SignalGroupError`` for a member found gone (and marks the segment so that the others know), and
+        ``TimeoutError`` after the group's timeout, naming the late ranks through ``stuck_detail``."""
+        started = time.monotonic()
 
         def find_lost() -> SignalGroupError | None:
             broken = self._words[BROKEN_AT // WORD_BYTES]
@@ -359,14 +371,12 @@ class ShmTransport:
                         break
                 else:
                     return None
-            return SignalGroupError(lost_peer_message(self._ranks, src, waiting.time.monotonic() - started, detail))
+            return SignalGroupError(lost_peer_message(self._ranks, src, time.monotonic() - started, detail))
 
         if not waiting.wait_until(ready, self._timeout, find_lost):
             late = [self._ranks[i] for i in waited_on()]
             raise TimeoutError(
-                stuck_peer_message(
-                    self._ranks, src, waiting.time.monotonic() - started, self._timeout, stuck_detail(late)
-                )
+                stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout, stuck_detail(late))
             )
 
     def close(self) -> None:
