@@ -1,5 +1,5 @@
-"""fastdeploy_patch: the model-weights status synced over a CPU signal group (shared memory on one host, gloo
-between hosts), and a process-group shutdown that tolerates gloo.
+"""fastdeploy_patch: the model-weights status synced over a CPU (gloo) signal group, and a process-group
+shutdown that tolerates gloo.
 
 Paddle is an extra, not a hard dependency (its CPU and GPU wheels conflict): install
 ``fastdeploy-patch[cpu]`` or ``fastdeploy-patch[gpu]``.

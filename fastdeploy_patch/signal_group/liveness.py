@@ -43,9 +43,14 @@ def _pid_namespace() -> int:
 
 
 def this_process() -> ProcessIdentity:
-    """The calling process's identity, as it is recorded for the other members."""
+    """The calling process's identity, as it is recorded for the other members. Without a readable ``/proc`` the
+    namespace is unknown (0), so that nobody ever judges this process: only timeouts then bound a wait on it."""
     pid = os.getpid()
-    return ProcessIdentity(pid, int(_stat_fields(pid)[_START_FIELD]), _pid_namespace())
+    try:
+        start = int(_stat_fields(pid)[_START_FIELD])
+    except OSError:
+        return ProcessIdentity(pid, 0, 0)
+    return ProcessIdentity(pid, start, _pid_namespace())
 
 
 def gone_reason(peer: ProcessIdentity) -> str | None:

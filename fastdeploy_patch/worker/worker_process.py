@@ -23,9 +23,9 @@ class WorkerProcess:
     With more than one rank it creates its signal group exactly once, here, before any loop step: creating a
     gloo group inside the loop is what broke upstream's integration tests. ``signal_transport`` and
     ``signal_lookahead`` go to ``new_signal_group``: with lookahead d, the status rank 0 reads at step s takes
-    effect on every rank at step s + d. ``status_signal`` is the engine's shared-memory status and is required on
-    rank 0, which alone reads it. ``forward_input``, when given, is fed to the model on every NORMAL step,
-    standing in for a batch of inference.
+    effect on every rank at step s + d (a single rank has no group, and no delay). ``status_signal`` is the
+    engine's shared-memory status and is required on rank 0, which alone reads it. ``forward_input``, when given,
+    is fed to the model on every NORMAL step, standing in for a batch of inference.
     """
 
     def __init__(

@@ -183,9 +183,11 @@ def test_a_peer_in_another_or_an_unknown_pid_namespace_is_never_judged(namespace
     assert gone_reason(ProcessIdentity(2**22 + 1, 5, pid_namespace)) is None
 
 
-def test_without_a_readable_pid_namespace_it_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_readable_proc_this_process_is_never_judged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(liveness, "PROC", "/nonexistent-proc")
     assert liveness._pid_namespace() == 0
+    assert this_process() == ProcessIdentity(os.getpid(), 0, 0)
+    assert gone_reason(this_process()) is None
 
 
 def test_a_command_name_with_spaces_and_parentheses_is_parsed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
