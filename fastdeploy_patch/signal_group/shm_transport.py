@@ -1,6 +1,7 @@
 """The shared-memory signal transport: a ring of packed 8-byte slots in one segment under /dev/shm.
 
-Segment layout (every number below is a named constant of this module; all words are little-endian uint64)::
+Segment layout (every number below is a named constant of this module; all words are native uint64,
+little-endian on x86-64 and AArch64)::
 
     offset                          what                                             written by
     0                     HEADER    MAGIC_AT      magic "FDPSIG" + 0x0001          creator, once
@@ -39,6 +40,8 @@ would unlink the segment from a rank that only attached (Python < 3.13 has no ``
 ``posix_fallocate`` makes a full /dev/shm fail here with ``ENOSPC`` instead of a SIGBUS at the first store.
 Only the creator unlinks the name, as soon as every member has reported attached (see ``rendezvous``): from then
 on the mapping lives exactly as long as the processes that use it, and a SIGKILL leaves nothing in /dev/shm.
+(Only a creator killed inside ``new_signal_group``, between creating the segment and reading every answer, can
+leave its name behind.)
 """
 
 from __future__ import annotations
