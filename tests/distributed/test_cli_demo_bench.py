@@ -1,4 +1,4 @@
-"""The `demo` and `bench` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
+"""The `demo`, `bench` and `doctor` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
 
 Each CLI process carries the suite's run tag, so the autouse check in conftest proves that no rank it started
 outlived the test.
