@@ -7,6 +7,8 @@ Paddle 3.3's GPU wheel from Paddle's own package index (see the README).
 
 from __future__ import annotations
 
+# Before Paddle is imported: the command and every rank import it through here.
+import fastdeploy_patch.paddle_warnings  # noqa: F401 - installs a warning filter
 from fastdeploy_patch.status import ModelWeightsStatus
 
 try:

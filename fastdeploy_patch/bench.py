@@ -1,15 +1,24 @@
-"""The side-by-side signal-sync latency benchmark behind ``fastdeploy-patch bench``.
+"""The side-by-side signal-sync benchmarks behind ``fastdeploy-patch bench``.
 
-Every rank times the same per-step status sync done three (on GPU, four) ways, interleaved step by step so that
-machine noise hits every path alike: upstream's ``broadcast_object_list`` on the default group, the patch's CPU
-tensor on the gloo signal group, and the same with a timeout below gloo's own limit, which adds a deadline
-thread.
+Latency (the default): every rank times the same per-step status sync done each way in one run: upstream's
+``broadcast_object_list`` on the default group (on GPU also the GPU-tensor broadcast), ``broadcast_signal`` on a
+gloo signal group (``paddle.distributed.broadcast``), the gloo process group's own ``broadcast`` on a reused
+buffer (the call ``broadcast_signal`` made before it used the public API), the gloo group with a timeout below
+gloo's own limit (which adds a deadline thread), and ``broadcast_signal`` on a shared-memory signal group.
+
+Jitter (``--jitter``): every rank runs a loop whose steps each do their own CPU work, drawn per rank and step, and
+the loop time per step is compared with no sync, with lockstep syncs (gloo, shm) and with shm and a lookahead,
+which lets a rank run a few steps ahead instead of paying the slowest rank's jitter every step.
+
+In both, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that rotate through
+the paths, so that slow spells on a noisy machine spread over every path; the ranks meet at a barrier before
+each round of each path.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,18 +26,48 @@ import numpy as np
 from fastdeploy_patch.status import ModelWeightsStatus
 
 DEADLINE_TIMEOUT_S = 5.0
-"""The signal-group timeout of the third path: below gloo's fixed 30 s, so each broadcast goes through the
+"""The timeout of the deadline row's gloo group: below gloo's fixed 30 s, so each broadcast goes through the
 deadline thread."""
 
 DEFAULT_WARMUP = 200
 
+ROUNDS = 5
+"""Turns each path's timed steps are split into; the turns rotate through the paths."""
+
 PATH_LABELS = {
     "legacy": "legacy: broadcast_object_list, default group",
     "legacy_gpu": "legacy: GPU tensor broadcast + .numpy()",
-    "patch": "patch: CPU tensor, gloo signal group",
-    "patch_deadline": f"patch, {DEADLINE_TIMEOUT_S:g} s timeout (deadline thread)",
+    "gloo": "gloo: broadcast_signal (paddle.distributed.broadcast)",
+    "gloo_direct": "gloo: process group's own broadcast, reused buffer",
+    "gloo_deadline": f"gloo, {DEADLINE_TIMEOUT_S:g} s timeout (deadline thread)",
+    "shm": "shm: broadcast_signal, shared memory",
 }
-"""What each measured path is, in the order they are reported."""
+"""What each measured latency path is, in the order they are reported."""
+
+RATIOS = {
+    "legacy_over_gloo": ("legacy", "gloo"),
+    "gloo_over_shm": ("gloo", "shm"),
+    "legacy_over_shm": ("legacy", "shm"),
+}
+"""The ratios the latency report gives, as (numerator path, denominator path)."""
+
+JITTER_LOOKAHEAD = 4
+"""The lookahead of the jitter benchmark's pipelined path: a status takes effect 4 steps after it is published."""
+
+JITTER_WORK_US = (200, 400)
+"""The CPU work of each step in the jitter benchmark, drawn uniformly from this range (inclusive) per rank and
+step: the scale of a small-batch decode step's host-side work."""
+
+JITTER_SEED = 0
+"""Seeds each rank's draws (with its rank), so that every path and every run sees the same work."""
+
+JITTER_LABELS = {
+    "nosync": "no sync",
+    "gloo": "gloo, lockstep",
+    "shm": "shm, lockstep",
+    "shm_lookahead": f"shm, lookahead {JITTER_LOOKAHEAD}",
+}
+"""What each jitter path is, in report order."""
 
 _SIGNAL_VALUE = int(ModelWeightsStatus.NORMAL)
 
@@ -57,22 +96,26 @@ def measure(
     warmup: int,
     rounds: int = 1,
     clock: Callable[[], int] = time.perf_counter_ns,
+    barrier: Callable[[], object] = lambda: None,
 ) -> dict[str, list[int]]:
     """Time ``iters`` calls of every path after ``warmup`` untimed ones, and return each path's durations in
     nanoseconds.
 
     Each path runs its calls back to back, as a worker loop would, in ``rounds`` turns that rotate through the
-    paths, so that slow spells on a noisy machine spread over every path. Every rank must pass the same paths in
-    the same order, since each call is a collective.
+    paths, so that slow spells on a noisy machine spread over every path. ``barrier`` runs (untimed) before each
+    path's warm-up and each turn, so that a turn does not start with one rank still finishing the previous one.
+    Every rank must pass the same paths in the same order, since each call is a collective.
     """
     samples: dict[str, list[int]] = {name: [] for name in paths}
     for fn in paths.values():
+        barrier()
         for _ in range(warmup):
             fn()
     for turn in range(rounds):
         count = iters // rounds + (1 if turn < iters % rounds else 0)
         for name, fn in paths.items():
             timed = samples[name]
+            barrier()
             for _ in range(count):
                 started = clock()
                 fn()
@@ -94,8 +137,8 @@ def pick_backend(nranks: int) -> str:
 
 
 def bench_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
-    """On one rank: time each path for ``iters`` steps after ``warmup`` steps; returns ``{"rank", "samples_ns"}``
-    with each path's durations in nanoseconds."""
+    """On one rank: time each latency path for ``iters`` steps after ``warmup`` steps; returns
+    ``{"rank", "samples_ns"}`` with each path's durations in nanoseconds."""
     import paddle
     import paddle.distributed as dist
 
@@ -103,8 +146,9 @@ def bench_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
 
     rank = dist.get_rank()
     # The signal groups are made once, before timing, as the worker makes its group at start.
-    group = new_signal_group()
-    deadline_group = new_signal_group(timeout=DEADLINE_TIMEOUT_S)
+    gloo = new_signal_group(transport="gloo")
+    gloo_deadline = new_signal_group(transport="gloo", timeout=DEADLINE_TIMEOUT_S)
+    shm = new_signal_group(transport="shm")
 
     def legacy() -> object:
         box = [_SIGNAL_VALUE if rank == 0 else None]
@@ -120,14 +164,98 @@ def bench_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
     paths: dict[str, Callable[[], object]] = {"legacy": legacy}
     if gpu_available():
         paths["legacy_gpu"] = legacy_gpu
-    paths["patch"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
-    paths["patch_deadline"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=deadline_group)
-    return {"rank": rank, "samples_ns": measure(paths, iters, warmup, rounds=5)}
+    paths["gloo"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=gloo)
+    paths["gloo_direct"] = direct_gloo_broadcast(gloo, rank)
+    paths["gloo_deadline"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=gloo_deadline)
+    paths["shm"] = lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=shm)
+    try:
+        samples = measure(paths, iters, warmup, rounds=ROUNDS, barrier=dist.barrier)
+    finally:
+        for group in (gloo, gloo_deadline, shm):
+            group.close()
+    return {"rank": rank, "samples_ns": samples}
 
 
-def pooled(results: Sequence[dict]) -> dict[str, list[int]]:
-    """Every rank's samples of each path in one list, paths in report order."""
-    names = [name for name in PATH_LABELS if name in results[0]["samples_ns"]]
+def direct_gloo_broadcast(group: Any, rank: int) -> Callable[[], int]:
+    """The per-step call on the gloo process group itself, as ``broadcast_signal`` made it before it used
+    ``paddle.distributed.broadcast``: a reused CPU int32 buffer, filled on rank 0, then
+    ``process_group.broadcast(tensor, src_in_group, True)``."""
+    import paddle
+
+    tensor = paddle.full([1], _SIGNAL_VALUE, dtype="int32", device="cpu")
+    process_group = group.paddle_group.process_group
+    src_in_group = group.ranks.index(0)
+
+    def call() -> int:
+        if rank == 0:
+            tensor.fill_(_SIGNAL_VALUE)
+        process_group.broadcast(tensor, src_in_group, True)
+        return int(tensor.item())
+
+    return call
+
+
+def busy_wait_us(microseconds: int, clock: Callable[[], int] = time.perf_counter_ns) -> None:
+    """Keep the CPU busy for ``microseconds``: a stand-in for a step's host-side work."""
+    end = clock() + microseconds * 1000
+    while clock() < end:
+        pass
+
+
+def work_draws(rank: int, count: int, seed: int = JITTER_SEED) -> list[int]:
+    """``count`` step costs in microseconds for ``rank``, uniform over ``JITTER_WORK_US``; the same for the same
+    rank and seed, different between ranks."""
+    low, high = JITTER_WORK_US
+    return [int(us) for us in np.random.default_rng([seed, rank]).integers(low, high + 1, size=count)]
+
+
+def jitter_step(draws: Sequence[int], sync: Callable[[], object], work: Callable[[int], None] = busy_wait_us):
+    """One loop step per call: the next draw's CPU work, then ``sync``; the draws repeat when used up."""
+    costs: Iterator[int] = _cycle(draws)
+
+    def step() -> None:
+        work(next(costs))
+        sync()
+
+    return step
+
+
+def _cycle(values: Sequence[int]) -> Iterator[int]:
+    while True:
+        yield from values
+
+
+def jitter_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
+    """On one rank: time ``iters`` loop steps (after ``warmup``) of per-step CPU work with each sync path;
+    returns ``{"rank", "samples_ns", "work_us_mean"}`` with each path's step durations in nanoseconds."""
+    import paddle.distributed as dist
+
+    from fastdeploy_patch.signal_group import broadcast_signal, new_signal_group
+
+    rank = dist.get_rank()
+    gloo = new_signal_group(transport="gloo")
+    shm = new_signal_group(transport="shm")
+    pipelined = new_signal_group(transport="shm", lookahead=JITTER_LOOKAHEAD)
+    # Every path works through the same draws, so that they differ only in how they sync.
+    draws = work_draws(rank, iters + warmup)
+    syncs: dict[str, Callable[[], object]] = {
+        "nosync": lambda: None,
+        "gloo": lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=gloo),
+        "shm": lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=shm),
+        "shm_lookahead": lambda: broadcast_signal(_SIGNAL_VALUE, src=0, group=pipelined),
+    }
+    paths = {name: jitter_step(draws, sync, busy_wait_us) for name, sync in syncs.items()}
+    try:
+        samples = measure(paths, iters, warmup, rounds=ROUNDS, barrier=dist.barrier)
+    finally:
+        for group in (gloo, shm, pipelined):
+            group.close()
+    return {"rank": rank, "samples_ns": samples, "work_us_mean": float(np.mean(draws))}
+
+
+def pooled(results: Sequence[dict], order: Iterable[str] = PATH_LABELS) -> dict[str, list[int]]:
+    """Every rank's samples of each path in one list, paths in ``order`` (those the ranks measured)."""
+    names = [name for name in order if name in results[0]["samples_ns"]]
     return {name: [ns for r in results for ns in r["samples_ns"][name]] for name in names}
 
 
@@ -135,36 +263,46 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def build_report(
-    results: Sequence[dict], *, nranks: int, iters: int, warmup: int, backend: str, paddle_version: str
-) -> dict[str, Any]:
-    """The benchmark's figures: each path's p50/p99/mean over all ranks' samples (and per rank), the ratio
-    legacy / patch at p50 and at the mean, and what the deadline thread adds per step."""
-    samples = pooled(results)
-    paths = {
+def _paths(results: Sequence[dict], labels: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    return {
         name: {
-            "label": PATH_LABELS[name],
+            "label": labels[name],
             **summarize(values),
             "per_rank": {str(r["rank"]): summarize(r["samples_ns"][name]) for r in results},
         }
-        for name, values in samples.items()
+        for name, values in pooled(results, labels).items()
     }
-    legacy, patch, deadline = paths["legacy"], paths["patch"], paths["patch_deadline"]
+
+
+def _difference(more: Mapping[str, float], less: Mapping[str, float]) -> dict[str, float]:
+    return {"p50": more["p50_us"] - less["p50_us"], "mean": more["mean_us"] - less["mean_us"]}
+
+
+def build_report(
+    results: Sequence[dict], *, nranks: int, iters: int, warmup: int, backend: str, paddle_version: str
+) -> dict[str, Any]:
+    """The latency benchmark's figures: each path's p50/p99/mean over all ranks' samples (and per rank), the
+    ratios legacy/gloo, gloo/shm and legacy/shm at p50 and at the mean, what the public
+    ``paddle.distributed.broadcast`` costs per step over the process group's own call, and what the deadline
+    thread adds."""
+    paths = _paths(results, PATH_LABELS)
     return {
+        "mode": "latency",
         "nranks": nranks,
         "iters": iters,
         "warmup": warmup,
         "backend": backend,
         "paddle_version": paddle_version,
         "paths": paths,
-        "ratio_legacy_over_patch": {
-            "p50": _ratio(legacy["p50_us"], patch["p50_us"]),
-            "mean": _ratio(legacy["mean_us"], patch["mean_us"]),
+        "ratios": {
+            name: {
+                "p50": _ratio(paths[top]["p50_us"], paths[bottom]["p50_us"]),
+                "mean": _ratio(paths[top]["mean_us"], paths[bottom]["mean_us"]),
+            }
+            for name, (top, bottom) in RATIOS.items()
         },
-        "deadline_thread_cost_us": {
-            "p50": deadline["p50_us"] - patch["p50_us"],
-            "mean": deadline["mean_us"] - patch["mean_us"],
-        },
+        "public_broadcast_cost_us": _difference(paths["gloo"], paths["gloo_direct"]),
+        "deadline_thread_cost_us": _difference(paths["gloo_deadline"], paths["gloo"]),
     }
 
 
@@ -172,22 +310,102 @@ def _times(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}x"
 
 
-def format_report(report: Mapping[str, Any]) -> str:
-    """The human-readable benchmark table, the ratio and the deadline thread's cost."""
-    paths = report["paths"]
+def _table(
+    paths: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str, Callable[[Mapping], str]]]
+) -> list[str]:
     width = max(len(p["label"]) for p in paths.values())
+    lines = ["  ".join(["path".ljust(width), *(f"{title:>9}" for title, _ in columns)])]
+    for p in paths.values():
+        lines.append("  ".join([p["label"].ljust(width), *(f"{cell(p):>9}" for _, cell in columns)]))
+    return lines
+
+
+_LATENCY_COLUMNS = (
+    ("p50 us", lambda p: f"{p['p50_us']:.1f}"),
+    ("p99 us", lambda p: f"{p['p99_us']:.1f}"),
+    ("mean us", lambda p: f"{p['mean_us']:.1f}"),
+)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The human-readable latency table, the ratios, and the costs of the public broadcast and the deadline
+    thread."""
     lines = [
         f"signal sync per step, {report['nranks']} ranks ({report['backend']}), {report['iters']} steps after "
         f"{report['warmup']} warm-up, Paddle {report['paddle_version']}; all ranks' samples pooled",
-        f"{'path'.ljust(width)}  {'p50 us':>9}  {'p99 us':>9}  {'mean us':>9}",
+        *_table(report["paths"], _LATENCY_COLUMNS),
     ]
-    for p in paths.values():
-        lines.append(f"{p['label'].ljust(width)}  {p['p50_us']:9.1f}  {p['p99_us']:9.1f}  {p['mean_us']:9.1f}")
-    ratio = report["ratio_legacy_over_patch"]
-    cost = report["deadline_thread_cost_us"]
-    lines.append(f"legacy / patch: {_times(ratio['p50'])} at p50, {_times(ratio['mean'])} at the mean")
-    lines.append(f"deadline thread cost: {cost['p50']:+.1f} us per step at p50, {cost['mean']:+.1f} us at the mean")
+    for name, ratio in report["ratios"].items():
+        top, bottom = RATIOS[name]
+        lines.append(f"{top} / {bottom}: {_times(ratio['p50'])} at p50, {_times(ratio['mean'])} at the mean")
+    public, deadline = report["public_broadcast_cost_us"], report["deadline_thread_cost_us"]
+    lines.append(
+        f"paddle.distributed.broadcast over the direct process-group call: {public['p50']:+.1f} us per step at p50, "
+        f"{public['mean']:+.1f} us at the mean"
+    )
+    lines.append(
+        f"deadline thread cost: {deadline['p50']:+.1f} us per step at p50, {deadline['mean']:+.1f} us at the mean"
+    )
     return "\n".join(lines)
+
+
+def _percent_over(value: float, base: float) -> float | None:
+    return (value - base) / base * 100.0 if base else None
+
+
+def build_jitter_report(
+    results: Sequence[dict], *, nranks: int, iters: int, warmup: int, paddle_version: str
+) -> dict[str, Any]:
+    """The jitter benchmark's figures: each path's loop time per step (the mean; p50/p99 too) over all ranks,
+    its overhead over no sync in percent, and the lookahead path's overhead as a fraction of lockstep shm's."""
+    paths = _paths(results, JITTER_LABELS)
+    base = paths["nosync"]["mean_us"]
+    for path in paths.values():
+        path["overhead_pct"] = _percent_over(path["mean_us"], base)
+    lockstep, pipelined = paths["shm"]["overhead_pct"], paths["shm_lookahead"]["overhead_pct"]
+    return {
+        "mode": "jitter",
+        "nranks": nranks,
+        "iters": iters,
+        "warmup": warmup,
+        "paddle_version": paddle_version,
+        "work_us": list(JITTER_WORK_US),
+        "work_us_mean": float(np.mean([r["work_us_mean"] for r in results])),
+        "seed": JITTER_SEED,
+        "lookahead": JITTER_LOOKAHEAD,
+        "paths": paths,
+        # Only meaningful when lockstep costs something: a zero or negative overhead leaves nothing to compare.
+        "lookahead_over_lockstep_shm": pipelined / lockstep if lockstep and lockstep > 0 else None,
+    }
+
+
+def _overhead(path: Mapping[str, Any]) -> str:
+    pct = path["overhead_pct"]
+    return "n/a" if pct is None else f"{pct:+.1f}%"
+
+
+_JITTER_COLUMNS = (
+    ("step us", lambda p: f"{p['mean_us']:.1f}"),
+    ("p50 us", lambda p: f"{p['p50_us']:.1f}"),
+    ("p99 us", lambda p: f"{p['p99_us']:.1f}"),
+    ("overhead", _overhead),
+)
+
+
+def format_jitter_report(report: Mapping[str, Any]) -> str:
+    """The human-readable jitter table: loop time per step and overhead over no sync, per path."""
+    low, high = report["work_us"]
+    share = report["lookahead_over_lockstep_shm"]
+    return "\n".join(
+        [
+            f"loop time per step with {low}-{high} us of CPU work per rank and step (mean "
+            f"{report['work_us_mean']:.1f} us), {report['nranks']} ranks, {report['iters']} steps after "
+            f"{report['warmup']} warm-up, Paddle {report['paddle_version']}; all ranks' steps pooled",
+            *_table(report["paths"], _JITTER_COLUMNS),
+            f"lookahead {report['lookahead']} overhead / lockstep shm overhead: "
+            + ("n/a (lockstep shm cost nothing)" if share is None else f"{share:.2f}"),
+        ]
+    )
 
 
 def load_pyplot() -> Any:
@@ -204,19 +422,16 @@ def load_pyplot() -> Any:
 
 
 def plot_report(results: Sequence[dict], report: Mapping[str, Any], path: str, plt: Any) -> None:
-    """Save each path's latency distribution (an empirical CDF, log-scaled time) to ``path``."""
+    """Save each path's distribution of per-step times (an empirical CDF, log-scaled time) to ``path``."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, values in pooled(results).items():
+    for name, values in pooled(results, report["paths"]).items():
         ordered = np.sort(np.asarray(values, dtype=np.float64)) / 1000.0
         fraction = np.arange(1, len(ordered) + 1) / len(ordered)
-        ax.step(
-            ordered,
-            fraction,
-            where="post",
-            label=f"{PATH_LABELS[name]} (p50 {report['paths'][name]['p50_us']:.0f} us)",
-        )
+        summary = report["paths"][name]
+        ax.step(ordered, fraction, where="post", label=f"{summary['label']} (p50 {summary['p50_us']:.0f} us)")
     ax.set_xscale("log")
-    ax.set_xlabel("signal sync per step (us, log scale)")
+    what = "loop step" if report["mode"] == "jitter" else "signal sync per step"
+    ax.set_xlabel(f"{what} (us, log scale)")
     ax.set_ylabel("fraction of steps")
     ax.set_title(f"{report['nranks']} ranks, {report['iters']} steps, Paddle {report['paddle_version']}")
     ax.grid(True, which="both", alpha=0.3)

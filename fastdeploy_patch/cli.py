@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import signal
@@ -12,14 +13,24 @@ import threading
 from collections.abc import Callable, Sequence
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_arg(minimum: int, expected: str, maximum: float = math.inf) -> Callable[[str], int]:
+    """An argparse type: an integer from ``minimum`` to ``maximum``; anything else is a usage error saying
+    ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_arg(1, "a positive integer")
+_non_negative_int = _int_arg(0, "an integer >= 0")
 
 
 def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
@@ -32,23 +43,14 @@ def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (``inf`` would mean never stopping the ranks)."""
     try:
         value = float(text)
     except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
     return value
 
 
@@ -60,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     smoke = sub.add_parser("smoke", help="quick check: broadcast from each src, safe shutdown, restart")
     smoke.add_argument("--nranks", type=_positive_int, default=2, help="CPU ranks to start (default 2)")
-    smoke.add_argument("--timeout", type=float, default=120.0, help="seconds before the ranks are killed")
+    smoke.add_argument(
+        "--timeout", type=_seconds, default=120.0, help="seconds before the ranks are killed (default 120)"
+    )
 
-    from fastdeploy_patch.demo import MIN_STEPS
+    from fastdeploy_patch.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
+    from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
         "demo", help="RL weight update on N CPU ranks: the engine requests clear, then update; a summary table"
@@ -72,13 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_int_at_least(MIN_STEPS, f"expected at least {MIN_STEPS} steps, room for a whole clear/update cycle"),
         default=200,
-        help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS})",
+        help=f"event-loop steps every rank runs (default 200, at least {MIN_STEPS} plus {STEPS_PER_LOOKAHEAD} per "
+        "step of --lookahead)",
+    )
+    demo.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --steps)")
+    demo.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="auto",
+        help="the signal group's transport (default auto: shared memory when every rank can map it, else gloo)",
     )
     demo.add_argument(
-        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --steps)"
+        "--lookahead",
+        type=_int_arg(0, f"an integer from 0 to {MAX_LOOKAHEAD}", MAX_LOOKAHEAD),
+        default=0,
+        help=f"steps after rank 0 reads a status that every rank acts on it (0 to {MAX_LOOKAHEAD}, default 0; "
+        "needs shared memory)",
     )
+    demo.set_defaults(check=_demo_flags_agree, parser=demo)
 
-    bench = sub.add_parser("bench", help="per-step signal-sync latency: legacy broadcast against the patch")
+    bench = sub.add_parser(
+        "bench",
+        help="per-step signal-sync latency of each path (legacy, gloo, shm); --jitter: loop time under jitter",
+    )
     bench.add_argument(
         "--nranks",
         type=_int_at_least(2, "expected at least 2 ranks: a broadcast needs a peer"),
@@ -87,12 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--iters", type=_positive_int, default=5000, help="timed steps per path (default 5000)")
     bench.add_argument("--warmup", type=_non_negative_int, default=200, help="untimed steps first (default 200)")
-    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    bench.add_argument("--plot", metavar="FILE.png", help="save the latency distributions (needs the plot extra)")
     bench.add_argument(
-        "--timeout", type=_positive_float, help="seconds before the ranks are killed (default: from --iters)"
+        "--jitter",
+        action="store_true",
+        help="instead: loop time per step when every rank does its own 200-400 us of CPU work each step, for no "
+        "sync, gloo, shm and shm with a lookahead",
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--plot", metavar="FILE.png", help="save the distributions as a plot (needs the plot extra)")
+    bench.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --iters)")
+    sub.add_parser(
+        "doctor",
+        help="what this machine offers the signal group (Paddle, GPUs, /dev/shm, transport, multi-host); "
+        "exits 1 when it cannot work",
     )
     return parser
+
+
+def _demo_flags_agree(args: argparse.Namespace) -> str | None:
+    from fastdeploy_patch.demo import min_steps
+
+    if args.lookahead and args.transport == "gloo":
+        return (
+            f"argument --lookahead: lookahead {args.lookahead} needs the shared-memory transport, not gloo: "
+            "use --transport shm or auto, or --lookahead 0"
+        )
+    if args.steps < min_steps(args.lookahead):
+        return (
+            f"argument --steps: expected at least {min_steps(args.lookahead)} steps with --lookahead "
+            f"{args.lookahead}, room for a whole clear/update cycle, got '{args.steps}'"
+        )
+    return None
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from fastdeploy_patch import doctor
+
+    findings = doctor.run()
+    print(doctor.format_findings(findings))
+    return doctor.exit_code(findings)
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -135,7 +189,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     # Start-up (import paddle, rendezvous) dominates short runs; each step then costs its pause plus a little.
     timeout = args.timeout or 120.0 + args.steps * (DEFAULT_STEP_INTERVAL_S + 0.05)
-    print(f"demo: starting {args.nranks} CPU rank(s) for {args.steps} steps; the engine drives one clear/update cycle")
+    print(
+        f"demo: starting {args.nranks} CPU rank(s) for {args.steps} steps (signal transport {args.transport}, "
+        f"lookahead {args.lookahead}); the engine drives one clear/update cycle"
+    )
     print("demo: waiting for the ranks to start (importing Paddle takes a few seconds)...", flush=True)
     prefix = _shm_prefix()
     stop = threading.Event()
@@ -153,6 +210,8 @@ def _demo(args: argparse.Namespace) -> int:
                     "progress_name": progress.name,
                     "steps": args.steps,
                     "step_interval": DEFAULT_STEP_INTERVAL_S,
+                    "transport": args.transport,
+                    "lookahead": args.lookahead,
                 }
                 results = run_ranks("fastdeploy_patch.demo:demo_rank", args.nranks, kwargs=kwargs, timeout=timeout)
             finally:
@@ -178,26 +237,28 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import paddle
 
-    from fastdeploy_patch.bench import build_report, format_report, load_pyplot, pick_backend, plot_report
+    from fastdeploy_patch import bench
     from fastdeploy_patch.launcher import RankError, run_ranks
 
     # Fail before minutes of measuring, not after.
     try:
-        plt = load_pyplot() if args.plot else None
+        plt = bench.load_pyplot() if args.plot else None
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    backend = pick_backend(args.nranks)
+    backend = bench.pick_backend(args.nranks)
     timeout = args.timeout or 120.0 + (args.iters + args.warmup) * 0.02
+    what = "loop steps with per-rank CPU work" if args.jitter else "timed steps"
     # stdout carries only the result, so that --json output is one JSON object.
     print(
-        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} timed steps per path...",
+        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} {what} per path...",
         file=sys.stderr,
         flush=True,
     )
+    target = "fastdeploy_patch.bench:jitter_rank" if args.jitter else "fastdeploy_patch.bench:bench_rank"
     try:
         results = run_ranks(
-            "fastdeploy_patch.bench:bench_rank",
+            target,
             args.nranks,
             kwargs={"iters": args.iters, "warmup": args.warmup},
             timeout=timeout,
@@ -209,22 +270,21 @@ def _bench(args: argparse.Namespace) -> int:
     except RankError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
-    report = build_report(
-        results,
-        nranks=args.nranks,
-        iters=args.iters,
-        warmup=args.warmup,
-        backend=backend,
-        paddle_version=paddle.__version__,
-    )
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    figures = {"nranks": args.nranks, "iters": args.iters, "warmup": args.warmup, "paddle_version": paddle.__version__}
+    if args.jitter:
+        report = bench.build_jitter_report(results, **figures)
+        text = bench.format_jitter_report(report)
+    else:
+        report = bench.build_report(results, backend=backend, **figures)
+        text = bench.format_report(report)
+    print(json.dumps(report, indent=2) if args.json else text)
     if plt is not None:
-        plot_report(results, report, args.plot, plt)
-        print(f"bench: latency distributions saved to {args.plot}", file=sys.stderr)
+        bench.plot_report(results, report, args.plot, plt)
+        print(f"bench: distributions saved to {args.plot}", file=sys.stderr)
     return 0
 
 
-_COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench}
+_COMMANDS = {"smoke": _smoke, "demo": _demo, "bench": _bench, "doctor": _doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,4 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # supervisor) must still stop the ranks, so ask for KeyboardInterrupt explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
+    problem = args.check(args) if "check" in args else None
+    if problem:
+        args.parser.error(problem)
     return _COMMANDS[args.command](args)

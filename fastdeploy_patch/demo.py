@@ -20,6 +20,16 @@ from fastdeploy_patch.status import ModelWeightsStatus
 MIN_STEPS = 20
 """Fewest steps that leave room for a whole clear/update cycle after the ranks start."""
 
+STEPS_PER_LOOKAHEAD = 5
+"""Extra steps the cycle needs per step of lookahead: each of its requests and answers takes effect that much
+later (4 delays in a cycle, plus slack)."""
+
+
+def min_steps(lookahead: int) -> int:
+    """Fewest steps that leave room for a whole clear/update cycle with ``lookahead``."""
+    return MIN_STEPS + STEPS_PER_LOOKAHEAD * lookahead
+
+
 DEFAULT_STEP_INTERVAL_S = 0.01
 """Pause after each step; it paces the ranks so that the driver (polling every millisecond) sees every phase."""
 
@@ -32,12 +42,46 @@ EXPECTED_CYCLE = (
 """The transitions every rank must see, in order, in one demo run."""
 
 
-def demo_rank(status_name: str, progress_name: str, steps: int, step_interval: float) -> dict:
-    """On one rank: run ``steps`` event-loop steps of a small model, rank 0 reading the engine's status from
-    the shared memory ``status_name`` and publishing its step count in ``progress_name``.
+class _WatchedStatus:
+    """The engine's status segment as rank 0's worker sees it, noting each step at which the value read from it
+    changes: the step the worker publishes a request (or its own answer) to the other ranks."""
 
-    Returns what this rank saw: steps run, transitions ``[step, status name]``, the weight manager's counters and
-    the signal-sync latency p50/p99 in microseconds.
+    def __init__(self, signal: StatusSignal) -> None:
+        self._signal = signal
+        self.value = _WatchedValue(signal.value)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._signal, name)
+
+
+class _WatchedValue:
+    def __init__(self, array: object) -> None:
+        self._array = array
+        self.step = 0
+        self._last = int(ModelWeightsStatus.NORMAL)
+        self.changes: list[list] = []
+
+    def __getitem__(self, index: int) -> object:
+        value = self._array[index]
+        if int(value) != self._last:
+            self._last = int(value)
+            self.changes.append([self.step, ModelWeightsStatus(self._last).name])
+        return value
+
+    def __setitem__(self, index: int, value: object) -> None:
+        self._array[index] = value
+
+
+def demo_rank(
+    status_name: str, progress_name: str, steps: int, step_interval: float, transport: str = "auto", lookahead: int = 0
+) -> dict:
+    """On one rank: run ``steps`` event-loop steps of a small model over a signal group of ``transport`` and
+    ``lookahead``, rank 0 reading the engine's status from the shared memory ``status_name`` and publishing its
+    step count in ``progress_name``.
+
+    Returns what this rank saw: steps run, transitions ``[step, status name]``, the group's transport, the
+    weight manager's counters, the signal-sync latency p50/p99 in microseconds and, on rank 0, the steps at
+    which it read each new status (``published``).
     """
     import paddle
     import paddle.distributed as dist
@@ -47,12 +91,21 @@ def demo_rank(status_name: str, progress_name: str, steps: int, step_interval: f
     on_src = dist.get_rank() == SIGNAL_SRC
     status = StatusSignal(status_name) if on_src else None
     progress = StatusSignal(progress_name) if on_src else None
+    watched = _WatchedStatus(status) if status is not None else None
     try:
         paddle.seed(0)
         model = paddle.nn.Linear(16, 16)
-        worker = WorkerProcess(model, status_signal=status, forward_input=paddle.ones([4, 16]))
+        worker = WorkerProcess(
+            model,
+            status_signal=watched,
+            signal_transport=transport,
+            signal_lookahead=lookahead,
+            forward_input=paddle.ones([4, 16]),
+        )
         # Stepping here rather than with event_loop() lets rank 0 publish its progress after every step.
         for _ in range(steps):
+            if watched is not None:
+                watched.value.step = worker.steps + 1
             worker.event_loop_step()
             if progress is not None:
                 progress.value[0] = worker.steps
@@ -63,10 +116,14 @@ def demo_rank(status_name: str, progress_name: str, steps: int, step_interval: f
             if signal is not None:
                 signal.close()
     manager = worker.weight_manager
+    group = worker.signal_group
     return {
         "rank": worker.rank,
+        "transport": group.transport if group is not None else "none",
+        "lookahead": lookahead,
         "steps": worker.steps,
         "transitions": [[step, seen.name] for step, seen in worker.transitions],
+        "published": watched.value.changes if watched is not None else [],
         "parameters_released": manager.parameters_released,
         "parameters_restored": manager.parameters_restored,
         "groups_shut_down": manager.groups_shut_down,
@@ -187,13 +244,22 @@ _PHASES = (
 
 def check_demo(results: Sequence[dict], steps: int) -> list[str]:
     """Return the problems in the ranks' demo results (empty when every rank ran ``steps`` steps, saw the whole
-    clear/update cycle at the same steps as rank 0, and restored every parameter it released)."""
+    clear/update cycle at the same steps as rank 0, exactly the lookahead's number of steps after rank 0 read
+    each status, and restored every parameter it released)."""
     problems = []
-    reference = results[0]["transitions"]
+    first = results[0]
+    reference = first["transitions"]
     seen = tuple(ModelWeightsStatus[name] for _, name in reference)
     if seen != EXPECTED_CYCLE:
         wanted = ", ".join(s.name for s in EXPECTED_CYCLE)
         problems.append(f"rank 0 saw transitions {_transitions(reference)}, expected {wanted} in that order")
+    lookahead = first["lookahead"]
+    expected = [[step + lookahead, name] for step, name in first["published"] if step + lookahead <= steps]
+    if reference != expected:
+        problems.append(
+            f"rank 0 read {_transitions(first['published'])} from the engine, so with lookahead {lookahead} every "
+            f"rank should see {_transitions(expected)}, but rank 0 saw {_transitions(reference)}"
+        )
     for result in results:
         rank = result["rank"]
         if result["steps"] != steps:
@@ -220,6 +286,7 @@ def _transitions(transitions: Sequence[Sequence]) -> str:
 
 _COLUMNS = (
     "rank",
+    "transport",
     "steps",
     "transitions (status@step)",
     "params released/restored",
@@ -230,10 +297,12 @@ _COLUMNS = (
 
 
 def format_table(results: Sequence[dict]) -> str:
-    """The summary table: one row per rank, then whether the ranks agree."""
+    """The summary table: one row per rank, then when rank 0 read each status and when it took effect, then
+    whether the ranks agree."""
     rows = [
         (
             str(r["rank"]),
+            r["transport"],
             str(r["steps"]),
             _transitions(r["transitions"]),
             f"{r['parameters_released']}/{r['parameters_restored']}",
@@ -248,5 +317,11 @@ def format_table(results: Sequence[dict]) -> str:
         " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) for cells in [_COLUMNS, *rows]
     ]
     lines.insert(1, "-+-".join("-" * width for width in widths))
+    lookahead = results[0]["lookahead"]
+    later = f"{lookahead} steps later" if lookahead else "at the same step"
+    lines.append(
+        f"rank 0 read from the engine: {_transitions(results[0]['published'])} (lookahead {lookahead}: "
+        f"every rank acts on each {later})"
+    )
     lines.append(f"ranks agree: {'yes' if ranks_agree(results) else 'NO'}")
     return "\n".join(line.rstrip() for line in lines)

@@ -3,6 +3,8 @@
 Every rank runs ``module:function(**kwargs)`` after ``paddle.distributed.init_parallel_env()``. The parent polls
 them, kills them all as soon as one fails, and on timeout collects each rank's Python traceback before
 killing it. Ranks are plain subprocesses (not ``spawn``/``launch``) so that a survivor's own error is seen.
+By default every rank runs here on loopback; a ``RankPlacement`` per rank puts ranks elsewhere (another address,
+a command such as ``nsenter`` in front, extra environment), which is how tests simulate several hosts.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,20 @@ def _others(rank: int, reports: dict[int, str]) -> str:
     return ("\nother ranks:\n" + "\n".join(rest)) if rest else ""
 
 
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where and how one rank runs: its endpoint's address, a command its interpreter is started through (for
+    example ``nsenter`` into another host's namespaces; it must exec the interpreter, not fork it, so that killing
+    the rank reaches it), and environment variables for it alone."""
+
+    host: str = LOOPBACK
+    command_prefix: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class _Rank:
     rank: int
@@ -74,7 +90,7 @@ class _Rank:
         return text[-LOG_TAIL_CHARS:]
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """Return ``count`` distinct TCP ports that were free a moment ago (held together, then released)."""
     with contextlib.ExitStack() as stack:
         socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
@@ -83,16 +99,19 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def rank_env(rank: int, nranks: int, ports: list[int], *, backend: str = "gloo", host: str = "127.0.0.1") -> dict:
-    """The environment variables Paddle reads to join rank ``rank`` of ``nranks`` (``ports[nranks]`` is the
-    master's)."""
-    endpoints = [f"{host}:{port}" for port in ports[:nranks]]
+def rank_env(
+    rank: int, nranks: int, ports: list[int], *, backend: str = "gloo", hosts: Sequence[str] | None = None
+) -> dict:
+    """The environment variables Paddle reads to join rank ``rank`` of ``nranks``: rank ``r`` listens on
+    ``hosts[r]:ports[r]`` (every host is loopback by default) and the master on ``hosts[0]:ports[nranks]``."""
+    hosts = hosts or [LOOPBACK] * nranks
+    endpoints = [f"{host}:{port}" for host, port in zip(hosts, ports[:nranks], strict=True)]
     env = {
         "PADDLE_TRAINER_ID": str(rank),
         "PADDLE_TRAINERS_NUM": str(nranks),
         "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints),
         "PADDLE_CURRENT_ENDPOINT": endpoints[rank],
-        "PADDLE_MASTER": f"{host}:{ports[nranks]}",
+        "PADDLE_MASTER": f"{hosts[0]}:{ports[nranks]}",
         "PADDLE_DISTRI_BACKEND": backend,
         "PADDLE_RANK_IN_NODE": str(rank),
     }
@@ -112,10 +131,14 @@ def run_ranks(
     timeout: float = 120.0,
     backend: str = "gloo",
     env: Mapping[str, str] | None = None,
+    placements: Sequence[RankPlacement] | None = None,
     poll_interval: float = 0.05,
 ) -> list[Any]:
     """Run ``target`` (``"package.module:function"``) in ``nranks`` fresh processes and return each rank's
     JSON-serialisable return value, indexed by rank.
+
+    ``env`` is added to every rank's environment; ``placements``, one per rank, says where each rank runs (by
+    default all on loopback, here).
 
     Raises ``RankFailed`` as soon as one rank exits non-zero and ``RankTimeout`` after ``timeout`` seconds;
     in both cases, and on ``KeyboardInterrupt``, every rank and its children are killed first.
@@ -128,6 +151,9 @@ def run_ranks(
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    placements = list(placements) if placements is not None else [RankPlacement()] * nranks
+    if len(placements) != nranks:
+        raise ValueError(f"placements must hold one RankPlacement per rank ({nranks}), got {len(placements)}")
     with tempfile.TemporaryDirectory(prefix="fdp-ranks-") as tmp:
         workdir = Path(tmp)
         spec_path = workdir / "spec.json"
@@ -136,7 +162,7 @@ def run_ranks(
         ranks: list[_Rank] = []
         try:
             for rank in range(nranks):
-                ranks.append(_start(rank, nranks, ports, workdir, spec_path, backend, env))
+                ranks.append(_start(rank, ports, workdir, spec_path, backend, env, placements))
             _wait(ranks, timeout, poll_interval)
             return [json.loads(r.result_path.read_text()) for r in ranks]
         finally:
@@ -145,20 +171,27 @@ def run_ranks(
 
 def _start(
     rank: int,
-    nranks: int,
     ports: list[int],
     workdir: Path,
     spec_path: Path,
     backend: str,
     env: Mapping[str, str] | None,
+    placements: list[RankPlacement],
 ) -> _Rank:
     log_path = workdir / f"rank{rank}.log"
     result_path = workdir / f"rank{rank}.json"
-    child_env = {**os.environ, **(env or {}), **rank_env(rank, nranks, ports, backend=backend)}
+    placement = placements[rank]
+    hosts = [p.host for p in placements]
+    child_env = {
+        **os.environ,
+        **(env or {}),
+        **placement.env,
+        **rank_env(rank, len(placements), ports, backend=backend, hosts=hosts),
+    }
     child_env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", RANK_BOOTSTRAP, str(spec_path), str(result_path)],
+            [*placement.command_prefix, sys.executable, "-c", RANK_BOOTSTRAP, str(spec_path), str(result_path)],
             env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastdeploy_patch.launcher import RankFailed, RankTimeout, run_ranks
+from fastdeploy_patch.launcher import RankFailed, RankPlacement, RankTimeout, run_ranks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,15 +44,19 @@ def run_ranks_or_fail(
     kwargs: Mapping[str, Any] | None = None,
     timeout: float = RANK_TIMEOUT_S,
     backend: str = "gloo",
+    placements: Sequence[RankPlacement] | None = None,
 ) -> list[Any]:
-    """Run ``fn(**kwargs)`` on ``nranks`` real ranks and return each rank's result, indexed by rank.
+    """Run ``fn(**kwargs)`` on ``nranks`` real ranks (placed by ``placements``, default all here on loopback) and
+    return each rank's result, indexed by rank.
 
     A rank that fails or a launch that times out becomes a pytest failure naming the rank(s), with the failing
     rank's traceback first and the other ranks' log tails after; every rank is dead by then.
     """
     target = target_of(fn)
     try:
-        return run_ranks(target, nranks, kwargs=kwargs, timeout=timeout, backend=backend, env=rank_env())
+        return run_ranks(
+            target, nranks, kwargs=kwargs, timeout=timeout, backend=backend, env=rank_env(), placements=placements
+        )
     except RankFailed as exc:
         others = "".join(
             f"\n----- rank {rank} (killed) -----\n{tail}"

@@ -1,4 +1,4 @@
-"""The `demo` and `bench` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
+"""The `demo`, `bench` and `doctor` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
 
 Each CLI process carries the suite's run tag, so the autouse check in conftest proves that no rank it started
 outlived the test.
@@ -74,9 +74,15 @@ def _rows(out: str) -> dict[int, list[str]]:
     rows = {}
     for line in out.splitlines():
         cells = [cell.strip() for cell in line.split("|")]
-        if len(cells) == 7 and cells[0].isdigit():
+        if len(cells) == 8 and cells[0].isdigit():
             rows[int(cells[0])] = cells
     return rows
+
+
+def _steps(transitions: str) -> list[int]:
+    match = re.fullmatch(r"CLEARING@(\d+) CLEARED@(\d+) UPDATING@(\d+) NORMAL@(\d+)", transitions)
+    assert match, transitions
+    return [int(step) for step in match.groups()]
 
 
 def _our_segments(pid: int) -> list[str]:
@@ -84,24 +90,31 @@ def _our_segments(pid: int) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps() -> None:
-    done = run_cli("demo", "--nranks", "2", "--steps", "30")
+@pytest.mark.parametrize(("transport", "lookahead", "steps"), [("shm", 0, 30), ("shm", 4, 40), ("gloo", 0, 30)])
+def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps(
+    transport: str, lookahead: int, steps: int
+) -> None:
+    args = ("demo", "--nranks", "2", "--steps", str(steps), "--transport", transport, "--lookahead", str(lookahead))
+    done = run_cli(*args)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     out = done.stdout
     # Progress: each phase of the engine's side, as it happens.
     for phase in ("requested CLEARING", "rank 0 reports CLEARED", "requested UPDATING", "rank 0 reports NORMAL"):
-        assert re.search(rf"^\[engine\] step \d+/30: {phase}", out, re.MULTILINE), out
+        assert re.search(rf"^\[engine\] step \d+/{steps}: {phase}", out, re.MULTILINE), out
     rows = _rows(out)
     assert sorted(rows) == [0, 1], out
-    cycle = re.fullmatch(r"CLEARING@(\d+) CLEARED@(\d+) UPDATING@(\d+) NORMAL@(\d+)", rows[0][2])
-    assert cycle, out
-    clearing, cleared, updating, normal = map(int, cycle.groups())
-    # Rank 0 answers each request in the step that carried it out, so the answer is seen one step later.
-    assert (cleared, normal) == (clearing + 1, updating + 1)
-    assert 1 < clearing and cleared < updating and normal <= 30
+    clearing, cleared, updating, normal = _steps(rows[0][3])
+    # Rank 0 answers each request in the step that carried it out; its answer is read at the next step and takes
+    # effect the lookahead later.
+    assert (cleared, normal) == (clearing + 1 + lookahead, updating + 1 + lookahead)
+    assert 1 < clearing and cleared < updating and normal <= steps
+    # Every rank acts on each status exactly the lookahead after rank 0 read it from the engine.
+    [read] = re.findall(r"^rank 0 read from the engine: (.*) \(lookahead (\d+): ", out, re.MULTILINE)
+    assert int(read[1]) == lookahead
+    assert [step + lookahead for step in _steps(read[0])] == [clearing, cleared, updating, normal]
     for rank in (0, 1):
-        steps, transitions, params, groups, p50, p99 = rows[rank][1:]
-        assert (steps, transitions, params) == ("30", rows[0][2], "2/2")
+        transport_used, ran, transitions, params, groups, p50, p99 = rows[rank][1:]
+        assert (transport_used, ran, transitions, params) == (transport, str(steps), rows[0][3], "2/2")
         # On CPU every group is gloo, which cannot be shut down: nothing to shut down or restart.
         assert groups == "0/0"
         assert 0 < float(p50) <= float(p99)
@@ -110,25 +123,69 @@ def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps()
 
 
 @pytest.mark.timeout(240)
-def test_bench_json_reports_each_path_over_every_rank() -> None:
+def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     done = run_cli("bench", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)  # stdout is exactly one JSON object
-    assert {k: report[k] for k in ("nranks", "iters", "warmup", "backend", "paddle_version")} == {
+    assert {k: report[k] for k in ("mode", "nranks", "iters", "warmup", "backend", "paddle_version")} == {
+        "mode": "latency",
         "nranks": 2,
         "iters": 100,
         "warmup": 10,
         "backend": "gloo",
         "paddle_version": paddle.__version__,
     }
-    assert list(report["paths"]) == ["legacy", "patch", "patch_deadline"]
-    for path in report["paths"].values():
+    paths = report["paths"]
+    assert list(paths) == ["legacy", "gloo", "gloo_direct", "gloo_deadline", "shm"]
+    for path in paths.values():
         assert path["samples"] == 200 and sorted(path["per_rank"]) == ["0", "1"]
         assert 0 < path["p50_us"] <= path["p99_us"] and path["mean_us"] > 0
-    legacy, patch = report["paths"]["legacy"], report["paths"]["patch"]
-    assert report["ratio_legacy_over_patch"]["p50"] == pytest.approx(legacy["p50_us"] / patch["p50_us"])
-    assert report["ratio_legacy_over_patch"]["mean"] == pytest.approx(legacy["mean_us"] / patch["mean_us"])
+    for name, (top, bottom) in {
+        "legacy_over_gloo": ("legacy", "gloo"),
+        "gloo_over_shm": ("gloo", "shm"),
+        "legacy_over_shm": ("legacy", "shm"),
+    }.items():
+        assert report["ratios"][name]["p50"] == pytest.approx(paths[top]["p50_us"] / paths[bottom]["p50_us"])
+        assert report["ratios"][name]["mean"] == pytest.approx(paths[top]["mean_us"] / paths[bottom]["mean_us"])
+    public = paths["gloo"]["p50_us"] - paths["gloo_direct"]["p50_us"]
+    assert report["public_broadcast_cost_us"]["p50"] == pytest.approx(public)
     assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
+
+
+@pytest.mark.timeout(240)
+def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
+    done = run_cli("bench", "--jitter", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert {k: report[k] for k in ("mode", "nranks", "iters", "warmup", "work_us", "lookahead")} == {
+        "mode": "jitter",
+        "nranks": 2,
+        "iters": 100,
+        "warmup": 10,
+        "work_us": [200, 400],
+        "lookahead": 4,
+    }
+    paths = report["paths"]
+    assert list(paths) == ["nosync", "gloo", "shm", "shm_lookahead"]
+    base = paths["nosync"]["mean_us"]
+    # Every step does at least 200 us of work.
+    assert base >= 200 and 200 <= report["work_us_mean"] <= 400
+    for path in paths.values():
+        assert path["samples"] == 200 and path["mean_us"] >= 200
+        assert path["overhead_pct"] == pytest.approx((path["mean_us"] - base) / base * 100)
+    assert "loop steps with per-rank CPU work per path..." in done.stderr
+
+
+@pytest.mark.timeout(240)
+def test_doctor_reports_this_machine_and_passes_here() -> None:
+    done = run_cli("doctor", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"[ OK ] Paddle: {paddle.__version__}, CPU build, gloo: yes")
+    assert '[ OK ] ranks on this host: transport="auto" picks shm (shared memory works here)' in lines
+    assert any(line.startswith("[ OK ] /dev/shm: mounted (tmpfs)") for line in lines)
+    assert lines[-1].startswith("doctor: the signal group can work here")
+    assert "ccache" not in done.stderr
 
 
 def _children(pid: int) -> list[int]:

@@ -19,3 +19,7 @@ def sleep_forever(ready: str | None = None) -> None:
     if ready is not None:
         Path(ready).touch()
     time.sleep(600)
+
+
+def environment(names: list[str]) -> dict:
+    return {name: os.environ.get(name) for name in names}

@@ -6,6 +6,7 @@ import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -15,10 +16,16 @@ import pytest
 from fastdeploy_patch import bench, signal_group
 from fastdeploy_patch.bench import (
     DEADLINE_TIMEOUT_S,
+    JITTER_LABELS,
+    JITTER_LOOKAHEAD,
+    JITTER_WORK_US,
     PATH_LABELS,
+    build_jitter_report,
     build_report,
+    format_jitter_report,
     format_report,
     gpu_available,
+    jitter_step,
     load_pyplot,
     measure,
     percentile_us,
@@ -26,6 +33,7 @@ from fastdeploy_patch.bench import (
     plot_report,
     pooled,
     summarize,
+    work_draws,
 )
 
 # --- statistics -----------------------------------------------------------------------------------------
@@ -94,6 +102,14 @@ def test_measure_spreads_the_iterations_over_rounds_that_rotate_through_the_path
     assert [len(samples["a"]), len(samples["b"])] == [5, 5]
 
 
+def test_measure_meets_the_barrier_before_each_warm_up_and_each_turn_untimed() -> None:
+    rec = Recorder()
+    paths = {"a": rec.path("a", 5), "b": rec.path("b", 5)}
+    samples = measure(paths, iters=3, warmup=1, rounds=2, clock=rec.clock, barrier=lambda: rec.calls.append("|"))
+    assert "".join(rec.calls) == "|a|b" + "|aa|bb" + "|a|b"
+    assert samples == {"a": [6, 6, 6], "b": [6, 6, 6]}
+
+
 def test_measure_uses_the_monotonic_nanosecond_clock_by_default() -> None:
     samples = measure({"a": lambda: None}, iters=2, warmup=0)
     assert len(samples["a"]) == 2 and all(isinstance(ns, int) and ns >= 0 for ns in samples["a"])
@@ -121,22 +137,47 @@ def test_pick_backend_is_nccl_only_with_a_gpu_per_rank(available: bool, backend:
     probe.assert_called_once_with(4)
 
 
-# --- bench_rank ----------------------------------------------------------------------------------------
+# --- bench_rank and jitter_rank ------------------------------------------------------------------------
+
+
+@dataclass
+class FakeProcessGroup:
+    """The gloo process group under a signal group: records each direct broadcast."""
+
+    calls: list[tuple[int, int, bool]] = field(default_factory=list)
+
+    def broadcast(self, tensor: paddle.Tensor, src: int, sync_op: bool) -> None:
+        self.calls.append((int(tensor.item()), src, sync_op))
+
+
+@dataclass
+class FakeSignalGroup:
+    kwargs: dict
+    number: int
+    ranks: list[int] = field(default_factory=lambda: [0, 1])
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.paddle_group = SimpleNamespace(process_group=FakeProcessGroup())
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass
 class FakeCollectives:
-    """The distributed calls ``bench_rank`` makes, recorded with the group each one used."""
+    """The distributed calls the benchmark ranks make, recorded with the group each one used."""
 
     rank: int = 0
     object_lists: list[tuple[list, int]] = field(default_factory=list)
     tensors: list[tuple[int, int, str]] = field(default_factory=list)
-    signals: list[tuple[int, int, object]] = field(default_factory=list)
-    groups: list[dict] = field(default_factory=list)
+    signals: list[tuple[int, int, int]] = field(default_factory=list)
+    groups: list[FakeSignalGroup] = field(default_factory=list)
+    barriers: int = 0
 
-    def new_signal_group(self, **kwargs: object) -> object:
-        self.groups.append(kwargs)
-        return f"signal-group-{len(self.groups)}"
+    def new_signal_group(self, **kwargs: object) -> FakeSignalGroup:
+        self.groups.append(FakeSignalGroup(kwargs, len(self.groups) + 1))
+        return self.groups[-1]
 
     def broadcast_object_list(self, box: list, src: int) -> None:
         self.object_lists.append((list(box), src))
@@ -145,9 +186,12 @@ class FakeCollectives:
     def broadcast(self, tensor: paddle.Tensor, src: int) -> None:
         self.tensors.append((int(tensor.item()), src, str(tensor.dtype)))
 
-    def broadcast_signal(self, value: int, src: int, group: object) -> int:
-        self.signals.append((value, src, group))
+    def broadcast_signal(self, value: int, src: int, group: FakeSignalGroup) -> int:
+        self.signals.append((value, src, group.number))
         return value
+
+    def barrier(self) -> None:
+        self.barriers += 1
 
 
 @pytest.fixture
@@ -157,26 +201,37 @@ def fakes() -> Iterator[FakeCollectives]:
         mock.patch("paddle.distributed.get_rank", side_effect=lambda: fake.rank),
         mock.patch("paddle.distributed.broadcast_object_list", side_effect=fake.broadcast_object_list),
         mock.patch("paddle.distributed.broadcast", side_effect=fake.broadcast),
+        mock.patch("paddle.distributed.barrier", fake.barrier),
         mock.patch.object(signal_group, "new_signal_group", side_effect=fake.new_signal_group),
         mock.patch.object(signal_group, "broadcast_signal", side_effect=fake.broadcast_signal),
+        mock.patch.object(bench, "busy_wait_us", side_effect=lambda us: None),
     ):
         yield fake
 
 
-def test_bench_rank_times_legacy_then_patch_paths_on_the_right_groups(fakes: FakeCollectives) -> None:
+def test_bench_rank_times_every_path_on_the_right_groups(fakes: FakeCollectives) -> None:
     with mock.patch.object(bench, "gpu_available", return_value=False):
         result = bench.bench_rank(iters=3, warmup=2)
     assert result["rank"] == 0
-    assert list(result["samples_ns"]) == ["legacy", "patch", "patch_deadline"]
+    assert list(result["samples_ns"]) == ["legacy", "gloo", "gloo_direct", "gloo_deadline", "shm"]
     assert all(len(samples) == 3 for samples in result["samples_ns"].values())
-    # One plain signal group and one with a timeout below gloo's limit, made once before timing.
-    assert fakes.groups == [{}, {"timeout": DEADLINE_TIMEOUT_S}]
+    # Made once before timing: gloo, gloo with a timeout below its own limit, shared memory; closed after.
+    assert [g.kwargs for g in fakes.groups] == [
+        {"transport": "gloo"},
+        {"transport": "gloo", "timeout": DEADLINE_TIMEOUT_S},
+        {"transport": "shm"},
+    ]
+    assert all(g.closed for g in fakes.groups)
     # The legacy path sends the status object from rank 0 over the default group (no group argument).
     assert fakes.object_lists == [([0], 0)] * 5
     # Warm-up path by path, then the 3 timed steps spread over rounds: one step of each path per round.
-    plain, deadline = (0, 0, "signal-group-1"), (0, 0, "signal-group-2")
-    assert fakes.signals == [plain, plain, deadline, deadline] + [plain, deadline] * 3
+    gloo, deadline, shm = (0, 0, 1), (0, 0, 2), (0, 0, 3)
+    assert fakes.signals == [gloo] * 2 + [deadline] * 2 + [shm] * 2 + [gloo, deadline, shm] * 3
+    # The direct path is the gloo group's own process group, src 0 as its group rank, synchronous.
+    assert fakes.groups[0].paddle_group.process_group.calls == [(0, 0, True)] * 5
     assert fakes.tensors == []
+    # One barrier before each path's warm-up and before each path's turn in each of the 5 rounds.
+    assert fakes.barriers == 5 + 5 * 5
 
 
 def test_bench_rank_receives_the_legacy_object_on_other_ranks(fakes: FakeCollectives) -> None:
@@ -190,15 +245,25 @@ def test_bench_rank_receives_the_legacy_object_on_other_ranks(fakes: FakeCollect
 def test_bench_rank_adds_the_gpu_tensor_path_when_a_gpu_is_visible(fakes: FakeCollectives) -> None:
     with mock.patch.object(bench, "gpu_available", return_value=True):
         result = bench.bench_rank(iters=2, warmup=1)
-    assert list(result["samples_ns"]) == ["legacy", "legacy_gpu", "patch", "patch_deadline"]
+    assert list(result["samples_ns"]) == ["legacy", "legacy_gpu", "gloo", "gloo_direct", "gloo_deadline", "shm"]
     # A fresh int32 tensor broadcast from rank 0 over the default group, every step.
     assert fakes.tensors == [(0, 0, "paddle.int32")] * 3
 
 
-def test_the_legacy_gpu_path_reads_the_value_back_to_the_host(fakes: FakeCollectives) -> None:
+def test_bench_rank_closes_its_groups_when_measuring_fails(fakes: FakeCollectives) -> None:
+    with (
+        mock.patch.object(bench, "gpu_available", return_value=False),
+        mock.patch.object(bench, "measure", side_effect=TimeoutError("stuck")),
+        pytest.raises(TimeoutError, match="stuck"),
+    ):
+        bench.bench_rank(iters=1, warmup=0)
+    assert len(fakes.groups) == 3 and all(g.closed for g in fakes.groups)
+
+
+def test_the_paths_return_what_they_received(fakes: FakeCollectives) -> None:
     captured: dict = {}
 
-    def keep_paths(paths, iters, warmup, rounds):
+    def keep_paths(paths, iters, warmup, rounds, barrier):
         captured.update(paths)
         return {}
 
@@ -206,64 +271,272 @@ def test_the_legacy_gpu_path_reads_the_value_back_to_the_host(fakes: FakeCollect
         bench.bench_rank(iters=1, warmup=0)
     value = captured["legacy_gpu"]()
     assert isinstance(value, np.integer) and value == 0
-    assert captured["legacy"]() == 0
-    assert captured["patch_deadline"]() == 0
+    assert [captured[name]() for name in ("legacy", "gloo", "gloo_direct", "gloo_deadline", "shm")] == [0] * 5
 
 
-# --- report ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rank", "filled"), [(0, 0), (1, 77)])
+def test_the_direct_gloo_call_fills_the_reused_buffer_on_rank_0_only(rank: int, filled: int) -> None:
+    group = FakeSignalGroup({}, 1, ranks=[0, 3])
+    broadcast = bench.direct_gloo_broadcast(group, rank)
+    calls = group.paddle_group.process_group.calls
+    for _ in range(2):
+        if rank != 0:
+            # What another rank receives lands in the buffer; rank 0's fill must not touch it here.
+            calls.clear()
+            group.paddle_group.process_group.broadcast = lambda tensor, src, sync: tensor.fill_(77)
+        assert broadcast() == filled
+    if rank == 0:
+        assert calls == [(0, 0, True), (0, 0, True)]
+
+
+def test_the_direct_gloo_call_names_src_by_its_rank_in_the_group() -> None:
+    group = FakeSignalGroup({}, 1, ranks=[2, 0])
+    bench.direct_gloo_broadcast(group, 0)()
+    assert group.paddle_group.process_group.calls == [(0, 1, True)]
+
+
+def test_busy_wait_spins_until_the_clock_passes_the_end() -> None:
+    ticks = iter([1000, 1500, 2999, 3000, 9999])
+    reads: list[int] = []
+
+    def clock() -> int:
+        reads.append(next(ticks))
+        return reads[-1]
+
+    bench.busy_wait_us(2, clock=clock)
+    assert reads == [1000, 1500, 2999, 3000]
+
+
+def test_busy_wait_really_takes_the_time() -> None:
+    import time
+
+    started = time.perf_counter_ns()
+    bench.busy_wait_us(300)
+    assert time.perf_counter_ns() - started >= 300_000
+
+
+def test_work_draws_are_per_rank_reproducible_and_in_range() -> None:
+    assert JITTER_WORK_US == (200, 400) and bench.JITTER_SEED == 0
+    draws = work_draws(0, 2000)
+    assert len(draws) == 2000 and all(isinstance(us, int) for us in draws)
+    assert min(draws) == 200 and max(draws) == 400
+    assert draws == work_draws(0, 2000)
+    assert draws != work_draws(1, 2000)
+    assert draws != work_draws(0, 2000, seed=1)
+
+
+def test_a_jitter_step_works_through_the_draws_then_syncs_and_cycles() -> None:
+    log: list[object] = []
+    step = jitter_step([3, 1, 2], lambda: log.append("sync"), work=log.append)
+    for _ in range(4):
+        step()
+    assert log == [3, "sync", 1, "sync", 2, "sync", 3, "sync"]
+
+
+def test_jitter_rank_runs_the_same_work_with_each_sync_path(fakes: FakeCollectives) -> None:
+    fakes.rank = 1
+    worked: list[int] = []
+    with mock.patch.object(bench, "busy_wait_us", side_effect=worked.append):
+        result = bench.jitter_rank(iters=4, warmup=2)
+    assert result["rank"] == 1
+    assert list(result["samples_ns"]) == ["nosync", "gloo", "shm", "shm_lookahead"]
+    assert all(len(samples) == 4 for samples in result["samples_ns"].values())
+    assert [g.kwargs for g in fakes.groups] == [
+        {"transport": "gloo"},
+        {"transport": "shm"},
+        {"transport": "shm", "lookahead": JITTER_LOOKAHEAD},
+    ]
+    assert JITTER_LOOKAHEAD == 4
+    assert all(g.closed for g in fakes.groups)
+    draws = work_draws(1, 6)
+    assert result["work_us_mean"] == pytest.approx(sum(draws) / 6)
+    # Every path goes through this rank's same draws: the warm-up's 2, then the timed 4.
+    assert len(worked) == 4 * 6
+    assert sorted(worked) == sorted(draws * 4)
+    # nosync sends nothing; the others send rank 0's status on their own group, 6 times each.
+    assert sorted(fakes.signals) == sorted([(0, 0, 1)] * 6 + [(0, 0, 2)] * 6 + [(0, 0, 3)] * 6)
+    assert fakes.barriers == 4 + 4 * 5
+
+
+def test_jitter_rank_closes_its_groups_when_measuring_fails(fakes: FakeCollectives) -> None:
+    with mock.patch.object(bench, "measure", side_effect=RuntimeError("lost")), pytest.raises(RuntimeError):
+        bench.jitter_rank(iters=1, warmup=0)
+    assert len(fakes.groups) == 3 and all(g.closed for g in fakes.groups)
+
+
+# --- latency report ----------------------------------------------------------------------------------------
+
+
+def _latency(**per_path: tuple[list[int], list[int]]) -> list[dict]:
+    return [{"rank": rank, "samples_ns": {name: values[rank] for name, values in per_path.items()}} for rank in (0, 1)]
 
 
 def _results() -> list[dict]:
-    return [
-        {"rank": 0, "samples_ns": {"legacy": [4000, 4000], "patch": [1000, 1000], "patch_deadline": [1500, 1500]}},
-        {"rank": 1, "samples_ns": {"legacy": [8000, 8000], "patch": [2000, 2000], "patch_deadline": [2000, 2000]}},
-    ]
+    return _latency(
+        legacy=([8000, 8000], [16000, 16000]),
+        gloo=([2000, 2000], [4000, 4000]),
+        gloo_direct=([1500, 1500], [3500, 3500]),
+        gloo_deadline=([3000, 3000], [3000, 3000]),
+        shm=([100, 100], [300, 300]),
+    )
 
 
 def test_pooled_joins_every_ranks_samples_in_report_order() -> None:
-    results = [{"rank": 0, "samples_ns": {"patch": [1], "legacy": [2], "legacy_gpu": [5]}}]
-    results.append({"rank": 1, "samples_ns": {"patch": [3], "legacy": [4], "legacy_gpu": [6]}})
-    assert list(pooled(results).items()) == [("legacy", [2, 4]), ("legacy_gpu", [5, 6]), ("patch", [1, 3])]
+    results = [{"rank": 0, "samples_ns": {"shm": [1], "legacy": [2], "legacy_gpu": [5]}}]
+    results.append({"rank": 1, "samples_ns": {"shm": [3], "legacy": [4], "legacy_gpu": [6]}})
+    assert list(pooled(results).items()) == [("legacy", [2, 4]), ("legacy_gpu", [5, 6]), ("shm", [1, 3])]
+    assert list(pooled(results, ["shm", "nothing"]).items()) == [("shm", [1, 3])]
 
 
-def test_build_report_pools_ranks_and_gives_ratios_and_the_deadline_cost() -> None:
+def test_build_report_pools_ranks_and_gives_the_three_ratios_and_both_costs() -> None:
     report = build_report(_results(), nranks=2, iters=2, warmup=9, backend="gloo", paddle_version="3.3.1")
-    assert {k: report[k] for k in ("nranks", "iters", "warmup", "backend", "paddle_version")} == {
+    assert {k: report[k] for k in ("mode", "nranks", "iters", "warmup", "backend", "paddle_version")} == {
+        "mode": "latency",
         "nranks": 2,
         "iters": 2,
         "warmup": 9,
         "backend": "gloo",
         "paddle_version": "3.3.1",
     }
-    legacy, patch, deadline = (report["paths"][k] for k in ("legacy", "patch", "patch_deadline"))
+    assert list(report["paths"]) == ["legacy", "gloo", "gloo_direct", "gloo_deadline", "shm"]
+    legacy, shm = report["paths"]["legacy"], report["paths"]["shm"]
     assert legacy["label"] == PATH_LABELS["legacy"]
-    assert (legacy["p50_us"], legacy["mean_us"], legacy["samples"]) == (6.0, 6.0, 4)
-    assert (patch["p50_us"], patch["mean_us"]) == (1.5, 1.5)
-    assert deadline["per_rank"] == {"0": summarize([1500, 1500]), "1": summarize([2000, 2000])}
-    assert report["ratio_legacy_over_patch"] == {"p50": 4.0, "mean": 4.0}
-    assert report["deadline_thread_cost_us"] == {"p50": pytest.approx(0.25), "mean": pytest.approx(0.25)}
+    assert (legacy["p50_us"], legacy["mean_us"], legacy["samples"]) == (12.0, 12.0, 4)
+    assert shm["per_rank"] == {"0": summarize([100, 100]), "1": summarize([300, 300])}
+    assert report["ratios"] == {
+        "legacy_over_gloo": {"p50": 4.0, "mean": 4.0},
+        "gloo_over_shm": {"p50": pytest.approx(15.0), "mean": pytest.approx(15.0)},
+        "legacy_over_shm": {"p50": pytest.approx(60.0), "mean": pytest.approx(60.0)},
+    }
+    assert report["public_broadcast_cost_us"] == {"p50": pytest.approx(0.5), "mean": pytest.approx(0.5)}
+    assert report["deadline_thread_cost_us"] == {"p50": pytest.approx(0.0), "mean": pytest.approx(0.0)}
 
 
-def test_a_zero_patch_time_gives_no_ratio_instead_of_dividing_by_zero() -> None:
-    results = [{"rank": 0, "samples_ns": {"legacy": [10], "patch": [], "patch_deadline": []}}]
-    report = build_report(results, nranks=1, iters=1, warmup=0, backend="gloo", paddle_version="x")
-    assert report["ratio_legacy_over_patch"] == {"p50": None, "mean": None}
-    assert "legacy / patch: n/a at p50, n/a at the mean" in format_report(report)
+def test_a_zero_time_gives_no_ratio_instead_of_dividing_by_zero() -> None:
+    results = _latency(legacy=([10], [10]), gloo=([], []), gloo_direct=([], []), gloo_deadline=([], []), shm=([], []))
+    report = build_report(results, nranks=2, iters=1, warmup=0, backend="gloo", paddle_version="x")
+    assert report["ratios"]["legacy_over_gloo"] == {"p50": None, "mean": None}
+    assert report["ratios"]["legacy_over_shm"] == {"p50": None, "mean": None}
+    assert "legacy / gloo: n/a at p50, n/a at the mean" in format_report(report)
 
 
-def test_format_report_shows_each_path_the_ratio_and_the_deadline_cost() -> None:
+def test_format_report_shows_each_path_the_ratios_and_the_costs() -> None:
     report = build_report(_results(), nranks=2, iters=2, warmup=9, backend="gloo", paddle_version="3.3.1")
     lines = format_report(report).splitlines()
     assert lines[0] == (
         "signal sync per step, 2 ranks (gloo), 2 steps after 9 warm-up, Paddle 3.3.1; all ranks' samples pooled"
     )
     assert lines[1].split() == ["path", "p50", "us", "p99", "us", "mean", "us"]
-    assert lines[2].startswith(PATH_LABELS["legacy"]) and lines[2].split()[-3:] == ["6.0", "8.0", "6.0"]
-    assert lines[3].startswith(PATH_LABELS["patch"]) and lines[3].split()[-3:] == ["1.5", "2.0", "1.5"]
-    assert lines[4].startswith(PATH_LABELS["patch_deadline"]) and lines[4].split()[-3:] == ["1.8", "2.0", "1.8"]
-    assert lines[5] == "legacy / patch: 4.00x at p50, 4.00x at the mean"
-    assert lines[6] == "deadline thread cost: +0.2 us per step at p50, +0.2 us at the mean"
+    expected = {
+        "legacy": ["12.0", "16.0", "12.0"],
+        "gloo": ["3.0", "4.0", "3.0"],
+        "gloo_direct": ["2.5", "3.5", "2.5"],
+        "gloo_deadline": ["3.0", "3.0", "3.0"],
+        "shm": ["0.2", "0.3", "0.2"],
+    }
+    for line, (name, cells) in zip(lines[2:7], expected.items(), strict=True):
+        assert line.startswith(PATH_LABELS[name]) and line.split()[-3:] == cells
+    assert lines[7:] == [
+        "legacy / gloo: 4.00x at p50, 4.00x at the mean",
+        "gloo / shm: 15.00x at p50, 15.00x at the mean",
+        "legacy / shm: 60.00x at p50, 60.00x at the mean",
+        "paddle.distributed.broadcast over the direct process-group call: +0.5 us per step at p50, "
+        "+0.5 us at the mean",
+        "deadline thread cost: +0.0 us per step at p50, +0.0 us at the mean",
+    ]
+    # The columns line up under their titles.
+    assert len({len(line) for line in lines[1:7]}) == 1
+
+
+# --- jitter report -----------------------------------------------------------------------------------------
+
+
+def _jitter(nosync: int, gloo: int, shm: int, pipelined: int) -> list[dict]:
+    paths = {"nosync": nosync, "gloo": gloo, "shm": shm, "shm_lookahead": pipelined}
+    return [
+        {"rank": rank, "samples_ns": {name: [ns, ns] for name, ns in paths.items()}, "work_us_mean": 299.0 + rank}
+        for rank in (0, 1)
+    ]
+
+
+def test_build_jitter_report_gives_loop_time_per_step_and_overhead_over_no_sync() -> None:
+    report = build_jitter_report(
+        _jitter(300_000, 390_000, 330_000, 303_000), nranks=2, iters=2, warmup=1, paddle_version="3.3.1"
+    )
+    assert {k: v for k, v in report.items() if k != "paths"} == {
+        "mode": "jitter",
+        "nranks": 2,
+        "iters": 2,
+        "warmup": 1,
+        "paddle_version": "3.3.1",
+        "work_us": [200, 400],
+        "work_us_mean": 299.5,
+        "seed": 0,
+        "lookahead": 4,
+        "lookahead_over_lockstep_shm": pytest.approx(0.1),
+    }
+    paths = report["paths"]
+    assert list(paths) == ["nosync", "gloo", "shm", "shm_lookahead"]
+    assert [paths[name]["label"] for name in paths] == list(JITTER_LABELS.values())
+    assert [paths[name]["mean_us"] for name in paths] == [300.0, 390.0, 330.0, 303.0]
+    assert [paths[name]["overhead_pct"] for name in paths] == [
+        pytest.approx(0.0),
+        pytest.approx(30.0),
+        pytest.approx(10.0),
+        pytest.approx(1.0),
+    ]
+
+
+@pytest.mark.parametrize("shm", [300_000, 290_000])
+def test_no_lookahead_share_when_lockstep_shm_costs_nothing(shm: int) -> None:
+    report = build_jitter_report(
+        _jitter(300_000, 390_000, shm, 303_000), nranks=2, iters=2, warmup=1, paddle_version="x"
+    )
+    assert report["lookahead_over_lockstep_shm"] is None
+    assert format_jitter_report(report).endswith(
+        "lookahead 4 overhead / lockstep shm overhead: n/a (lockstep shm cost nothing)"
+    )
+
+
+def test_no_overhead_without_a_no_sync_time() -> None:
+    report = build_jitter_report(_jitter(0, 1, 1, 1), nranks=2, iters=2, warmup=1, paddle_version="x")
+    assert all(path["overhead_pct"] is None for path in report["paths"].values())
+    assert report["lookahead_over_lockstep_shm"] is None
+    assert format_jitter_report(report).splitlines()[2].split()[-1] == "n/a"
+
+
+def test_format_jitter_report_shows_loop_time_and_overhead_per_path() -> None:
+    report = build_jitter_report(
+        _jitter(300_000, 390_000, 330_000, 303_000), nranks=2, iters=2, warmup=1, paddle_version="3.3.1"
+    )
+    lines = format_jitter_report(report).splitlines()
+    assert lines[0] == (
+        "loop time per step with 200-400 us of CPU work per rank and step (mean 299.5 us), 2 ranks, 2 steps after "
+        "1 warm-up, Paddle 3.3.1; all ranks' steps pooled"
+    )
+    assert lines[1].split() == ["path", "step", "us", "p50", "us", "p99", "us", "overhead"]
+    assert lines[2].split() == ["no", "sync", "300.0", "300.0", "300.0", "+0.0%"]
+    assert lines[3].split() == ["gloo,", "lockstep", "390.0", "390.0", "390.0", "+30.0%"]
+    assert lines[4].split() == ["shm,", "lockstep", "330.0", "330.0", "330.0", "+10.0%"]
+    assert lines[5].split() == ["shm,", "lookahead", "4", "303.0", "303.0", "303.0", "+1.0%"]
+    assert lines[6] == "lookahead 4 overhead / lockstep shm overhead: 0.10"
     assert len(lines) == 7
+
+
+def test_the_module_docstring_describes_the_schedule_the_ranks_run(fakes: FakeCollectives) -> None:
+    # Back to back per path, in rounds: not step by step across the paths.
+    doc = " ".join(bench.__doc__.split())
+    assert "back to back" in doc and "in ``ROUNDS`` rounds that rotate through the paths" in doc
+    assert "step by step" not in doc
+    with (
+        mock.patch.object(bench, "measure", return_value={}) as timed,
+        mock.patch.object(bench, "gpu_available", return_value=False),
+    ):
+        bench.bench_rank(iters=7, warmup=1)
+        bench.jitter_rank(iters=7, warmup=1)
+    assert bench.ROUNDS == 5
+    for call in timed.call_args_list:
+        assert call.args[1:] == (7, 1) and call.kwargs == {"rounds": 5, "barrier": fakes.barrier}
 
 
 # --- plot ----------------------------------------------------------------------------------------------------
@@ -286,22 +559,37 @@ def test_load_pyplot_selects_a_file_only_backend(monkeypatch: pytest.MonkeyPatch
     fake_mpl.use.assert_called_once_with("Agg")
 
 
-def test_plot_report_draws_one_cdf_per_path_and_saves_the_file() -> None:
+@pytest.mark.parametrize(
+    ("mode", "results", "build", "xlabel"),
+    [
+        (
+            "latency",
+            _results(),
+            lambda r: build_report(r, nranks=2, iters=2, warmup=0, backend="gloo", paddle_version="3.3.1"),
+            "signal sync per step (us, log scale)",
+        ),
+        (
+            "jitter",
+            _jitter(4000, 5000, 6000, 7000),
+            lambda r: build_jitter_report(r, nranks=2, iters=2, warmup=0, paddle_version="3.3.1"),
+            "loop step (us, log scale)",
+        ),
+    ],
+)
+def test_plot_report_draws_one_cdf_per_path_and_saves_the_file(mode, results, build, xlabel) -> None:
     plt = mock.MagicMock()
     fig, ax = mock.Mock(), mock.Mock()
     plt.subplots.return_value = (fig, ax)
-    results = _results()
-    report = build_report(results, nranks=2, iters=2, warmup=0, backend="gloo", paddle_version="3.3.1")
+    report = build(results)
+    assert report["mode"] == mode
     plot_report(results, report, "out.png", plt)
     labels = [call.kwargs["label"] for call in ax.step.call_args_list]
-    assert labels == [
-        f"{PATH_LABELS['legacy']} (p50 6 us)",
-        f"{PATH_LABELS['patch']} (p50 2 us)",
-        f"{PATH_LABELS['patch_deadline']} (p50 2 us)",
-    ]
+    assert labels == [f"{p['label']} (p50 {p['p50_us']:.0f} us)" for p in report["paths"].values()]
     xs, ys = ax.step.call_args_list[0].args
-    assert list(xs) == [4.0, 4.0, 8.0, 8.0] and list(ys) == [0.25, 0.5, 0.75, 1.0]
+    first = [ns / 1000 for r in results for ns in next(iter(r["samples_ns"].values()))]
+    assert list(xs) == sorted(first) and list(ys) == [0.25, 0.5, 0.75, 1.0]
     ax.set_xscale.assert_called_once_with("log")
+    ax.set_xlabel.assert_called_once_with(xlabel)
     ax.set_title.assert_called_once_with("2 ranks, 2 steps, Paddle 3.3.1")
     fig.savefig.assert_called_once_with("out.png", dpi=120)
     plt.close.assert_called_once_with(fig)

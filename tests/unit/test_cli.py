@@ -1,4 +1,4 @@
-"""The `demo` and `bench` subcommands and the argument errors of every subcommand, with the ranks faked."""
+"""The `demo` and `bench` subcommands, with the ranks faked (argument errors: test_cli_arguments.py)."""
 
 from __future__ import annotations
 
@@ -19,68 +19,69 @@ from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.launcher import RankFailed
 from fastdeploy_patch.status import ModelWeightsStatus
 
-# --- argument errors ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("argv", "usage", "error"),
-    [
-        (["demo", "--nranks", "0"], "demo", "argument --nranks: expected a positive integer, got '0'"),
-        (["demo", "--steps", "0"], "demo", "argument --steps: expected a positive integer, got '0'"),
-        (["demo", "--steps", "-3"], "demo", "argument --steps: expected a positive integer, got '-3'"),
-        (
-            ["demo", "--steps", "19"],
-            "demo",
-            "argument --steps: expected at least 20 steps, room for a whole clear/update cycle, got '19'",
-        ),
-        (["demo", "--timeout", "0"], "demo", "argument --timeout: expected a positive number of seconds, got '0'"),
-        (
-            ["demo", "--timeout", "soon"],
-            "demo",
-            "argument --timeout: expected a positive number of seconds, got 'soon'",
-        ),
-        (["bench", "--iters", "0"], "bench", "argument --iters: expected a positive integer, got '0'"),
-        (["bench", "--iters", "many"], "bench", "argument --iters: expected a positive integer, got 'many'"),
-        (["bench", "--nranks", "0"], "bench", "argument --nranks: expected a positive integer, got '0'"),
-        (
-            ["bench", "--nranks", "1"],
-            "bench",
-            "argument --nranks: expected at least 2 ranks: a broadcast needs a peer, got '1'",
-        ),
-        (["bench", "--warmup", "-1"], "bench", "argument --warmup: expected an integer >= 0, got '-1'"),
-        (["bench", "--warmup", "x"], "bench", "argument --warmup: expected an integer >= 0, got 'x'"),
-        (["frobnicate"], None, "argument COMMAND: invalid choice: 'frobnicate'"),
-        ([], None, "the following arguments are required: COMMAND"),
-    ],
-)
-def test_bad_arguments_print_usage_and_one_error_line_and_exit_2(argv, usage, error, capsys) -> None:
-    with (
-        mock.patch("fastdeploy_patch.launcher.run_ranks") as run,
-        pytest.raises(SystemExit) as exited,
-    ):
-        cli.main(argv)
-    assert exited.value.code == 2
-    run.assert_not_called()
-    err = capsys.readouterr().err
-    prog = f"fastdeploy-patch {usage}" if usage else "fastdeploy-patch"
-    assert err.startswith(f"usage: {prog} ")
-    last = err.rstrip("\n").splitlines()[-1]
-    assert last.startswith(f"{prog}: error: {error}")
-
-
-@pytest.mark.parametrize(
-    "argv", [["demo", "--steps", "20"], ["bench", "--nranks", "2", "--iters", "1", "--warmup", "0"]]
-)
-def test_the_smallest_valid_values_are_accepted(argv) -> None:
-    args = cli.build_parser().parse_args(argv)
-    assert args.command == argv[0]
+# --- defaults ------------------------------------------------------------------------------------------------
 
 
 def test_defaults() -> None:
     demo = cli.build_parser().parse_args(["demo"])
-    assert (demo.nranks, demo.steps, demo.timeout) == (2, 200, None)
+    assert (demo.nranks, demo.steps, demo.timeout, demo.transport, demo.lookahead) == (2, 200, None, "auto", 0)
     b = cli.build_parser().parse_args(["bench"])
-    assert (b.nranks, b.iters, b.warmup, b.json, b.plot, b.timeout) == (2, 5000, 200, False, None, None)
+    assert (b.nranks, b.iters, b.warmup, b.json, b.plot, b.timeout, b.jitter) == (
+        2,
+        5000,
+        200,
+        False,
+        None,
+        None,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["demo", "--transport", "tcp"],
+            "argument --transport: invalid choice: 'tcp' (choose from 'auto', 'shm', 'gloo')",
+        ),
+        (
+            ["demo", "--transport", "gloo", "--lookahead", "4"],
+            "argument --lookahead: lookahead 4 needs the shared-memory transport, not gloo: use --transport shm or "
+            "auto, or --lookahead 0",
+        ),
+        (
+            ["demo", "--lookahead", "4", "--steps", "39"],
+            "argument --steps: expected at least 40 steps with --lookahead 4, room for a whole clear/update cycle, "
+            "got '39'",
+        ),
+        (
+            ["demo", "--lookahead", "32", "--steps", "179"],
+            "argument --steps: expected at least 180 steps with --lookahead 32, room for a whole clear/update "
+            "cycle, got '179'",
+        ),
+    ],
+)
+def test_demo_flags_that_disagree_exit_2_before_starting_anything(argv, error, capsys) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks") as run, pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    run.assert_not_called()
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastdeploy-patch demo ")
+    assert err.rstrip("\n").splitlines()[-1] == f"fastdeploy-patch demo: error: {error}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--transport", "shm", "--lookahead", "4", "--steps", "40"],
+        ["demo", "--lookahead", "32", "--steps", "180"],
+        ["demo", "--transport", "gloo", "--lookahead", "0", "--steps", "20"],
+    ],
+)
+def test_demo_flags_that_agree_are_accepted(argv) -> None:
+    args = cli.build_parser().parse_args(argv)
+    assert cli._demo_flags_agree(args) is None
 
 
 # --- demo ------------------------------------------------------------------------------------------------------
@@ -89,6 +90,9 @@ def test_defaults() -> None:
 def _rank_result(rank: int, **changes: object) -> dict:
     result = {
         "rank": rank,
+        "transport": "shm",
+        "lookahead": 0,
+        "published": [[8, "CLEARING"], [9, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]] if rank == 0 else [],
         "steps": 30,
         "transitions": [[8, "CLEARING"], [9, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]],
         "parameters_released": 2,
@@ -162,6 +166,7 @@ def test_demo_runs_the_ranks_with_the_engine_driving_and_prints_the_table(driver
     [(target, nranks, kwargs, timeout)] = ranks.calls
     assert (target, nranks) == ("fastdeploy_patch.demo:demo_rank", 2)
     assert (kwargs["steps"], kwargs["step_interval"]) == (30, DEFAULT_STEP_INTERVAL_S)
+    assert (kwargs["transport"], kwargs["lookahead"]) == ("auto", 0)
     prefix = f"fdp-demo-{os.getpid()}-"
     assert kwargs["status_name"].startswith(prefix) and kwargs["status_name"].endswith("-status")
     assert kwargs["progress_name"].startswith(prefix) and kwargs["progress_name"].endswith("-progress")
@@ -177,10 +182,23 @@ def test_demo_runs_the_ranks_with_the_engine_driving_and_prints_the_table(driver
     assert ranks.segments_seen == [kwargs["status_name"], kwargs["progress_name"]]
     assert _gone(ranks.segments_seen)
     out = capsys.readouterr().out
-    assert out.startswith("demo: starting 2 CPU rank(s) for 30 steps; the engine drives one clear/update cycle\n")
+    assert out.startswith(
+        "demo: starting 2 CPU rank(s) for 30 steps (signal transport auto, lookahead 0); the engine drives one "
+        "clear/update cycle\n"
+    )
     assert "[engine] hello\n" in out
     assert format_table(results) in out
     assert out.endswith("demo: OK (2 ranks saw the whole clear/update cycle at the same steps)\n")
+
+
+def test_demo_passes_the_transport_and_lookahead_to_every_rank(driver) -> None:
+    shifted = [[12, "CLEARING"], [13, "CLEARED"], [16, "UPDATING"], [17, "NORMAL"]]
+    results = [_rank_result(r, lookahead=4, transitions=shifted, steps=40) for r in (0, 1)]
+    ranks = FakeRanks(results)
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+        assert cli.main(["demo", "--transport", "shm", "--lookahead", "4", "--steps", "40"]) == 0
+    kwargs = ranks.calls[0][2]
+    assert (kwargs["transport"], kwargs["lookahead"], kwargs["steps"]) == ("shm", 4, 40)
 
 
 def test_demo_takes_the_timeout_given(driver) -> None:
@@ -228,15 +246,18 @@ def test_demo_interrupted_stops_the_engine_removes_the_segments_and_exits_130(dr
 
 # --- bench ------------------------------------------------------------------------------------------------------
 
+PATHS = ("legacy", "gloo", "gloo_direct", "gloo_deadline", "shm")
 RESULTS = [
+    {"rank": rank, "samples_ns": {name: [(900 - 100 * i + rank) * 1000] * 2 for i, name in enumerate(PATHS)}}
+    for rank in (0, 1)
+]
+JITTER_RESULTS = [
     {
-        "rank": 0,
-        "samples_ns": {"legacy": [900_000, 880_000], "patch": [150_000, 140_000], "patch_deadline": [200_000] * 2},
-    },
-    {
-        "rank": 1,
-        "samples_ns": {"legacy": [890_000, 870_000], "patch": [145_000, 147_000], "patch_deadline": [210_000] * 2},
-    },
+        "rank": rank,
+        "samples_ns": {"nosync": [300_000], "gloo": [390_000], "shm": [330_000], "shm_lookahead": [310_000]},
+        "work_us_mean": 300.0,
+    }
+    for rank in (0, 1)
 ]
 
 
@@ -251,21 +272,34 @@ def gloo():
         yield pick
 
 
-def test_bench_runs_every_rank_and_prints_the_table_with_the_ratio(gloo, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS) as run:
-        assert cli.main(["bench"]) == 0
+def _jitter_table() -> str:
+    report = bench.build_jitter_report(
+        JITTER_RESULTS, nranks=2, iters=5000, warmup=200, paddle_version=paddle.__version__
+    )
+    return bench.format_jitter_report(report)
+
+
+@pytest.mark.parametrize(
+    ("extra", "target", "results", "table", "what"),
+    [
+        ([], "bench_rank", RESULTS, lambda: format_report(_report()), "timed steps"),
+        (["--jitter"], "jitter_rank", JITTER_RESULTS, _jitter_table, "loop steps with per-rank CPU work"),
+    ],
+)
+def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target, results, table, what) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=results) as run:
+        assert cli.main(["bench", *extra]) == 0
     gloo.assert_called_once_with(2)
     run.assert_called_once_with(
-        "fastdeploy_patch.bench:bench_rank",
+        f"fastdeploy_patch.bench:{target}",
         2,
         kwargs={"iters": 5000, "warmup": 200},
         timeout=pytest.approx(120.0 + 5200 * 0.02),
         backend="gloo",
     )
     captured = capsys.readouterr()
-    assert captured.out == format_report(_report()) + "\n"
-    assert "legacy / patch: " in captured.out
-    assert captured.err == "bench: 2 ranks (gloo), 200 warm-up + 5000 timed steps per path...\n"
+    assert captured.out == table() + "\n"
+    assert captured.err == f"bench: 2 ranks (gloo), 200 warm-up + 5000 {what} per path...\n"
 
 
 def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
@@ -277,7 +311,19 @@ def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
         assert cli.main(argv) == 0
     assert run.call_args.kwargs == {"kwargs": {"iters": 10, "warmup": 0}, "timeout": 9.0, "backend": "nccl"}
     out = capsys.readouterr().out
-    assert json.loads(out) == _report(nranks=3, iters=10, warmup=0, backend="nccl")
+    report = json.loads(out)
+    assert report == _report(nranks=3, iters=10, warmup=0, backend="nccl")
+    assert list(report["ratios"]) == ["legacy_over_gloo", "gloo_over_shm", "legacy_over_shm"]
+
+
+def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
+    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=JITTER_RESULTS):
+        assert cli.main(["bench", "--jitter", "--json", "--iters", "7", "--warmup", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == bench.build_jitter_report(
+        JITTER_RESULTS, nranks=2, iters=7, warmup=0, paddle_version=paddle.__version__
+    )
+    assert report["mode"] == "jitter"
 
 
 def test_bench_plot_without_matplotlib_fails_before_starting_ranks(gloo, capsys) -> None:
@@ -299,7 +345,7 @@ def test_bench_plot_saves_the_distributions(gloo, capsys) -> None:
     ):
         assert cli.main(["bench", "--plot", "out.png"]) == 0
     plot.assert_called_once_with(RESULTS, _report(), "out.png", plt)
-    assert capsys.readouterr().err.endswith("bench: latency distributions saved to out.png\n")
+    assert capsys.readouterr().err.endswith("bench: distributions saved to out.png\n")
 
 
 def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import signal
 import subprocess
 import sys
@@ -60,16 +61,6 @@ def test_main_turns_sigint_into_keyboard_interrupt_even_when_started_ignoring_it
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("nranks", ["0", "-1", "two"])
-def test_smoke_rejects_a_bad_rank_count_with_usage_and_exit_2(nranks, capsys):
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["smoke", "--nranks", nranks])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: fastdeploy-patch smoke")
-    assert f"argument --nranks: expected a positive integer, got '{nranks}'" in err
-
-
 def test_module_entry_point_exits_with_the_cli_code():
     import fastdeploy_patch.__main__  # noqa: F401 - importing must not run the CLI
 
@@ -81,3 +72,13 @@ def test_module_entry_point_exits_with_the_cli_code():
     )
     assert done.returncode == 2
     assert "expected a positive integer, got '0'" in done.stderr
+
+
+def test_running_the_package_as_main_exits_with_the_cli_code(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["fastdeploy_patch", "smoke", "--nranks", "0"])
+    # runpy runs a fresh copy of the module; one imported earlier would make it warn.
+    monkeypatch.delitem(sys.modules, "fastdeploy_patch.__main__", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("fastdeploy_patch", run_name="__main__")
+    assert exited.value.code == 2
+    assert "argument --nranks: expected a positive integer, got '0'" in capsys.readouterr().err

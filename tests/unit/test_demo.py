@@ -6,6 +6,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -62,8 +63,13 @@ def test_demo_rank_goes_through_the_cycle_the_driver_requests(segments) -> None:
     assert result["transitions"] == [[6, "CLEARING"], [7, "CLEARED"], [9, "UPDATING"], [10, "NORMAL"]]
     assert {k: v for k, v in result.items() if not k.startswith("sync_")} == {
         "rank": 0,
+        # A world of one rank has no signal group.
+        "transport": "none",
+        "lookahead": 0,
         "steps": 20,
         "transitions": result["transitions"],
+        # Rank 0 read each status at the step it took effect: no lookahead.
+        "published": result["transitions"],
         "parameters_released": 2,
         "parameters_restored": 2,
         "groups_shut_down": 0,
@@ -73,6 +79,47 @@ def test_demo_rank_goes_through_the_cycle_the_driver_requests(segments) -> None:
     assert 0 < result["sync_p50_us"] <= result["sync_p99_us"]
     assert int(progress.value[0]) == 20
     assert int(status.value[0]) == NORMAL
+
+
+def test_demo_rank_gives_the_worker_the_transport_and_lookahead_and_reports_the_groups(segments) -> None:
+    status, progress = segments
+    group = types.SimpleNamespace(transport="shm")
+    real = demo.StatusSignal
+
+    def worker(model, **kwargs):
+        made.append({**kwargs, "status_name": kwargs["status_signal"].name})
+        fake = mock.Mock(rank=0, steps=0, transitions=[], sync_latencies_ns=[], forward_passes=0, signal_group=group)
+        fake.weight_manager = mock.Mock(
+            parameters_released=0, parameters_restored=0, groups_shut_down=0, groups_restarted=0
+        )
+        return fake
+
+    made: list[dict] = []
+    with (
+        mock.patch("fastdeploy_patch.worker.worker_process.WorkerProcess", side_effect=worker),
+        mock.patch.object(demo, "StatusSignal", side_effect=real),
+    ):
+        result = demo_rank(status.name, progress.name, steps=1, step_interval=0, transport="shm", lookahead=3)
+    [kwargs] = made
+    assert (kwargs["signal_transport"], kwargs["signal_lookahead"]) == ("shm", 3)
+    # Rank 0's worker reads the engine's status through the watcher, which writes through to the segment.
+    assert isinstance(kwargs["status_signal"], demo._WatchedStatus)
+    assert kwargs["status_name"] == status.name
+    assert (result["transport"], result["lookahead"]) == ("shm", 3)
+
+
+def test_the_watched_status_notes_the_steps_at_which_the_value_read_changes() -> None:
+    segment = _segment()
+    watched = demo._WatchedStatus(segment)
+    for step, engine in [(1, NORMAL), (2, NORMAL), (3, CLEARING), (4, CLEARING), (5, CLEARED)]:
+        watched.value.step = step
+        segment.value[0] = engine
+        assert watched.value[0] == engine
+        assert watched.value[0] == engine  # a second read in the same step notes nothing new
+    watched.value[0] = UPDATING
+    assert int(segment.value[0]) == UPDATING
+    assert watched.value.changes == [[3, "CLEARING"], [5, "CLEARED"]]
+    assert watched.value is watched.value and watched.value._array is segment.value
 
 
 def test_demo_rank_on_rank_0_without_pauses_runs_every_step_at_normal(segments) -> None:
@@ -258,9 +305,15 @@ def test_driver_run_reports_ranks_that_stopped_before_the_cycle_ended() -> None:
 # --- check_demo, ranks_agree, format_table -------------------------------------------------------------------
 
 
+CYCLE = [[8, "CLEARING"], [9, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]]
+
+
 def _result(rank: int, **changes: object) -> dict:
     result = {
         "rank": rank,
+        "transport": "shm",
+        "lookahead": 0,
+        "published": CYCLE if rank == 0 else [],
         "steps": 30,
         "transitions": [[8, "CLEARING"], [9, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]],
         "parameters_released": 2,
@@ -281,12 +334,28 @@ def test_check_demo_accepts_ranks_that_saw_the_whole_cycle_together() -> None:
 
 def test_check_demo_wants_every_transition_of_the_cycle_in_order() -> None:
     partial = [[8, "CLEARING"], [9, "UPDATING"], [10, "NORMAL"]]
-    assert check_demo([_result(0, transitions=partial), _result(1, transitions=partial)], steps=30) == [
+    results = [_result(0, transitions=partial, published=partial), _result(1, transitions=partial)]
+    assert check_demo(results, steps=30) == [
         "rank 0 saw transitions CLEARING@8 UPDATING@9 NORMAL@10, expected CLEARING, CLEARED, UPDATING, NORMAL in "
         "that order"
     ]
-    assert check_demo([_result(0, transitions=[])], steps=30) == [
+    assert check_demo([_result(0, transitions=[], published=[])], steps=30) == [
         "rank 0 saw transitions none, expected CLEARING, CLEARED, UPDATING, NORMAL in that order"
+    ]
+
+
+def test_check_demo_wants_each_transition_exactly_the_lookahead_after_rank_0_read_it() -> None:
+    read = [[8, "CLEARING"], [13, "CLEARED"], [20, "UPDATING"], [25, "NORMAL"]]
+    shifted = [[12, "CLEARING"], [17, "CLEARED"], [24, "UPDATING"], [29, "NORMAL"]]
+    ranks = [_result(r, lookahead=4, transitions=shifted, published=read if r == 0 else []) for r in (0, 1)]
+    assert check_demo(ranks, steps=30) == []
+    # What rank 0 read too late to take effect within the run is not expected.
+    assert check_demo([{**ranks[0], "published": [*read, [27, "CLEARING"]]}, ranks[1]], steps=30) == []
+    on_the_spot = [{**r, "transitions": read} for r in ranks]
+    assert check_demo(on_the_spot, steps=30) == [
+        "rank 0 read CLEARING@8 CLEARED@13 UPDATING@20 NORMAL@25 from the engine, so with lookahead 4 every rank "
+        "should see CLEARING@12 CLEARED@17 UPDATING@24 NORMAL@29, but rank 0 saw "
+        "CLEARING@8 CLEARED@13 UPDATING@20 NORMAL@25"
     ]
 
 
@@ -318,6 +387,7 @@ def test_format_table_has_a_row_per_rank_in_aligned_columns_then_the_verdict() -
     lines = format_table([_result(0), _result(1, sync_p50_us=99.96)]).splitlines()
     assert _cells(lines[0]) == [
         "rank",
+        "transport",
         "steps",
         "transitions (status@step)",
         "params released/restored",
@@ -326,15 +396,32 @@ def test_format_table_has_a_row_per_rank_in_aligned_columns_then_the_verdict() -
         "sync p99 us",
     ]
     cycle = "CLEARING@8 CLEARED@9 UPDATING@12 NORMAL@13"
-    assert _cells(lines[2]) == ["0", "30", cycle, "2/2", "0/0", "147.0", "1200.3"]
-    assert _cells(lines[3]) == ["1", "30", cycle, "2/2", "0/0", "100.0", "1200.3"]
+    assert _cells(lines[2]) == ["0", "shm", "30", cycle, "2/2", "0/0", "147.0", "1200.3"]
+    assert _cells(lines[3]) == ["1", "shm", "30", cycle, "2/2", "0/0", "100.0", "1200.3"]
     assert set(lines[1]) == {"-", "+"}
     bars = [[i for i, ch in enumerate(line) if ch in "|+"] for line in lines[:4]]
-    assert bars[0] == bars[1] == bars[2] == bars[3] and len(bars[0]) == 6
+    assert bars[0] == bars[1] == bars[2] == bars[3] and len(bars[0]) == 7
     assert all(line == line.rstrip() for line in lines)
-    assert lines[4:] == ["ranks agree: yes"]
+    assert lines[4:] == [
+        f"rank 0 read from the engine: {cycle} (lookahead 0: every rank acts on each at the same step)",
+        "ranks agree: yes",
+    ]
+
+
+def test_format_table_says_how_much_later_the_ranks_act_with_a_lookahead() -> None:
+    lines = format_table([_result(0, lookahead=4, published=[[3, "CLEARING"]])]).splitlines()
+    assert lines[-2] == "rank 0 read from the engine: CLEARING@3 (lookahead 4: every rank acts on each 4 steps later)"
 
 
 def test_format_table_says_when_the_ranks_disagree() -> None:
     table = format_table([_result(0), _result(1, steps=31)])
     assert table.splitlines()[-1] == "ranks agree: NO"
+
+
+def test_the_readme_shows_both_verdict_lines_the_table_prints() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    agree = [_result(0), _result(1)]
+    disagree = [_result(0), _result(1, transitions=[[9, "CLEARING"]])]
+    for results in (agree, disagree):
+        verdict = format_table(results).splitlines()[-1]
+        assert f"`{verdict}`" in readme
