@@ -47,6 +47,7 @@ leave its name behind.)
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import mmap
@@ -238,7 +239,10 @@ class ShmRing:
         """Remove the segment's name (creator only; once). Mappings stay valid until their processes unmap."""
         if self._linked:
             self._linked = False
-            os.unlink(self.path)
+            # Someone else (an operator's clean-up of /dev/shm) may have removed the name already; the mappings
+            # do not need it, so closing must still succeed.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     def close(self) -> None:
         """Unmap (and, on the creator, unlink if that has not happened yet). Idempotent."""

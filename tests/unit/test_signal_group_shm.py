@@ -116,6 +116,15 @@ def test_close_unmaps_once_and_the_creator_unlinks_if_nobody_did() -> None:
         _ = creator.words[0]
 
 
+def test_close_succeeds_when_someone_else_removed_the_name_first() -> None:
+    creator = ShmRing.create([0, 1], 0)
+    os.unlink(creator.path)
+    creator.close()
+    assert not os.path.exists(creator.path)
+    with pytest.raises(ValueError):
+        _ = creator.words[0]
+
+
 def test_attach_says_when_the_segment_is_not_on_this_host(pair: tuple[ShmRing, ShmRing]) -> None:
     creator, _ = pair
     creator.unlink()
