@@ -225,5 +225,8 @@ def broadcast_signal(value: int, src: int = 0, group: SignalGroup | None = None)
             raise ValueError(f"src {src} is not a rank of a single-rank world")
         return arguments.int32(value)
     if not isinstance(group, SignalGroup):
-        raise ValueError(f"group {group!r} was not created by new_signal_group()")
+        raise TypeError(
+            f"group must be the SignalGroup that new_signal_group() returned, got {group!r} (a Paddle process group "
+            "cannot carry the signal: create the signal group once at worker start)"
+        )
     return group._broadcast(value, src)

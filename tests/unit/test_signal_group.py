@@ -701,9 +701,15 @@ def test_a_larger_world_must_pass_the_signal_group(world: FakeWorld, sent: FakeB
 
 def test_a_group_not_made_by_new_signal_group_is_refused(world: FakeWorld, sent: FakeBroadcast) -> None:
     foreign = Group(0, 9, [0, 1], pg=GlooLikePG(), name="_default_pg9")
-    with pytest.raises(ValueError, match="was not created by new_signal_group"):
+    with pytest.raises(TypeError) as err:
         broadcast_signal(1, group=foreign)
-    with pytest.raises(ValueError, match="was not created by new_signal_group"):
+    assert str(err.value) == (
+        f"group must be the SignalGroup that new_signal_group() returned, got {foreign!r} (a Paddle process group "
+        "cannot carry the signal: create the signal group once at worker start)"
+    )
+    with pytest.raises(
+        TypeError, match=r"^group must be the SignalGroup that new_signal_group\(\) returned, got <object"
+    ):
         broadcast_signal(1, group=object())
     assert sent.calls == []
 
