@@ -1,5 +1,5 @@
-"""fastdeploy_patch: the model-weights status synced over a CPU (gloo) signal group, and a process-group
-shutdown that tolerates gloo.
+"""fastdeploy_patch: the model-weights status synced over a CPU signal group (shared memory between ranks on one
+host, a CPU tensor on gloo between hosts), and a process-group shutdown that tolerates gloo.
 
 Paddle is not a hard dependency (its CPU and GPU wheels conflict): install ``fastdeploy-patch[cpu]``, or
 Paddle 3.3's GPU wheel from Paddle's own package index (see the README).
