@@ -1,5 +1,5 @@
-"""The one way distributed tests start ranks: ``fastdeploy_patch.launcher.run_ranks`` (the mechanism the CLI uses
-too), with pytest-facing failures and a tag that lets the suite prove no rank outlived its test."""
+"""The one way distributed tests start ranks: ``fastdeploy_patch.testing.launcher.run_ranks`` (the mechanism the
+CLI uses too), with pytest-facing failures and a tag that lets the suite prove no rank outlived its test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fastdeploy_patch.launcher import RankFailed, RankPlacement, RankTimeout, run_ranks
+from fastdeploy_patch.testing.launcher import RankFailed, RankPlacement, RankTimeout, run_ranks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """What each real rank runs in the distributed tests. Every function here runs inside a rank started by
-``fastdeploy_patch.launcher`` (after ``init_parallel_env()``), checks what it can see, and returns a JSON-able
+``fastdeploy_patch.testing.launcher`` (after ``init_parallel_env()``), checks what it can see, and returns a JSON-able
 report that the test in the parent process asserts on.
 
 Several checks share one launch where they can: starting a rank costs seconds of ``import paddle``.
@@ -21,12 +21,12 @@ import paddle
 import paddle.distributed as dist
 from paddle.distributed import collective
 
-from fastdeploy_patch.gpu_profile import count_device_events
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, SEGMENT_PREFIX, broadcast_signal, new_signal_group
 from fastdeploy_patch.signal_group import group as signal_group_api
 from fastdeploy_patch.status import ModelWeightsStatus
+from fastdeploy_patch.testing.gpu_profile import count_device_events
 from fastdeploy_patch.worker.worker_process import WorkerProcess
 
 # Steps at which the broadcast stream carries the int32 extremes instead of a step-derived value.

@@ -203,7 +203,7 @@ def _children(pid: int) -> list[int]:
 
 def _is_rank(pid: int) -> bool:
     try:
-        return b"fastdeploy_patch.rank_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"fastdeploy_patch.testing.rank_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fastdeploy_patch.launcher import RankPlacement
 from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX
+from fastdeploy_patch.testing.launcher import RankPlacement
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR, run_ranks_or_fail
 
 HOST_ADDRESSES = ("10.231.0.1", "10.231.0.2")

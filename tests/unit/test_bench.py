@@ -13,8 +13,9 @@ import numpy as np
 import paddle
 import pytest
 
-from fastdeploy_patch import bench, signal_group
-from fastdeploy_patch.bench import (
+from fastdeploy_patch import signal_group
+from fastdeploy_patch.cli import bench
+from fastdeploy_patch.cli.bench import (
     DEADLINE_TIMEOUT_S,
     JITTER_LABELS,
     JITTER_LOOKAHEAD,

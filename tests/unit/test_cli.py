@@ -12,12 +12,13 @@ from unittest import mock
 import paddle
 import pytest
 
-from fastdeploy_patch import bench, cli, ipc_signal
-from fastdeploy_patch.bench import build_report, format_report
-from fastdeploy_patch.demo import DEFAULT_STEP_INTERVAL_S, format_table
+from fastdeploy_patch import cli, ipc_signal
+from fastdeploy_patch.cli import bench
+from fastdeploy_patch.cli.bench import build_report, format_report
+from fastdeploy_patch.cli.demo import DEFAULT_STEP_INTERVAL_S, format_table
 from fastdeploy_patch.ipc_signal import StatusSignal
-from fastdeploy_patch.launcher import RankFailed
 from fastdeploy_patch.status import ModelWeightsStatus
+from fastdeploy_patch.testing.launcher import RankFailed
 
 # --- defaults ------------------------------------------------------------------------------------------------
 
@@ -62,7 +63,7 @@ def test_defaults() -> None:
     ],
 )
 def test_demo_flags_that_disagree_exit_2_before_starting_anything(argv, error, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks") as run, pytest.raises(SystemExit) as exited:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks") as run, pytest.raises(SystemExit) as exited:
         cli.main(argv)
     assert exited.value.code == 2
     run.assert_not_called()
@@ -130,7 +131,7 @@ class FakeDriver:
 def driver(monkeypatch: pytest.MonkeyPatch):
     FakeDriver.instances = []
     monkeypatch.setattr(FakeDriver, "error", None)
-    with mock.patch("fastdeploy_patch.demo.Driver", FakeDriver):
+    with mock.patch("fastdeploy_patch.cli.demo.Driver", FakeDriver):
         yield FakeDriver
 
 
@@ -161,10 +162,10 @@ def _gone(names: list[str]) -> bool:
 def test_demo_runs_the_ranks_with_the_engine_driving_and_prints_the_table(driver, capsys) -> None:
     results = [_rank_result(0), _rank_result(1)]
     ranks = FakeRanks(results)
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo", "--nranks", "2", "--steps", "30"]) == 0
     [(target, nranks, kwargs, timeout)] = ranks.calls
-    assert (target, nranks) == ("fastdeploy_patch.demo:demo_rank", 2)
+    assert (target, nranks) == ("fastdeploy_patch.cli.demo:demo_rank", 2)
     assert (kwargs["steps"], kwargs["step_interval"]) == (30, DEFAULT_STEP_INTERVAL_S)
     assert (kwargs["transport"], kwargs["lookahead"]) == ("auto", 0)
     prefix = f"fdp-demo-{os.getpid()}-"
@@ -195,7 +196,7 @@ def test_demo_passes_the_transport_and_lookahead_to_every_rank(driver) -> None:
     shifted = [[12, "CLEARING"], [13, "CLEARED"], [16, "UPDATING"], [17, "NORMAL"]]
     results = [_rank_result(r, lookahead=4, transitions=shifted, steps=40) for r in (0, 1)]
     ranks = FakeRanks(results)
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo", "--transport", "shm", "--lookahead", "4", "--steps", "40"]) == 0
     kwargs = ranks.calls[0][2]
     assert (kwargs["transport"], kwargs["lookahead"], kwargs["steps"]) == ("shm", 4, 40)
@@ -203,14 +204,14 @@ def test_demo_passes_the_transport_and_lookahead_to_every_rank(driver) -> None:
 
 def test_demo_takes_the_timeout_given(driver) -> None:
     ranks = FakeRanks([_rank_result(0, steps=20)])
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo", "--nranks", "1", "--steps", "20", "--timeout", "7"]) == 0
     assert ranks.calls[0][1] == 1 and ranks.calls[0][3] == 7.0 and driver.instances[0].timeout == 7.0
 
 
 def test_demo_fails_when_the_engine_missed_a_phase(driver, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FakeDriver, "error", "the ranks stopped at step 30 before rank 0 reporting NORMAL")
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1)])):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1)])):
         assert cli.main(["demo", "--steps", "30"]) == 1
     captured = capsys.readouterr()
     assert "ranks agree: yes" in captured.out and "demo: OK" not in captured.out
@@ -220,7 +221,7 @@ def test_demo_fails_when_the_engine_missed_a_phase(driver, capsys, monkeypatch: 
 def test_demo_fails_when_the_ranks_disagree(driver, capsys) -> None:
     late = [[8, "CLEARING"], [10, "CLEARED"], [12, "UPDATING"], [13, "NORMAL"]]
     with mock.patch(
-        "fastdeploy_patch.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1, transitions=late)])
+        "fastdeploy_patch.testing.launcher.run_ranks", FakeRanks([_rank_result(0), _rank_result(1, transitions=late)])
     ):
         assert cli.main(["demo", "--steps", "30"]) == 1
     captured = capsys.readouterr()
@@ -230,7 +231,7 @@ def test_demo_fails_when_the_ranks_disagree(driver, capsys) -> None:
 
 def test_demo_fails_when_a_rank_fails_and_still_removes_the_segments(driver, capsys) -> None:
     ranks = FakeRanks(error=RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"}))
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo"]) == 1
     assert "demo: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
     assert driver.instances[0].stopped and _gone(ranks.segments_seen)
@@ -238,7 +239,7 @@ def test_demo_fails_when_a_rank_fails_and_still_removes_the_segments(driver, cap
 
 def test_demo_interrupted_stops_the_engine_removes_the_segments_and_exits_130(driver, capsys) -> None:
     ranks = FakeRanks(error=KeyboardInterrupt())
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", ranks):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo"]) == 130
     assert capsys.readouterr().err == "demo: interrupted; every rank stopped and the shared memory was removed\n"
     assert driver.instances[0].stopped and _gone(ranks.segments_seen) and len(ranks.segments_seen) == 2
@@ -287,11 +288,11 @@ def _jitter_table() -> str:
     ],
 )
 def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target, results, table, what) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=results) as run:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=results) as run:
         assert cli.main(["bench", *extra]) == 0
     gloo.assert_called_once_with(2)
     run.assert_called_once_with(
-        f"fastdeploy_patch.bench:{target}",
+        f"fastdeploy_patch.cli.bench:{target}",
         2,
         kwargs={"iters": 5000, "warmup": 200},
         timeout=pytest.approx(120.0 + 5200 * 0.02),
@@ -305,7 +306,7 @@ def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target,
 def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
     with (
         mock.patch.object(bench, "pick_backend", return_value="nccl"),
-        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS) as run,
+        mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=RESULTS) as run,
     ):
         argv = ["bench", "--nranks", "3", "--iters", "10", "--warmup", "0", "--json", "--timeout", "9"]
         assert cli.main(argv) == 0
@@ -317,7 +318,7 @@ def test_bench_json_prints_one_json_object_and_nothing_else(capsys) -> None:
 
 
 def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=JITTER_RESULTS):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=JITTER_RESULTS):
         assert cli.main(["bench", "--jitter", "--json", "--iters", "7", "--warmup", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report == bench.build_jitter_report(
@@ -329,7 +330,7 @@ def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
 def test_bench_plot_without_matplotlib_fails_before_starting_ranks(gloo, capsys) -> None:
     with (
         mock.patch.object(bench, "load_pyplot", side_effect=RuntimeError("--plot needs matplotlib, ...")),
-        mock.patch("fastdeploy_patch.launcher.run_ranks") as run,
+        mock.patch("fastdeploy_patch.testing.launcher.run_ranks") as run,
     ):
         assert cli.main(["bench", "--plot", "out.png"]) == 1
     run.assert_not_called()
@@ -341,7 +342,7 @@ def test_bench_plot_saves_the_distributions(gloo, capsys) -> None:
     with (
         mock.patch.object(bench, "load_pyplot", return_value=plt),
         mock.patch.object(bench, "plot_report") as plot,
-        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS),
+        mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=RESULTS),
     ):
         assert cli.main(["bench", "--plot", "out.png"]) == 0
     plot.assert_called_once_with(RESULTS, _report(), "out.png", plt)
@@ -352,7 +353,7 @@ def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:
     with (
         mock.patch.object(bench, "load_pyplot") as load,
         mock.patch.object(bench, "plot_report") as plot,
-        mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=RESULTS),
+        mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=RESULTS),
     ):
         assert cli.main(["bench", "--json"]) == 0
     load.assert_not_called()
@@ -361,7 +362,7 @@ def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:
 
 def test_bench_fails_when_a_rank_fails(gloo, capsys) -> None:
     error = RankFailed(0, 1, {0: "Traceback: gloo", 1: "fine"})
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=error):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=error):
         assert cli.main(["bench", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -369,7 +370,7 @@ def test_bench_fails_when_a_rank_fails(gloo, capsys) -> None:
 
 
 def test_bench_interrupted_exits_130(gloo, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=KeyboardInterrupt):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=KeyboardInterrupt):
         assert cli.main(["bench"]) == 130
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.endswith("bench: interrupted; every rank stopped\n")

@@ -73,7 +73,7 @@ CASES = [(command, flag, value, error) for (command, flag), bad in BAD_VALUES.it
 
 @pytest.mark.parametrize(("command", "flag", "value", "error"), CASES)
 def test_a_bad_value_exits_2_with_usage_and_one_error_line(command, flag, value, error, capsys) -> None:
-    with mock.patch("fastdeploy_patch.launcher.run_ranks") as run, pytest.raises(SystemExit) as exited:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks") as run, pytest.raises(SystemExit) as exited:
         cli.main([command, f"{flag}={value}"])
     assert exited.value.code == 2
     run.assert_not_called()

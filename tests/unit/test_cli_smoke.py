@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 
 from fastdeploy_patch import cli
-from fastdeploy_patch.launcher import RankFailed
+from fastdeploy_patch.testing.launcher import RankFailed
 
 GOOD = [
     {"rank": 0, "received": {"0": 1000, "1": 1001}, "shut_down": [], "after_restart": -7},
@@ -20,9 +20,9 @@ GOOD = [
 
 
 def test_smoke_runs_the_smoke_rank_on_each_rank_and_reports_ok(capsys):
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=GOOD) as run:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=GOOD) as run:
         assert cli.main(["smoke", "--nranks", "2", "--timeout", "50"]) == 0
-    run.assert_called_once_with("fastdeploy_patch.smoke:smoke_rank", 2, timeout=50.0)
+    run.assert_called_once_with("fastdeploy_patch.cli.smoke:smoke_rank", 2, timeout=50.0)
     out = capsys.readouterr().out
     assert "rank 1: received {'0': 1000, '1': 1001}, shut down [], after restart -7" in out
     assert out.rstrip().endswith("smoke: OK (2 ranks agree)")
@@ -30,7 +30,7 @@ def test_smoke_runs_the_smoke_rank_on_each_rank_and_reports_ok(capsys):
 
 def test_smoke_fails_when_a_rank_saw_something_else(capsys):
     bad = [GOOD[0], {**GOOD[1], "after_restart": 0}]
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=bad):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=bad):
         assert cli.main(["smoke"]) == 1
     captured = capsys.readouterr()
     assert "smoke: FAILED: rank 1 received 0 after restart, expected -7" in captured.err
@@ -39,13 +39,13 @@ def test_smoke_fails_when_a_rank_saw_something_else(capsys):
 
 def test_smoke_fails_when_a_rank_fails(capsys):
     error = RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"})
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=error):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=error):
         assert cli.main(["smoke"]) == 1
     assert "smoke: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_smoke_exits_130_after_the_ranks_are_stopped(capsys):
-    with mock.patch("fastdeploy_patch.launcher.run_ranks", side_effect=KeyboardInterrupt):
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=KeyboardInterrupt):
         assert cli.main(["smoke"]) == 130
     assert capsys.readouterr().err == "smoke: interrupted; every rank stopped\n"
 
@@ -54,7 +54,7 @@ def test_main_turns_sigint_into_keyboard_interrupt_even_when_started_ignoring_it
     # A shell's background job inherits SIGINT ignored; the CLI must still stop on it.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with mock.patch("fastdeploy_patch.launcher.run_ranks", return_value=GOOD):
+        with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=GOOD):
             assert cli.main(["smoke"]) == 0
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:

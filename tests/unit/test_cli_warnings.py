@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastdeploy_patch.launcher import RANK_BOOTSTRAP
+from fastdeploy_patch.testing.launcher import RANK_BOOTSTRAP
 
 REPO = Path(__file__).resolve().parents[2]
 CCACHE_MODULE = "paddle.utils.cpp_extension.extension_utils"

@@ -12,8 +12,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from fastdeploy_patch import demo, ipc_signal
-from fastdeploy_patch.demo import Driver, check_demo, demo_rank, format_table, ranks_agree
+from fastdeploy_patch import ipc_signal
+from fastdeploy_patch.cli import demo
+from fastdeploy_patch.cli.demo import Driver, check_demo, demo_rank, format_table, ranks_agree
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.status import ModelWeightsStatus
 

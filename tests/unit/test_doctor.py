@@ -12,8 +12,9 @@ from unittest import mock
 import paddle
 import pytest
 
-from fastdeploy_patch import cli, doctor
-from fastdeploy_patch.doctor import (
+from fastdeploy_patch import cli
+from fastdeploy_patch.cli import doctor
+from fastdeploy_patch.cli.doctor import (
     FAIL,
     GIB,
     MIB,

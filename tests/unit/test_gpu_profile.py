@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from paddle.profiler import TracerEventType
 
-from fastdeploy_patch.gpu_profile import DeviceEventCounts, count_device_events
+from fastdeploy_patch.testing.gpu_profile import DeviceEventCounts, count_device_events
 
 
 def device(kind: TracerEventType) -> SimpleNamespace:

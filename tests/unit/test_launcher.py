@@ -1,4 +1,4 @@
-"""fastdeploy_patch.launcher: argument checks, the environment each rank gets, kill-all on failure and timeout.
+"""fastdeploy_patch.testing.launcher: argument checks, the environment each rank gets, kill-all on failure and timeout.
 
 Multi-rank control flow runs against fake processes; one-rank runs start real children (no process group).
 """
@@ -17,8 +17,8 @@ from unittest import mock
 
 import pytest
 
-from fastdeploy_patch import launcher
-from fastdeploy_patch.launcher import RankFailed, RankTimeout, free_ports, rank_env, run_ranks
+from fastdeploy_patch.testing import launcher
+from fastdeploy_patch.testing.launcher import RankFailed, RankTimeout, free_ports, rank_env, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_ENV = {"PYTHONPATH": str(REPO)}
@@ -278,7 +278,7 @@ def test_real_child_stuck_in_its_imports_shows_its_stack_down_to_the_bootstrap(t
     assert any(frame.startswith(f'File "{REPO / "fastdeploy_patch" / "__init__.py"}"') for frame in frames)
     assert frames[-1] == 'File "<string>", line 1 in <module>'
     assert "sleep_forever" not in stack
-    assert _children_named("fastdeploy_patch.rank_entry") == []
+    assert _children_named("fastdeploy_patch.testing.rank_entry") == []
 
 
 @pytest.mark.timeout(90)
@@ -290,7 +290,7 @@ def test_real_stuck_child_is_killed_and_its_stack_shown(tmp_path, monkeypatch):
     stack = caught.value.reports[0]
     assert "sleep_forever" in stack
     assert "rank_targets.py" in stack
-    assert _children_named("fastdeploy_patch.rank_entry") == []
+    assert _children_named("fastdeploy_patch.testing.rank_entry") == []
 
 
 def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""fastdeploy_patch.launcher's rank placements: per-rank addresses, command prefixes and environment.
+"""fastdeploy_patch.testing.launcher's rank placements: per-rank addresses, command prefixes and environment.
 
 The multi-rank cases run against a fake Popen; one real one-rank run proves a prefix really starts the rank.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fastdeploy_patch import launcher
-from fastdeploy_patch.launcher import RankPlacement, rank_env, run_ranks
+from fastdeploy_patch.testing import launcher
+from fastdeploy_patch.testing.launcher import RankPlacement, rank_env, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 

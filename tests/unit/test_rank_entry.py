@@ -1,4 +1,4 @@
-"""fastdeploy_patch.rank_entry, run in-process: joining the world, running the target, reporting the result."""
+"""fastdeploy_patch.testing.rank_entry, run in-process: joining the world, running the target, reporting the result."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 
-from fastdeploy_patch import rank_entry
+from fastdeploy_patch.testing import rank_entry
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""fastdeploy_patch.smoke: what one rank does, and how the ranks' results are judged."""
+"""fastdeploy_patch.cli.smoke: what one rank does, and how the ranks' results are judged."""
 
 from __future__ import annotations
 
 from unittest import mock
 
-from fastdeploy_patch import smoke
+from fastdeploy_patch.cli import smoke
 
 
 def test_smoke_rank_broadcasts_from_every_src_then_shuts_down_and_restarts():

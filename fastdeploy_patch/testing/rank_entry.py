@@ -1,4 +1,4 @@
-"""What each rank started by ``fastdeploy_patch.launcher`` runs, through ``launcher.RANK_BOOTSTRAP``."""
+"""What each rank started by ``fastdeploy_patch.testing.launcher`` runs, through ``launcher.RANK_BOOTSTRAP``."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=120.0, help="seconds before the ranks are killed (default 120)"
     )
 
-    from fastdeploy_patch.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
+    from fastdeploy_patch.cli.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
     from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_flags_agree(args: argparse.Namespace) -> str | None:
-    from fastdeploy_patch.demo import min_steps
+    from fastdeploy_patch.cli.demo import min_steps
 
     if args.lookahead and args.transport == "gloo":
         return (
@@ -142,7 +142,7 @@ def _demo_flags_agree(args: argparse.Namespace) -> str | None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from fastdeploy_patch import doctor
+    from fastdeploy_patch.cli import doctor
 
     findings = doctor.run()
     print(doctor.format_findings(findings))
@@ -150,12 +150,12 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from fastdeploy_patch.launcher import RankError, run_ranks
-    from fastdeploy_patch.smoke import check_smoke
+    from fastdeploy_patch.cli.smoke import check_smoke
+    from fastdeploy_patch.testing.launcher import RankError, run_ranks
 
     print(f"smoke: starting {args.nranks} CPU rank(s)...", flush=True)
     try:
-        results = run_ranks("fastdeploy_patch.smoke:smoke_rank", args.nranks, timeout=args.timeout)
+        results = run_ranks("fastdeploy_patch.cli.smoke:smoke_rank", args.nranks, timeout=args.timeout)
     except KeyboardInterrupt:
         print("smoke: interrupted; every rank stopped", file=sys.stderr)
         return 130
@@ -182,10 +182,10 @@ def _shm_prefix() -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastdeploy_patch.demo import DEFAULT_STEP_INTERVAL_S, Driver, check_demo, format_table
+    from fastdeploy_patch.cli.demo import DEFAULT_STEP_INTERVAL_S, Driver, check_demo, format_table
     from fastdeploy_patch.ipc_signal import StatusSignal
-    from fastdeploy_patch.launcher import RankError, run_ranks
     from fastdeploy_patch.status import ModelWeightsStatus
+    from fastdeploy_patch.testing.launcher import RankError, run_ranks
 
     # Start-up (import paddle, rendezvous) dominates short runs; each step then costs its pause plus a little.
     timeout = args.timeout or 120.0 + args.steps * (DEFAULT_STEP_INTERVAL_S + 0.05)
@@ -213,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
                     "transport": args.transport,
                     "lookahead": args.lookahead,
                 }
-                results = run_ranks("fastdeploy_patch.demo:demo_rank", args.nranks, kwargs=kwargs, timeout=timeout)
+                results = run_ranks("fastdeploy_patch.cli.demo:demo_rank", args.nranks, kwargs=kwargs, timeout=timeout)
             finally:
                 stop.set()
                 engine.join()
@@ -237,8 +237,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import paddle
 
-    from fastdeploy_patch import bench
-    from fastdeploy_patch.launcher import RankError, run_ranks
+    from fastdeploy_patch.cli import bench
+    from fastdeploy_patch.testing.launcher import RankError, run_ranks
 
     # Fail before minutes of measuring, not after.
     try:
@@ -255,7 +255,7 @@ def _bench(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    target = "fastdeploy_patch.bench:jitter_rank" if args.jitter else "fastdeploy_patch.bench:bench_rank"
+    target = "fastdeploy_patch.cli.bench:jitter_rank" if args.jitter else "fastdeploy_patch.cli.bench:bench_rank"
     try:
         results = run_ranks(
             target,

@@ -29,7 +29,7 @@ LOG_TAIL_CHARS = 4000
 # takes seconds): a rank stuck in an import still answers the timeout's SIGUSR1 with its stack instead of dying.
 RANK_BOOTSTRAP = (
     "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
-    "from fastdeploy_patch.rank_entry import main; sys.exit(main(sys.argv[1:]))"
+    "from fastdeploy_patch.testing.rank_entry import main; sys.exit(main(sys.argv[1:]))"
 )
 _KILL_GRACE_S = 3.0
 _TRACEBACK_WAIT_S = 1.0
