@@ -462,6 +462,10 @@ def killed_mid_run(*, steps: int) -> NoReturn:
         broadcast_signal(step, src=step % dist.get_world_size(), group=group)
     maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if SEGMENT_PREFIX in line]
     print(f"rank {rank} maps: {maps}", flush=True)
+    # Coverage saved first (SIGKILL leaves no chance to), with the launcher's SIGTERM ignored meanwhile: the first
+    # rank to die makes it SIGTERM the others, and coverage's handler would start a second save inside this one.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _save_coverage()
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("SIGKILL did not kill the rank")
 
