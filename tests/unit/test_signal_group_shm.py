@@ -48,7 +48,7 @@ def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
     assert [members_at(i) for i in range(3)] == [64, 128, 192]
     assert ring_at(2) == 192 and ring_at(4) == 320
     assert segment_bytes(2) == 192 + 64 * 8 and segment_bytes(4) == 320 + 64 * 8
-    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 1
+    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 2
 
 
 def test_a_handle_travels_as_json() -> None:
@@ -75,7 +75,7 @@ def test_create_makes_a_private_sized_segment_and_records_the_creator(pair: tupl
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == segment_bytes(2) == handle.size
     assert (handle.ranks, handle.layout_version) == ((0, 5), LAYOUT_VERSION)
     words = creator.words
-    assert [words[at // 8] for at in (0, 8, 16, 24, 32, 40)] == [MAGIC, 1, SHM_RING_SLOTS, 2, handle.nonce, 0]
+    assert [words[at // 8] for at in (0, 8, 16, 24, 32, 40)] == [MAGIC, 2, SHM_RING_SLOTS, 2, handle.nonce, 0]
     assert creator.identity(0) == liveness.this_process()
 
 
@@ -145,7 +145,7 @@ def test_attach_refuses_a_file_of_another_size(pair: tuple[ShmRing, ShmRing]) ->
 
 
 @pytest.mark.parametrize(
-    "change", [{"nonce": 1}, {"layout_version": 2}, {"ranks": (0, 5, 6)}], ids=["nonce", "version", "members"]
+    "change", [{"nonce": 1}, {"layout_version": 3}, {"ranks": (0, 5, 6)}], ids=["nonce", "version", "members"]
 )
 def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRing, ShmRing], change: dict) -> None:
     creator, _ = pair
@@ -157,7 +157,7 @@ def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRin
         ShmRing.attach(ShmHandle(**fields), 5)
     assert err.value.strerror == (
         f"{creator.path} is not the group's segment (its header does not match the handle: another host's file of "
-        "the same name, or mixed fastdeploy_patch versions; this one speaks layout 1)"
+        "the same name, or mixed fastdeploy_patch versions; this one speaks layout 2)"
     )
 
 
@@ -165,9 +165,9 @@ def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_head
     pair: tuple[ShmRing, ShmRing],
 ) -> None:
     creator, _ = pair
-    creator.words[8 // 8] = 2
+    creator.words[8 // 8] = 3
     with pytest.raises(OSError, match="is not the group's segment"):
-        ShmRing.attach(ShmHandle(**{**creator.handle.__dict__, "layout_version": 2}), 5)
+        ShmRing.attach(ShmHandle(**{**creator.handle.__dict__, "layout_version": 3}), 5)
 
 
 def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
