@@ -9,8 +9,8 @@ gloo group; Paddle's global TCP store is also where every rank agrees which tran
 and copy device to host, which waits for all queued GPU work.
 
 Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
-``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux), ``liveness`` (is a peer process alive),
-``errors``.
+``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux),
+``liveness`` (is a peer process alive), ``errors``.
 """
 
 from __future__ import annotations

@@ -478,7 +478,10 @@ def test_a_reader_watches_the_src_of_the_call_it_waits_for_among_three_members()
     creator = ShmRing.create([0, 5, 6], 0)
     rings = [creator, ShmRing.attach(creator.handle, 5), ShmRing.attach(creator.handle, 6)]
     try:
-        ends = [ShmTransport(r, rank, timeout=0.2, lookahead=1, initial=INITIAL) for r, rank in zip(rings, (0, 5, 6))]
+        ends = [
+            ShmTransport(r, rank, timeout=0.2, lookahead=1, initial=INITIAL)
+            for r, rank in zip(rings, (0, 5, 6), strict=True)
+        ]
         assert ends[0].broadcast(10, 0) == INITIAL
         _pretend_member_is(creator, 0, _gone_pid())
         assert ends[1].broadcast(None, 0) == INITIAL
