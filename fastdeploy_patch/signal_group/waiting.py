@@ -28,7 +28,15 @@ YIELD_S = 100e-6
 """Then ``os.sched_yield()`` between polls (about 0.3 us each, vLLM #9994): a partner that shares our core gets
 it at once. Every wait longer than ``SPIN_S + YIELD_S`` runs at full CPU for that long, so this bounds a reader's
 CPU share when values come 2 ms apart to about 6%; it was 1 ms (28.5% of a core measured at 2 ms) before the
-futex phase made sleeping cheap to wake from."""
+futex phase made sleeping cheap to wake from.
+
+Chosen by a sweep with ``fastdeploy-patch bench --src-late D --iters 1000`` (2 ranks, one run each, load 3.8-6.2
+from other jobs on the 2 cores): yield 50 / 100 / 200 us gave shm wake p50 48 / 53 / 50 us and reader CPU
+7.6 / 7.3 / 6.8% at D = 2 ms, 60 / 69 / 66 us and 3.5 / 3.6 / 3.3% at 5 ms, 26 / 29 / 32 us and 25 / 23 / 15% at
+0.3 ms: within the noise of each other. 100 us keeps the CPU bound at 2 ms near 6% while a partner that needs
+our core still gets it; with it, at load 0.5-1.6, three runs gave wake p50 23-53 us, p90 63-100 us and CPU
+7.2-8.1% at 2 ms, and p50 38-47 us, p90 174-203 us, CPU 3.2-3.6% at 5 ms (sleep phase before: p50 661 and
+967 us)."""
 
 SLEEP_FIRST_S = 20e-6
 """The first capped sleep once yielding stops; each later sleep doubles, up to ``SLEEP_CAP_S``. (``time.sleep``
@@ -41,7 +49,8 @@ idle-CPU check)."""
 
 FUTEX_WAIT_S = 10e-3
 """The longest single futex sleep. It bounds what a lost wake-up costs (see ``futex``: at most this, once), and
-lets liveness checks and the deadline run; an idle reader wakes 100 times a second, well under 1% of a core."""
+lets liveness checks and the deadline run; an idle reader wakes 100 times a second: 1.2-2.0% of a core measured
+over 1 s waits (``bench --src-late 1000 --iters 5``, three runs, load 1.6-1.8)."""
 
 LIVENESS_INTERVAL_S = 0.05
 """How often a waiter looks for dead peers, and a src at most how often it looks at its readers: a peer that
