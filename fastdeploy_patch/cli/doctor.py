@@ -259,7 +259,7 @@ def network_facts(env: Mapping[str, str], list_interfaces: Callable[[], list[str
 
 def run() -> list[Finding]:
     """Gather this machine's facts and return the findings."""
-    from fastdeploy_patch.signal_group.shm_transport import SHM_DIR, check_shm_usable
+    from fastdeploy_patch.signal_group import SHM_DIR, check_shm_usable
 
     return diagnose(
         paddle_facts(),

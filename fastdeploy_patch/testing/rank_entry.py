@@ -10,10 +10,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from fastdeploy_patch.paddle_warnings import silence_ccache_warning
+
 
 def main(argv: list[str]) -> int:
     """Join the distributed world (when it has more than one rank), run the spec's target, and write its JSON
     result. Returns the exit code: 0, or 1 after printing the target's traceback."""
+    # The rank is the package's own process: Paddle's ccache hint, printed on import, would open every rank log.
+    silence_ccache_warning()
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
     module_name, func_name = spec["target"].split(":", 1)
