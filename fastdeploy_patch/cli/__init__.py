@@ -1,4 +1,11 @@
-"""The ``fastdeploy-patch`` command (also ``python -m fastdeploy_patch``)."""
+"""The ``fastdeploy-patch`` command (also ``python -m fastdeploy_patch``): the parser and ``main`` here, one module
+per subcommand (``demo``, ``bench``, ``doctor``, ``smoke``).
+
+This is a tool beside the patch, not part of it. It may import the patch and the harness in ``testing/``, and takes
+signal-group names only from ``fastdeploy_patch.signal_group``, never from that package's internal modules; the
+patch never imports anything from here. Nothing outside this package imports it but ``__main__`` and the console
+script.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+
+from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 
 
 def _int_arg(minimum: int, expected: str, maximum: float = math.inf) -> Callable[[str], int]:
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from fastdeploy_patch.cli.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
-    from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
+    from fastdeploy_patch.signal_group import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
         "demo", help="RL weight update on N CPU ranks: the engine requests clear, then update; a summary table"
@@ -340,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell starts background jobs with SIGINT ignored and Python keeps that; Ctrl-C (or SIGINT from a
     # supervisor) must still stop the ranks, so ask for KeyboardInterrupt explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The command owns its process: Paddle's ccache hint would stand in front of every output (the parser already
+    # imports Paddle).
+    silence_ccache_warning()
     args = build_parser().parse_args(argv)
     problem = args.check(args) if "check" in args else None
     if problem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import os
@@ -10,10 +11,28 @@ import sys
 import traceback
 from pathlib import Path
 
+from fastdeploy_patch.paddle_warnings import silence_ccache_warning
+
+
+def reclaim_signal_handlers() -> None:
+    """Take back the signal handlers that ``import paddle`` replaced with C++ ones of its own (call it once Paddle
+    is imported; harmless before).
+
+    - Fatal signals: faulthandler again (its ``enable`` alone does nothing while it believes it is enabled), so a
+      crash writes every thread's Python stack to stderr, the rank's log; Paddle's handler prints none.
+    - SIGTERM: the Python-level handler (coverage's, when measuring), so that a rank the launcher kills still
+      saves its coverage data.
+    """
+    faulthandler.disable()
+    faulthandler.enable(all_threads=True)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+
 
 def main(argv: list[str]) -> int:
     """Join the distributed world (when it has more than one rank), run the spec's target, and write its JSON
     result. Returns the exit code: 0, or 1 after printing the target's traceback."""
+    # The rank is the package's own process: Paddle's ccache hint, printed on import, would open every rank log.
+    silence_ccache_warning()
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
     module_name, func_name = spec["target"].split(":", 1)
@@ -23,9 +42,7 @@ def main(argv: list[str]) -> int:
 
             dist.init_parallel_env()
         target = getattr(importlib.import_module(module_name), func_name)
-        # `import paddle` replaces the Python-level SIGTERM handler (coverage's, when measuring) with a C++
-        # one; putting it back lets a rank killed by the launcher still save its coverage data.
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        reclaim_signal_handlers()
         result = target(**spec["kwargs"])
     except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher
         traceback.print_exc()
