@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
+from fastdeploy_patch.testing import rank_calls
 
 
 def main(argv: list[str]) -> int:
@@ -30,12 +31,20 @@ def main(argv: list[str]) -> int:
         # `import paddle` replaces the Python-level SIGTERM handler (coverage's, when measuring) with a C++
         # one; putting it back lets a rank killed by the launcher still save its coverage data.
         signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        rank_calls.set_reply_delivery(lambda result, code: write_result(result_path, result))
         result = target(**spec["kwargs"])
     except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher
         traceback.print_exc()
         sys.stderr.flush()
         return 1
+    finally:
+        rank_calls.set_reply_delivery(None)
+    write_result(result_path, result)
+    return 0
+
+
+def write_result(result_path: str, result: object) -> None:
+    """Write ``result`` as JSON to ``result_path`` in one step: the launcher never reads half a file."""
     tmp = Path(result_path + ".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(result_path)
-    return 0
