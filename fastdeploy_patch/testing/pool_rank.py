@@ -26,6 +26,10 @@ from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.testing import rank_calls
 
 _SIGNAL_GROUP_PACKAGE = "fastdeploy_patch.signal_group"
+SKIP_IN_RANK = (
+    "a rank cannot skip a test: its skip would never reach pytest, and counting the call as passed would hide that "
+    "nothing was checked; skip in the test process, before paddle_ranks.run()"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -79,7 +83,10 @@ def run_call(call: dict[str, Any], conn: Connection) -> dict[str, Any]:
         text = traceback.format_exc()
         # In the rank's log too, beside whatever it printed: the controller shows the other ranks' log tails.
         print(text, file=sys.stderr, flush=True)
-        reply = {"status": "skipped" if _is_skip(exc) else "raised", "error": text}
+        if _is_skip(exc):
+            reply = {"status": "skipped", "error": text + SKIP_IN_RANK}
+        else:
+            reply = {"status": "raised", "error": text}
     finally:
         rank_calls.set_reply_delivery(None)
     left = open_groups()
@@ -151,8 +158,9 @@ def _ok(result: object, exit_code: int | None, where: str) -> dict[str, Any]:
 
 
 def _is_skip(exc: BaseException) -> bool:
-    # pytest.skip's exception, recognised without importing pytest into every rank.
-    return type(exc).__name__ == "Skipped" and type(exc).__module__ == "_pytest.outcomes"
+    # pytest.skip's exception, recognised without importing pytest into every rank: a rank that raised it has pytest.
+    outcomes = sys.modules.get("_pytest.outcomes")
+    return outcomes is not None and isinstance(exc, outcomes.Skipped)
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:
