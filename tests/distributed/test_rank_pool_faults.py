@@ -234,7 +234,8 @@ def _hangs(result: pytest.RunResult, path: Path) -> None:
         # The rank's log tail ends with faulthandler's dump, which SIGUSR1 asked for.
         stack = report.split(f"----- rank {rank} -----\n", 1)[1].split("----- rank", 1)[0]
         assert re.search(
-            r'(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):\n  File ".*test_faulty.py", line \d+ in hang\n',
+            r"(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):\n"
+            r'  File ".*test_faulty.py", line \d+ in hang\n',
             stack,
         ), stack
     timed = _timed(path, "hangs")
