@@ -25,12 +25,18 @@ from typing import Any
 
 LOG_TAIL_CHARS = 4000
 
-# What each rank's interpreter runs. faulthandler goes first, before importing the package (and so Paddle, which
-# takes seconds): a rank stuck in an import still answers the timeout's SIGUSR1 with its stack instead of dying.
-RANK_BOOTSTRAP = (
-    "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR1, all_threads=True); "
-    "from fastdeploy_patch.testing.rank_entry import main; sys.exit(main(sys.argv[1:]))"
+RANK_PRELUDE = (
+    "import faulthandler, signal, sys; faulthandler.enable(all_threads=True); "
+    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
 )
+"""The first statements of every rank's interpreter, before it imports the package (and so Paddle, which takes
+seconds): a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) writes every thread's Python stack to stderr,
+which the launcher sends to the rank's log, and SIGUSR1 (the timeout's) does the same without killing the rank, so
+even a rank stuck in an import shows where. ``import paddle`` replaces the fatal-signal handlers with its own, which
+print no Python stack: ``rank_entry.reclaim_signal_handlers`` puts faulthandler's back once Paddle is in."""
+
+RANK_BOOTSTRAP = RANK_PRELUDE + "from fastdeploy_patch.testing.rank_entry import main; sys.exit(main(sys.argv[1:]))"
+"""What each rank's interpreter runs (``python -c RANK_BOOTSTRAP SPEC_PATH RESULT_PATH``)."""
 _KILL_GRACE_S = 3.0
 _TRACEBACK_WAIT_S = 1.0
 
@@ -46,7 +52,9 @@ class RankFailed(RankError):
         self.rank = rank
         self.returncode = returncode
         self.reports = reports
-        super().__init__(f"rank {rank} failed with exit code {returncode}:\n{reports[rank]}" + _others(rank, reports))
+        super().__init__(
+            f"rank {rank} failed with {exit_description(returncode)}:\n{reports[rank]}" + _others(rank, reports)
+        )
 
 
 class RankTimeout(RankError, TimeoutError):
@@ -57,6 +65,16 @@ class RankTimeout(RankError, TimeoutError):
         self.reports = reports
         body = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(reports.items()))
         super().__init__(f"ranks {sorted(reports)} did not finish within {timeout:g} s; their stacks:\n{body}")
+
+
+def exit_description(returncode: int) -> str:
+    """Say how a process ended: ``"exit code 1"``, or for one killed by a signal ``"exit code -11 (SIGSEGV)"``."""
+    if returncode < 0:
+        try:
+            return f"exit code {returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"exit code {returncode} (signal {-returncode})"
+    return f"exit code {returncode}"
 
 
 def _others(rank: int, reports: dict[int, str]) -> str:

@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -24,6 +23,7 @@ from typing import Any
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.testing import rank_calls
+from fastdeploy_patch.testing.rank_entry import reclaim_signal_handlers
 
 _SIGNAL_GROUP_PACKAGE = "fastdeploy_patch.signal_group"
 SKIP_IN_RANK = (
@@ -56,9 +56,9 @@ def join_world(nranks: int) -> None:
 
     if nranks > 1:
         dist.init_parallel_env()
-    # `import paddle` replaces the Python-level SIGTERM handler (coverage's, when measuring) with a C++ one; putting
-    # it back lets a rank the controller kills still save its coverage data.
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    # `import paddle` replaced the fatal-signal and SIGTERM handlers with C++ ones: a crash would print no Python
+    # stack, and a rank the controller kills would not save its coverage.
+    reclaim_signal_handlers()
 
 
 def serve(conn: Connection) -> int:

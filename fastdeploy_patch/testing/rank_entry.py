@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import os
@@ -12,6 +13,20 @@ from pathlib import Path
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.testing import rank_calls
+
+
+def reclaim_signal_handlers() -> None:
+    """Take back the signal handlers that ``import paddle`` replaced with C++ ones of its own (call it once Paddle
+    is imported; harmless before).
+
+    - Fatal signals: faulthandler again (its ``enable`` alone does nothing while it believes it is enabled), so a
+      crash writes every thread's Python stack to stderr, the rank's log; Paddle's handler prints none.
+    - SIGTERM: the Python-level handler (coverage's, when measuring), so that a rank the launcher kills still
+      saves its coverage data.
+    """
+    faulthandler.disable()
+    faulthandler.enable(all_threads=True)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 def main(argv: list[str]) -> int:
@@ -28,9 +43,7 @@ def main(argv: list[str]) -> int:
 
             dist.init_parallel_env()
         target = getattr(importlib.import_module(module_name), func_name)
-        # `import paddle` replaces the Python-level SIGTERM handler (coverage's, when measuring) with a C++
-        # one; putting it back lets a rank killed by the launcher still save its coverage data.
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+        reclaim_signal_handlers()
         rank_calls.set_reply_delivery(lambda result, code: write_result(result_path, result))
         result = target(**spec["kwargs"])
     except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher

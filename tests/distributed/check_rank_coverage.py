@@ -13,6 +13,10 @@
 3. when both passed, combines every per-process file into ``DATA_FILE``. A failed run leaves no ``DATA_FILE``, so
    ``tox -e gate`` reports the data missing instead of judging a change by it.
 
+A per-process file that is not valid coverage data (a process killed while coverage wrote it leaves a truncated
+SQLite file) is skipped by the check and by the combine step, never in silence: the script prints how many it
+skipped and which, with coverage's reason. The check still fails when the readable files lack the lines it needs.
+
 Exit code: pytest's when it failed (5 when it collected no test), else 1 when the check failed, else coverage
 combine's (0).
 """
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coverage import CoverageData
+from coverage.exceptions import CoverageException
 
 ROOT = Path(__file__).resolve().parents[2]
 # The gloo group's own rendezvous store: its first member serves it, every other member connects to it.
@@ -60,14 +65,46 @@ def process_files(data_file: Path) -> list[Path]:
     return sorted(data_file.parent.glob(f"{data_file.name}.*"))
 
 
-def missing_in_ranks(data_file: Path, test_pid: int, root: Path = ROOT) -> list[str]:
+def read_process_files(files: Sequence[Path]) -> tuple[dict[Path, CoverageData], dict[Path, str]]:
+    """Read each per-process data file; return ``{file: data}`` for the valid ones and ``{file: coverage's reason}``
+    for the others."""
+    readable: dict[Path, CoverageData] = {}
+    invalid: dict[Path, str] = {}
+    for path in files:
+        data = CoverageData(basename=str(path))
+        try:
+            data.read()
+        except CoverageException as exc:
+            invalid[path] = str(exc)
+        else:
+            readable[path] = data
+    return readable, invalid
+
+
+def skipped_report(invalid: dict[Path, str]) -> str:
+    """What to print about the files skipped as not valid coverage data; empty when none was."""
+    if not invalid:
+        return ""
+    lines = [
+        f"skipped {len(invalid)} data file(s) that are not valid coverage data (a process killed while writing it):"
+    ]
+    lines += [f"  {path.name}: {reason}" for path, reason in sorted(invalid.items())]
+    return "\n".join(lines)
+
+
+def missing_in_ranks(
+    data_file: Path, test_pid: int, root: Path = ROOT, readable: dict[Path, CoverageData] | None = None
+) -> list[str]:
     """What the per-process files of ``data_file`` lack outside the test process ``test_pid``: the rendezvous's
-    non-first-member lines and its branch to them. Empty when every one ran in another process."""
+    non-first-member lines and its branch to them. Empty when every one ran in another process.
+
+    Only ``readable`` files count (default: those of ``data_file`` that ``read_process_files`` can read)."""
     relpath = rendezvous_source(root)
     if_line, lines = non_first_member_lines((root / relpath).read_text(encoding="utf-8"))
-    files = process_files(data_file)
-    own = [f for f in files if f".pid{test_pid}." in f.name]
-    others = [f for f in files if f not in own]
+    if readable is None:
+        readable, _ = read_process_files(process_files(data_file))
+    own = [f for f in readable if f".pid{test_pid}." in f.name]
+    others = [f for f in readable if f not in own]
     if not own:
         return [f"no coverage data from the test process (pid {test_pid}) next to {data_file}: was it measured?"]
     if not others:
@@ -77,8 +114,7 @@ def missing_in_ranks(data_file: Path, test_pid: int, root: Path = ROOT) -> list[
     covered_lines: set[int] = set()
     covered_arcs: set[tuple[int, int]] = set()
     for path in others:
-        data = CoverageData(basename=str(path))
-        data.read()
+        data = readable[path]
         for measured in data.measured_files():
             if Path(measured).as_posix().endswith(relpath):
                 covered_lines.update(data.lines(measured) or [])
@@ -89,6 +125,26 @@ def missing_in_ranks(data_file: Path, test_pid: int, root: Path = ROOT) -> list[
     if covered_arcs and (if_line, lines[0]) not in covered_arcs:
         problems.append(f"{relpath}: branch {if_line}->{lines[0]} (not the first member) was never taken in a rank")
     return problems
+
+
+def check_and_combine(data_file: Path, test_pid: int, root: Path = ROOT) -> int:
+    """After a passing pytest run: the check, then (when it passed) the valid per-process files combined into
+    ``data_file``. Prints what it skipped and its verdict; returns 1 when the check failed, else combine's code."""
+    readable, invalid = read_process_files(process_files(data_file))
+    skipped = skipped_report(invalid)
+    if skipped:
+        print(skipped)
+    problems = missing_in_ranks(data_file, test_pid, root, readable)
+    where = f"{rendezvous_source(root)}:{FUNCTION}"
+    if problems:
+        print(f"FAIL: {where}: the lines only non-zero ranks run were not measured in a rank:")
+        print("\n".join(f"  {problem}" for problem in problems))
+        return 1
+    print(f"OK: {where}: the lines only non-zero ranks run were measured inside the ranks")
+    # Only a passing run leaves DATA_FILE, so the gate never judges a change by the data of a failed run. The
+    # files are named: `coverage combine` on the folder would warn about an invalid one and go on, where the
+    # warning is easy to miss; the skipped ones are reported above and stay for a look.
+    return _coverage("combine", "--quiet", f"--data-file={data_file}", *(str(path) for path in readable))
 
 
 def _coverage(*args: str) -> int:
@@ -109,15 +165,7 @@ def main(argv: Sequence[str]) -> int:
     code = suite.wait()
     if code != 0:
         return code
-    problems = missing_in_ranks(data_file, suite.pid)
-    where = f"{rendezvous_source()}:{FUNCTION}"
-    if problems:
-        print(f"FAIL: {where}: the lines only non-zero ranks run were not measured in a rank:")
-        print("\n".join(f"  {problem}" for problem in problems))
-        return 1
-    print(f"OK: {where}: the lines only non-zero ranks run were measured inside the ranks")
-    # Only a passing run leaves DATA_FILE, so the gate never judges a change by the data of a failed run.
-    return _coverage("combine", "--quiet", f"--data-file={data_file}")
+    return check_and_combine(data_file, suite.pid)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fastdeploy_patch.testing.launcher import RankFailed, RankPlacement, RankTimeout, run_ranks
+from fastdeploy_patch.testing.launcher import RankFailed, RankPlacement, RankTimeout, exit_description, run_ranks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def run_ranks_or_fail(
             if rank != exc.rank
         )
         message = (
-            f"rank {exc.rank} of {nranks} failed in {target} (exit code {exc.returncode}):\n"
+            f"rank {exc.rank} of {nranks} failed in {target} ({exit_description(exc.returncode)}):\n"
             f"----- rank {exc.rank} -----\n{exc.reports[exc.rank]}{others}"
         )
     except RankTimeout as exc:

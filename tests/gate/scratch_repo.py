@@ -11,12 +11,13 @@ from pathlib import Path
 GATE_PATH = Path(__file__).resolve().parents[2] / "ci" / "gate.py"
 CHILD_TIMEOUT_S = 60
 
-# Runs the code under test as a real program under coverage's API, measuring only the package `pkg`, and writes
-# coverage.xml the way the project's config does (relative paths unless the test asks otherwise).
+# Runs the code under test as a real program under coverage's API, measuring only one package (`pkg` unless the
+# test says otherwise), and writes coverage.xml the way the project's config does (relative paths unless the test
+# asks otherwise).
 _MEASURE = """
 import coverage
 
-cov = coverage.Coverage(data_file={data_file!r}, config_file=False, source=["pkg"], branch=True)
+cov = coverage.Coverage(data_file={data_file!r}, config_file=False, source=[{source!r}], branch=True)
 cov.set_option("run:relative_files", {relative})
 cov.start()
 {calls}
@@ -52,10 +53,20 @@ class Repo:
         self.git("add", "--all")
         self.git("commit", "--quiet", "--message", message)
 
-    def measure(self, calls: str, *, relative: bool = True, data_file: str = ".coverage", xml: bool = True) -> None:
-        """Run ``calls`` (Python statements) under coverage of ``pkg``, saving the data in ``data_file``, and write
-        coverage.xml in the repository unless ``xml`` is False."""
-        script = _MEASURE.format(relative=relative, calls=textwrap.dedent(calls).strip(), data_file=data_file, xml=xml)
+    def measure(
+        self,
+        calls: str,
+        *,
+        relative: bool = True,
+        data_file: str = ".coverage",
+        xml: bool = True,
+        source: str = "pkg",
+    ) -> None:
+        """Run ``calls`` (Python statements) under coverage of the package ``source``, saving the data in
+        ``data_file``, and write coverage.xml in the repository unless ``xml`` is False."""
+        script = _MEASURE.format(
+            relative=relative, calls=textwrap.dedent(calls).strip(), data_file=data_file, xml=xml, source=source
+        )
         result = subprocess.run(
             [sys.executable, "-c", script],
             cwd=self.path,

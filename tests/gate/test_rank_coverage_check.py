@@ -175,3 +175,91 @@ def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
     assert "FAIL: fastdeploy_patch/signal_group" in result.stdout
     assert "the lines only non-zero ranks run were not measured in a rank" in result.stdout
     assert not data_file.exists()
+
+
+def plant_truncated(data_file: Path, pid: int) -> Path:
+    """A per-process data file cut in half, as a process killed while coverage wrote it leaves one."""
+    whole = data_file.parent / f"whole{pid}"
+    data = CoverageData(basename=str(whole))
+    data.add_arcs({"fastdeploy_patch/signal_group/rendezvous.py": OTHER_MEMBER_ARCS})
+    data.write()
+    raw = whole.read_bytes()
+    whole.unlink()
+    truncated = data_file.parent / f"{data_file.name}.vm.pid{pid}.XtruncX"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    return truncated
+
+
+def test_a_truncated_file_next_to_good_ones_is_skipped_and_named_and_the_rest_is_combined(
+    fake_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    truncated = plant_truncated(data_file, 4444)
+
+    code = check.check_and_combine(data_file, TEST_PID, fake_root)
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0] == "skipped 1 data file(s) that are not valid coverage data (a process killed while writing it):"
+    assert out[1].startswith(f"  {truncated.name}: Couldn't use data file '{truncated}': ")
+    assert out[2] == (
+        "OK: fastdeploy_patch/signal_group/rendezvous.py:gloo_store: the lines only non-zero ranks run were "
+        "measured inside the ranks"
+    )
+    combined = CoverageData(basename=str(data_file))
+    combined.read()
+    assert sorted(combined.arcs("fastdeploy_patch/signal_group/rendezvous.py")) == sorted(
+        set(FIRST_MEMBER_ARCS) | set(OTHER_MEMBER_ARCS)
+    )
+    # The good files went into the combined one; the skipped one stays for a look.
+    assert check.process_files(data_file) == [truncated]
+
+
+def test_when_the_only_rank_file_is_truncated_the_check_still_fails(
+    fake_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    truncated = plant_truncated(data_file, RANK_PID)
+
+    code = check.check_and_combine(data_file, TEST_PID, fake_root)
+
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[0] == "skipped 1 data file(s) that are not valid coverage data (a process killed while writing it):"
+    assert out[1].startswith(f"  {truncated.name}: ")
+    assert out[2:] == [
+        "FAIL: fastdeploy_patch/signal_group/rendezvous.py:gloo_store: the lines only non-zero ranks run were not "
+        "measured in a rank:",
+        f"  no process other than the test process wrote coverage data next to {data_file}: no rank was measured",
+    ]
+    assert not data_file.exists()
+
+
+def test_reading_process_files_tells_valid_data_from_invalid(tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/other.py")
+    truncated = plant_truncated(data_file, 4444)
+    garbage = tmp_path / "d.coverage.vm.pid4545.Xjunk"
+    garbage.write_bytes(b"not sqlite at all" * 64)
+
+    readable, invalid = check.read_process_files(check.process_files(data_file))
+
+    assert [path.name for path in readable] == [f"d.coverage.vm.pid{RANK_PID}.X{RANK_PID}"]
+    assert sorted(invalid) == [truncated, garbage]
+    assert "file is not a database" in invalid[garbage]
+    assert check.skipped_report({}) == ""
+
+
+def test_a_clean_run_prints_nothing_about_skipped_files(
+    fake_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+
+    assert check.check_and_combine(data_file, TEST_PID, fake_root) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    assert check.process_files(data_file) == []

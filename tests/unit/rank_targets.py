@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -27,3 +29,16 @@ def import_paddle() -> None:
 
 def environment(names: list[str]) -> dict:
     return {name: os.environ.get(name) for name in names}
+
+
+def _idle(started: threading.Event) -> None:
+    started.set()
+    time.sleep(600)
+
+
+def crash_on_purpose() -> None:
+    """Die of SIGSEGV, as a fault in native code would, while a second thread idles in ``_idle``."""
+    started = threading.Event()
+    threading.Thread(target=_idle, args=(started,), name="idler", daemon=True).start()
+    started.wait()
+    faulthandler._sigsegv()

@@ -249,6 +249,48 @@ def test_real_child_failure_shows_its_traceback():
     assert "rank_targets.py" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("returncode", "expected"),
+    [
+        (0, "exit code 0"),
+        (1, "exit code 1"),
+        (-11, "exit code -11 (SIGSEGV)"),
+        (-9, "exit code -9 (SIGKILL)"),
+        (-6, "exit code -6 (SIGABRT)"),
+        (-200, "exit code -200 (signal 200)"),
+    ],
+)
+def test_exit_description_names_the_signal_that_killed_a_process(returncode, expected):
+    assert launcher.exit_description(returncode) == expected
+
+
+def test_the_bootstrap_starts_with_the_prelude_that_arms_faulthandler():
+    assert launcher.RANK_BOOTSTRAP.startswith(launcher.RANK_PRELUDE)
+    statements = [part.strip() for part in launcher.RANK_PRELUDE.split(";") if part.strip()]
+    assert statements == [
+        "import faulthandler, signal, sys",
+        "faulthandler.enable(all_threads=True)",
+        "faulthandler.register(signal.SIGUSR1, all_threads=True)",
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_real_child_that_crashes_names_the_rank_the_signal_and_every_threads_stack():
+    with pytest.raises(RankFailed) as caught:
+        run_ranks("tests.unit.rank_targets:crash_on_purpose", 1, env=CHILD_ENV, timeout=30)
+    report = str(caught.value)
+    assert caught.value.rank == 0
+    assert caught.value.returncode == -signal.SIGSEGV
+    assert report.startswith("rank 0 failed with exit code -11 (SIGSEGV):\n")
+    assert "Fatal Python error: Segmentation fault" in report
+    targets = REPO / "tests" / "unit" / "rank_targets.py"
+    # The crashing thread names the function that crashed; the idle thread is shown too (all_threads).
+    crashing = report.split("Current thread ", 1)[1]
+    assert re.search(rf'File "{re.escape(str(targets))}", line \d+ in crash_on_purpose', crashing)
+    idle = report.split("Current thread ", 1)[0]
+    assert re.search(rf'File "{re.escape(str(targets))}", line \d+ in _idle', idle)
+
+
 # Stands in for Paddle in the child: its import signals that the child is inside its imports, then never ends.
 _STUCK_PADDLE = """\
 import os, pathlib, time

@@ -23,10 +23,25 @@ def spec(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_process_wide_handlers(monkeypatch):
-    """main() installs a signal handler; record it instead of changing the test process."""
+    """main() installs signal handlers; record them, in order, instead of changing the test process."""
     installed = []
     monkeypatch.setattr(rank_entry.signal, "signal", lambda sig, handler: installed.append(("signal", sig, handler)))
+    monkeypatch.setattr(rank_entry.faulthandler, "disable", lambda: installed.append(("faulthandler.disable",)))
+    monkeypatch.setattr(
+        rank_entry.faulthandler, "enable", lambda **kwargs: installed.append(("faulthandler.enable", kwargs))
+    )
     return installed
+
+
+def test_reclaiming_the_handlers_rearms_faulthandler_for_every_thread_and_puts_sigterm_back(no_process_wide_handlers):
+    rank_entry.reclaim_signal_handlers()
+
+    # disable() first: enable() alone does nothing while faulthandler believes it is still enabled.
+    assert no_process_wide_handlers == [
+        ("faulthandler.disable",),
+        ("faulthandler.enable", {"all_threads": True}),
+        ("signal", signal.SIGTERM, signal.getsignal(signal.SIGTERM)),
+    ]
 
 
 def test_single_rank_runs_the_target_without_joining_a_world(spec, monkeypatch, no_process_wide_handlers):
@@ -37,8 +52,12 @@ def test_single_rank_runs_the_target_without_joining_a_world(spec, monkeypatch, 
         assert rank_entry.main([spec_path, result_path]) == 0
     init.assert_not_called()
     assert json.loads(open(result_path).read()) == {"value": 5, "rank": 0}
-    # The Python-level SIGTERM handler is put back after the target's imports (for coverage's sake).
-    assert ("signal", signal.SIGTERM, signal.getsignal(signal.SIGTERM)) in no_process_wide_handlers
+    # The handlers Paddle replaces are taken back once, after the target's imports.
+    assert no_process_wide_handlers == [
+        ("faulthandler.disable",),
+        ("faulthandler.enable", {"all_threads": True}),
+        ("signal", signal.SIGTERM, signal.getsignal(signal.SIGTERM)),
+    ]
 
 
 def test_multi_rank_joins_the_world_before_running_the_target(spec, monkeypatch):
