@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
+from fastdeploy_patch.testing import rank_calls
 
 
 def reclaim_signal_handlers() -> None:
@@ -43,12 +44,20 @@ def main(argv: list[str]) -> int:
             dist.init_parallel_env()
         target = getattr(importlib.import_module(module_name), func_name)
         reclaim_signal_handlers()
+        rank_calls.set_reply_delivery(lambda result, code: write_result(result_path, result))
         result = target(**spec["kwargs"])
     except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher
         traceback.print_exc()
         sys.stderr.flush()
         return 1
+    finally:
+        rank_calls.set_reply_delivery(None)
+    write_result(result_path, result)
+    return 0
+
+
+def write_result(result_path: str, result: object) -> None:
+    """Write ``result`` as JSON to ``result_path`` in one step: the launcher never reads half a file."""
     tmp = Path(result_path + ".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(result_path)
-    return 0
