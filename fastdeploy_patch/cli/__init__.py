@@ -1,4 +1,11 @@
-"""The ``fastdeploy-patch`` command (also ``python -m fastdeploy_patch``)."""
+"""The ``fastdeploy-patch`` command (also ``python -m fastdeploy_patch``): the parser and ``main`` here, one module
+per subcommand (``demo``, ``bench``, ``doctor``, ``smoke``).
+
+This is a tool beside the patch, not part of it. It may import the patch and the harness in ``testing/``, and takes
+signal-group names only from ``fastdeploy_patch.signal_group``, never from that package's internal modules; the
+patch never imports anything from here. Nothing outside this package imports it but ``__main__`` and the console
+script.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+
+from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 
 
 def _int_arg(minimum: int, expected: str, maximum: float = math.inf) -> Callable[[str], int]:
@@ -54,6 +63,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    """An argparse type: a positive, finite number of milliseconds, at most a minute."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= 60_000):
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds above 0 and at most 60000, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -67,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from fastdeploy_patch.cli.demo import MIN_STEPS, STEPS_PER_LOOKAHEAD
-    from fastdeploy_patch.signal_group.arguments import MAX_LOOKAHEAD, TRANSPORTS
+    from fastdeploy_patch.signal_group import MAX_LOOKAHEAD, TRANSPORTS
 
     demo = sub.add_parser(
         "demo", help="RL weight update on N CPU ranks: the engine requests clear, then update; a summary table"
@@ -114,15 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: loop time per step when every rank does its own 200-400 us of CPU work each step, for no "
         "sync, gloo, shm and shm with a lookahead",
     )
+    bench.add_argument(
+        "--src-late",
+        type=_milliseconds,
+        metavar="MS",
+        help="instead: the src sleeps MS ms before each publish while the reader waits (2 ranks); reports the "
+        "reader's wake latency p50/p90/p99 and CPU share on shm and on gloo",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", metavar="FILE.png", help="save the distributions as a plot (needs the plot extra)")
     bench.add_argument("--timeout", type=_seconds, help="seconds before the ranks are killed (default: from --iters)")
+    bench.set_defaults(check=_bench_flags_agree, parser=bench)
     sub.add_parser(
         "doctor",
         help="what this machine offers the signal group (Paddle, GPUs, /dev/shm, transport, multi-host); "
         "exits 1 when it cannot work",
     )
     return parser
+
+
+def _bench_flags_agree(args: argparse.Namespace) -> str | None:
+    if args.src_late is None:
+        return None
+    if args.jitter:
+        return "argument --src-late: not allowed with --jitter (they are two different benchmarks)"
+    if args.nranks != 2:
+        return f"argument --src-late: runs on exactly 2 ranks (one src, one reader), got --nranks {args.nranks}"
+    if args.plot:
+        return "argument --src-late: --plot draws per-step latency paths only; leave it out with --src-late"
+    return None
 
 
 def _demo_flags_agree(args: argparse.Namespace) -> str | None:
@@ -247,20 +287,34 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     backend = bench.pick_backend(args.nranks)
-    timeout = args.timeout or 120.0 + (args.iters + args.warmup) * 0.02
-    what = "loop steps with per-rank CPU work" if args.jitter else "timed steps"
+    late_s = (args.src_late or 0.0) / 1000.0
+    # Each late step sleeps late_s on each of the 2 transports.
+    timeout = args.timeout or 120.0 + (args.iters + args.warmup) * (0.02 + 2.5 * late_s)
+    if args.src_late is not None:
+        what = f"steps with the src {args.src_late:g} ms late"
+    elif args.jitter:
+        what = "loop steps with per-rank CPU work"
+    else:
+        what = "timed steps"
     # stdout carries only the result, so that --json output is one JSON object.
     print(
         f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} {what} per path...",
         file=sys.stderr,
         flush=True,
     )
-    target = "fastdeploy_patch.cli.bench:jitter_rank" if args.jitter else "fastdeploy_patch.cli.bench:bench_rank"
+    kwargs: dict[str, float] = {"iters": args.iters, "warmup": args.warmup}
+    if args.src_late is not None:
+        target = "fastdeploy_patch.cli.bench:late_rank"
+        kwargs["late_ms"] = args.src_late
+    elif args.jitter:
+        target = "fastdeploy_patch.cli.bench:jitter_rank"
+    else:
+        target = "fastdeploy_patch.cli.bench:bench_rank"
     try:
         results = run_ranks(
             target,
             args.nranks,
-            kwargs={"iters": args.iters, "warmup": args.warmup},
+            kwargs=kwargs,
             timeout=timeout,
             backend=backend,
         )
@@ -271,7 +325,10 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
     figures = {"nranks": args.nranks, "iters": args.iters, "warmup": args.warmup, "paddle_version": paddle.__version__}
-    if args.jitter:
+    if args.src_late is not None:
+        report = bench.build_late_report(results, late_ms=args.src_late, **figures)
+        text = bench.format_late_report(report)
+    elif args.jitter:
         report = bench.build_jitter_report(results, **figures)
         text = bench.format_jitter_report(report)
     else:
@@ -292,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell starts background jobs with SIGINT ignored and Python keeps that; Ctrl-C (or SIGINT from a
     # supervisor) must still stop the ranks, so ask for KeyboardInterrupt explicitly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The command owns its process: Paddle's ccache hint would stand in front of every output (the parser already
+    # imports Paddle).
+    silence_ccache_warning()
     args = build_parser().parse_args(argv)
     problem = args.check(args) if "check" in args else None
     if problem:

@@ -10,7 +10,12 @@ Jitter (``--jitter``): every rank runs a loop whose steps each do their own CPU 
 the loop time per step is compared with no sync, with lockstep syncs (gloo, shm) and with shm and a lookahead,
 which lets a rank run a few steps ahead instead of paying the slowest rank's jitter every step.
 
-In both, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that rotate through
+Late src (``--src-late MS``, 2 ranks): the src sleeps MS milliseconds before each publish while the reader already
+waits, on a shared-memory and on a gloo signal group. The report gives the reader's wake latency (from the src's
+call to the reader's return, on the host's one monotonic clock) at p50/p90/p99, its CPU share meanwhile, and what
+the publishing call cost the src (on shm, a futex wake when the reader sleeps).
+
+In all three, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that rotate through
 the paths, so that slow spells on a noisy machine spread over every path; the ranks meet at a barrier before
 each round of each path.
 """
@@ -68,6 +73,12 @@ JITTER_LABELS = {
     "shm_lookahead": f"shm, lookahead {JITTER_LOOKAHEAD}",
 }
 """What each jitter path is, in report order."""
+
+LATE_LABELS = {
+    "shm": "shm: broadcast_signal, shared memory",
+    "gloo": "gloo: broadcast_signal (paddle.distributed.broadcast)",
+}
+"""The transports the late-src benchmark runs, in report order."""
 
 _SIGNAL_VALUE = int(ModelWeightsStatus.NORMAL)
 
@@ -251,6 +262,127 @@ def jitter_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
         for group in (gloo, shm, pipelined):
             group.close()
     return {"rank": rank, "samples_ns": samples, "work_us_mean": float(np.mean(draws))}
+
+
+def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) -> dict:
+    """On one of 2 ranks: ``iters`` broadcasts (after ``warmup``) per transport, rank 0 sleeping ``late_ms``
+    before each publish. Returns ``{"rank", "stamps_ns", "publish_ns", "cpu_s", "wall_s", "wait"}``: per transport
+    when rank 0 called (rank 0) or the reader returned (the others), on ``time.perf_counter_ns`` (the host's
+    monotonic clock, the same in every process), what each publish cost rank 0, and this rank's CPU and wall time
+    over the timed steps."""
+    import paddle.distributed as dist
+
+    from fastdeploy_patch.signal_group import broadcast_signal, new_signal_group, shm_reader_sleep
+
+    rank = dist.get_rank()
+    late_s = late_ms / 1000.0
+    groups = {name: new_signal_group(transport=name) for name in LATE_LABELS}
+    stamps: dict[str, list[int]] = {name: [] for name in groups}
+    publish: dict[str, list[int]] = {name: [] for name in groups}
+    cpu = dict.fromkeys(groups, 0.0)
+    wall = dict.fromkeys(groups, 0.0)
+
+    def steps(name: str, count: int, timed: bool) -> None:
+        group = groups[name]
+        for _ in range(count):
+            if rank == 0:
+                time.sleep(late_s)
+                called = time.perf_counter_ns()
+                broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
+                if timed:
+                    stamps[name].append(called)
+                    publish[name].append(time.perf_counter_ns() - called)
+            else:
+                broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
+                if timed:
+                    stamps[name].append(time.perf_counter_ns())
+
+    try:
+        for name in groups:
+            dist.barrier()
+            steps(name, warmup, timed=False)
+        for turn in range(ROUNDS):
+            count = iters // ROUNDS + (1 if turn < iters % ROUNDS else 0)
+            for name in groups:
+                dist.barrier()
+                cpu_started, wall_started = time.process_time(), time.perf_counter()
+                steps(name, count, timed=True)
+                cpu[name] += time.process_time() - cpu_started
+                wall[name] += time.perf_counter() - wall_started
+    finally:
+        for group in groups.values():
+            group.close()
+    return {
+        "rank": rank,
+        "stamps_ns": stamps,
+        "publish_ns": publish,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "wait": list(shm_reader_sleep()),
+    }
+
+
+def build_late_report(
+    results: Sequence[dict], *, nranks: int, iters: int, warmup: int, late_ms: float, paddle_version: str
+) -> dict[str, Any]:
+    """The late-src benchmark's figures per transport: the readers' wake latency (each reader's return minus the
+    src's call, step by step) at p50/p90/p99 and its mean, the readers' CPU share in percent of a core over the
+    timed steps, and the src's publishing call at p50 and p99."""
+    src = next(r for r in results if r["rank"] == 0)
+    readers = [r for r in results if r["rank"] != 0]
+    paths = {}
+    for name, label in LATE_LABELS.items():
+        wakes = [
+            returned - called
+            for reader in readers
+            for returned, called in zip(reader["stamps_ns"][name], src["stamps_ns"][name], strict=True)
+        ]
+        cpu, wall = sum(r["cpu_s"][name] for r in readers), sum(r["wall_s"][name] for r in readers)
+        paths[name] = {
+            "label": label,
+            "wake_p50_us": percentile_us(wakes, 50),
+            "wake_p90_us": percentile_us(wakes, 90),
+            "wake_p99_us": percentile_us(wakes, 99),
+            "wake_mean_us": float(np.mean(wakes)) / 1000.0 if wakes else 0.0,
+            "samples": len(wakes),
+            "reader_cpu_pct": cpu / wall * 100.0 if wall else 0.0,
+            "src_publish_p50_us": percentile_us(src["publish_ns"][name], 50),
+            "src_publish_p99_us": percentile_us(src["publish_ns"][name], 99),
+        }
+    kind, detail = src["wait"]
+    return {
+        "mode": "src_late",
+        "nranks": nranks,
+        "iters": iters,
+        "warmup": warmup,
+        "late_ms": late_ms,
+        "paddle_version": paddle_version,
+        "shm_reader_sleep": {"kind": kind, "detail": detail},
+        "paths": paths,
+    }
+
+
+_LATE_COLUMNS = (
+    ("wake p50", lambda p: f"{p['wake_p50_us']:.1f}"),
+    ("wake p90", lambda p: f"{p['wake_p90_us']:.1f}"),
+    ("wake p99", lambda p: f"{p['wake_p99_us']:.1f}"),
+    ("reader cpu", lambda p: f"{p['reader_cpu_pct']:.1f}%"),
+    ("pub p50", lambda p: f"{p['src_publish_p50_us']:.1f}"),
+)
+
+
+def format_late_report(report: Mapping[str, Any]) -> str:
+    """The human-readable late-src table: wake latency (us), the readers' CPU share and the src's publish (us)."""
+    sleep = report["shm_reader_sleep"]
+    return "\n".join(
+        [
+            f"src late by {report['late_ms']:g} ms before each publish, {report['nranks']} ranks, {report['iters']} "
+            f"steps after {report['warmup']} warm-up, Paddle {report['paddle_version']}; wake = the reader's return "
+            "after the src's call, in us",
+            *_table(report["paths"], _LATE_COLUMNS),
+            f"a waiting shm reader sleeps in: {sleep['kind']} ({sleep['detail']})",
+        ]
+    )
 
 
 def pooled(results: Sequence[dict], order: Iterable[str] = PATH_LABELS) -> dict[str, list[int]]:

@@ -124,6 +124,20 @@ def transport_finding(shm_error: OSError | None, has_gloo: bool) -> Finding:
     return Finding(FAIL, topic, f"no transport works: shared memory fails ({why}) and this Paddle has no gloo")
 
 
+def reader_sleep_finding(kind: str, detail: str) -> Finding:
+    """How a shared-memory reader that has waited past its spin and yield phases sleeps (``shm_reader_sleep()``):
+    a futex wait, woken by the src's publish, or else capped sleeps, which see a value up to about 1 ms late."""
+    topic = "shm reader wait"
+    if kind == "futex":
+        return Finding(OK, topic, f"futex: a reader that waited long is woken by the src's publish ({detail})")
+    return Finding(
+        WARN,
+        topic,
+        f"{kind}: a reader that waited long sees a value up to about 1 ms late, because futex is unavailable: "
+        f"{detail}",
+    )
+
+
 @dataclass(frozen=True)
 class NetworkFacts:
     ifname: str | None
@@ -158,7 +172,12 @@ def multi_host_finding(facts: NetworkFacts) -> Finding:
 
 
 def diagnose(
-    paddle: PaddleFacts, visible: str | None, shm: ShmFacts, shm_error: OSError | None, network: NetworkFacts
+    paddle: PaddleFacts,
+    visible: str | None,
+    shm: ShmFacts,
+    shm_error: OSError | None,
+    reader_sleep: tuple[str, str],
+    network: NetworkFacts,
 ) -> list[Finding]:
     """Every finding, in report order."""
     return [
@@ -166,6 +185,7 @@ def diagnose(
         gpu_finding(paddle, visible),
         *shm_findings(shm),
         transport_finding(shm_error, paddle.has_gloo),
+        reader_sleep_finding(*reader_sleep),
         multi_host_finding(network),
     ]
 
@@ -259,12 +279,13 @@ def network_facts(env: Mapping[str, str], list_interfaces: Callable[[], list[str
 
 def run() -> list[Finding]:
     """Gather this machine's facts and return the findings."""
-    from fastdeploy_patch.signal_group.shm_transport import SHM_DIR, check_shm_usable
+    from fastdeploy_patch.signal_group import SHM_DIR, check_shm_usable, shm_reader_sleep
 
     return diagnose(
         paddle_facts(),
         os.environ.get("CUDA_VISIBLE_DEVICES"),
         shm_facts(SHM_DIR, _read_mounts, os.statvfs),
         shm_error(check_shm_usable),
+        shm_reader_sleep(),
         network_facts(os.environ, lambda: os.listdir(SYS_CLASS_NET)),
     )

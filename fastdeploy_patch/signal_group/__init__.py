@@ -9,8 +9,8 @@ gloo group; Paddle's global TCP store is also where every rank agrees which tran
 and copy device to host, which waits for all queued GPU work.
 
 Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
-``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``liveness`` (is a peer process alive),
-``errors``.
+``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux),
+``liveness`` (is a peer process alive), ``errors``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S
 from fastdeploy_patch.signal_group.group import SignalGroup, broadcast_signal, new_signal_group
 from fastdeploy_patch.signal_group.rendezvous import RENDEZVOUS_TIMEOUT_S
 from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR, SHM_RING_SLOTS, check_shm_usable
+from fastdeploy_patch.signal_group.waiting import shm_reader_sleep
 
 __all__ = [
     "GLOO_OP_TIMEOUT_S",
@@ -38,4 +39,5 @@ __all__ = [
     "broadcast_signal",
     "check_shm_usable",
     "new_signal_group",
+    "shm_reader_sleep",
 ]

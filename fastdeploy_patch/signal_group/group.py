@@ -70,6 +70,12 @@ class SignalGroup:
         """The Paddle gloo group a gloo signal group wraps (registered with Paddle like any group); None for shm."""
         return self._paddle_group
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called on this rank (a group broken by a timeout or a lost peer is not closed:
+        it still holds its end until ``close()``)."""
+        return self._broken == "it was closed"
+
     def close(self) -> None:
         """Release this rank's end (unmap the segment, drop the gloo store). Idempotent; later broadcasts raise
         ``SignalGroupError``. A Paddle gloo group stays registered: Paddle cannot remove one."""

@@ -14,6 +14,8 @@ little-endian on x86-64 and AArch64)::
       + i * MEMBER_BYTES            + PID_AT      pid of member i                  member i, at attach
       (one 64-byte line             + START_AT    its start time (clock ticks)     member i, at attach
        per member)                  + PIDNS_AT    its PID-namespace inode          member i, at attach
+                                    + PARKED_AT   m + 1 while member i may sleep   member i, when it parks
+                                                  in FUTEX_WAIT for call m; else 0   and when it returns
     ring_at(n)            SLOT k    (sequence << 32) | (value & 0xffffffff)        the src of the call
       + k * SLOT_BYTES              k = call % SHM_RING_SLOTS, sequence = (call + 1) mod 2**32
 
@@ -30,9 +32,23 @@ Protocol, for call number n (counted from 0 on every member; every member makes 
   m % SLOTS holds sequence m + 1, reads the value, and sets its cursor to m + 1. The first d calls return the
   group's initial value and consume nothing. A writer never waits for itself: its cursor is n - d and
   d <= SLOTS // 2.
+- A reader that has waited past its spin and yield phases parks (see ``waiting`` and ``futex``): it stores m + 1
+  at its PARKED_AT, looks at slot m once more, and sleeps in ``FUTEX_WAIT`` on the slot's sequence half (the high
+  32 bits) while it still holds the sequence it saw. The writer, after storing slot n, calls ``FUTEX_WAKE`` on it
+  only when some member's PARKED_AT holds n + 1: the fast path, where readers spin or yield, costs a load per
+  member and no syscall. One announcement word per member, not a waiter count per group: each word has a
+  single writer in its own cache line, so plain stores do (a shared count needs an atomic read-modify-write,
+  which Python cannot do on shared memory, and one lost update would wake nobody, or everybody, forever), and it
+  names the call the reader sleeps for, so a writer never wakes for a call nobody waits on.
 - A waiter judges liveness only of the members it waits on (the src of call m, or the readers behind), and only
   while its condition is unmet: a src that published and then exited fails nobody. A member that finds a peer
   gone records it at BROKEN_AT, so that the other members fail fast instead of waiting for their timeout.
+- The writer also looks at its readers before it publishes, at most every ``LIVENESS_INTERVAL_S`` (a clock read
+  per call, ``/proc`` only then), so that a dead reader fails the src within a second instead of a ring (64
+  calls) later. A reader counts as lost only when it is gone and its cursor is not past the writer's own (and
+  the writer has taken a value): it then made no more calls than the writer, so it can never make this one. A
+  reader that made every call and exited (with a lookahead it may finish d calls before the writer) has a cursor
+  past the writer's and fails nobody.
 
 The segment is a file made with ``os.open(O_CREAT | O_EXCL, 0o600)``, sized with ``posix_fallocate`` and mapped
 with ``mmap``; ``multiprocessing.shared_memory`` is not used. Its resource tracker (a helper process per rank)
@@ -48,6 +64,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import json
 import mmap
@@ -57,7 +74,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fastdeploy_patch.signal_group import liveness, waiting
+from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.errors import SignalGroupError, lost_peer_message, stuck_peer_message
 
 SHM_DIR = "/dev/shm"
@@ -70,7 +87,8 @@ SHM_RING_SLOTS = 64
 """Slots in the ring: how far the src may run ahead of the slowest reader (minus the lookahead). A power of two,
 so that a call's slot is ``call & (SHM_RING_SLOTS - 1)``."""
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+"""Version 2 added PARKED_AT (the futex announcement); members of another version refuse to attach."""
 MAGIC = int.from_bytes(b"FDPSIG\x00\x01", "little")
 
 WORD_BYTES = 8
@@ -88,6 +106,7 @@ CURSOR_AT = 0
 PID_AT = 8
 START_AT = 16
 PIDNS_AT = 24
+PARKED_AT = 32
 
 SLOT_BYTES = 8
 _SLOT_MASK = SHM_RING_SLOTS - 1
@@ -146,6 +165,9 @@ class ShmRing:
         self.path = path
         self._region = region
         self.words = memoryview(region).cast("Q")
+        # Where the mapping starts, for futex calls; the temporary ctypes view is released at once, so that
+        # close() can unmap.
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(region))
         self._creator = creator
         self._linked = creator
 
@@ -288,14 +310,21 @@ class ShmTransport:
         self._timeout = timeout
         self._lookahead = lookahead
         self._initial = initial
+        me = self._ranks.index(rank)
         self._cursors = [(members_at(i) + CURSOR_AT) // WORD_BYTES for i in range(self._members)]
-        self._my_cursor = self._cursors[self._ranks.index(rank)]
+        self._my_cursor = self._cursors[me]
+        self._others = [i for i in range(self._members) if i != me]
+        self._my_parked = (members_at(me) + PARKED_AT) // WORD_BYTES
+        self._futex = futex.available().futex
+        # The announcements a writer reads after each store; none without futex, where nobody parks.
+        self._parked = [(members_at(i) + PARKED_AT) // WORD_BYTES for i in self._others] if self._futex else []
         self._slot0 = ring_at(self._members) // WORD_BYTES
         self._calls = 0
         # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
         self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
         # The writer may publish every call up to this one without looking at the cursors again.
         self._room_until = SHM_RING_SLOTS - 1
+        self._next_reader_check = 0.0
 
     def broadcast(self, value: int | None, src: int) -> int:
         """Publish ``value`` (on src; None elsewhere) as this call's value and return call n - lookahead's."""
@@ -304,10 +333,18 @@ class ShmTransport:
         if value is not None:
             if n > self._room_until:
                 self._make_room(n, src)
+            now = time.monotonic()
+            if now >= self._next_reader_check:
+                self._check_readers(src, now)
+            slot = self._slot0 + (n & _SLOT_MASK)
             # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
             # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
             # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
-            words[self._slot0 + (n & _SLOT_MASK)] = (((n + 1) & _SEQUENCE_MASK) << 32) | (value & _VALUE_MASK)
+            words[slot] = (((n + 1) & _SEQUENCE_MASK) << 32) | (value & _VALUE_MASK)
+            for at in self._parked:
+                if words[at] == n + 1:
+                    self._futex.wake(self._sequence_address(slot))
+                    break
         self._srcs.append(src)
         self._calls = n + 1
         m = n - self._lookahead
@@ -322,6 +359,10 @@ class ShmTransport:
         words[self._my_cursor] = m + 1
         value = word & _VALUE_MASK
         return value - (1 << 32) if value & _SIGN_BIT else value
+
+    def _sequence_address(self, slot: int) -> int:
+        """The address of the 32-bit sequence half of slot word ``slot``: the word readers park on."""
+        return self.ring.address + slot * WORD_BYTES + futex.SEQUENCE_HALF_AT
 
     def _min_cursor(self) -> int:
         return min(self._words[at] for at in self._cursors)
@@ -342,15 +383,80 @@ class ShmTransport:
             )
         self._room_until = self._min_cursor() + SHM_RING_SLOTS - 1
 
+    def _check_readers(self, src: int, now: float) -> None:
+        """On the writer, every ``LIVENESS_INTERVAL_S``: raise ``SignalGroupError`` for a reader that is gone
+        without having made as many calls as this writer has (see the protocol), or that another member found
+        gone."""
+        self._next_reader_check = now + waiting.LIVENESS_INTERVAL_S
+        lost = self._find_lost(self._gone_behind, src, now)
+        if lost is not None:
+            raise lost
+
+    def _gone_behind(self) -> tuple[int, str] | None:
+        words = self._words
+        mine = words[self._my_cursor]
+        if mine == 0:
+            # Before the writer's first value, a reader that made every call so far has a cursor of 0 too.
+            return None
+        for member in self._others:
+            if words[self._cursors[member]] <= mine:
+                found = self._gone([member])
+                # Judged gone first, then the cursor read again: a reader that took one more value before it
+                # exited has stored its cursor before it exited.
+                if found is not None and words[self._cursors[member]] <= mine:
+                    return found
+        return None
+
+    def _gone(self, members: list[int]) -> tuple[int, str] | None:
+        """The first of ``members`` (member indexes) known to have exited, with why; None when all may be alive."""
+        for member in members:
+            reason = liveness.gone_reason(self.ring.identity(member))
+            if reason is not None:
+                return member, reason
+        return None
+
+    def _find_lost(
+        self, judge: Callable[[], tuple[int, str] | None], src: int, started: float
+    ) -> SignalGroupError | None:
+        """The error for a member found gone: by another member (the mark at BROKEN_AT), else by ``judge()``,
+        whose find is marked there for the others."""
+        broken = self._words[BROKEN_AT // WORD_BYTES]
+        if broken:
+            detail = f"rank {broken - 1} exited, as another member found"
+        else:
+            found = judge()
+            if found is None:
+                return None
+            member, reason = found
+            self._words[BROKEN_AT // WORD_BYTES] = self._ranks[member] + 1
+            detail = f"rank {self._ranks[member]}: {reason}"
+        return SignalGroupError(lost_peer_message(self._ranks, src, time.monotonic() - started, detail))
+
     def _wait_for_value(self, slot: int, sequence: int, m: int, src: int) -> None:
         words = self._words
         writer = self._ranks.index(self._srcs[0])
-        self._wait(
-            lambda: words[slot] >> 32 == sequence,
-            lambda: [writer],
-            src,
-            lambda late: f" (rank {late[0]} has not published the value of call {m})",
-        )
+        park = None
+        if self._futex is not None:
+            wait, address, parked = self._futex.wait, self._sequence_address(slot), self._my_parked
+
+            def park(seconds: float) -> None:
+                # The futex contract: announce, then look once more, then sleep only while the slot still holds
+                # what we saw (the kernel compares it atomically with going to sleep).
+                words[parked] = m + 1
+                seen = words[slot] >> 32
+                if seen != sequence:
+                    wait(address, seen, seconds)
+
+        try:
+            self._wait(
+                lambda: words[slot] >> 32 == sequence,
+                lambda: [writer],
+                src,
+                lambda late: f" (rank {late[0]} has not published the value of call {m})",
+                park,
+            )
+        finally:
+            words[self._my_parked] = 0
 
     def _wait(
         self,
@@ -358,6 +464,7 @@ class ShmTransport:
         waited_on: Callable[[], list[int]],
         src: int,
         stuck_detail: Callable[[list[int]], str],
+        park: Callable[[float], object] | None = None,
     ) -> None:
         """Wait until ``ready()``; ``waited_on()`` gives the member indexes whose liveness matters meanwhile.
 
@@ -366,21 +473,9 @@ class ShmTransport:
         started = time.monotonic()
 
         def find_lost() -> SignalGroupError | None:
-            broken = self._words[BROKEN_AT // WORD_BYTES]
-            if broken:
-                detail = f"rank {broken - 1} exited, as another member found"
-            else:
-                for member in waited_on():
-                    reason = liveness.gone_reason(self.ring.identity(member))
-                    if reason is not None:
-                        self._words[BROKEN_AT // WORD_BYTES] = self._ranks[member] + 1
-                        detail = f"rank {self._ranks[member]}: {reason}"
-                        break
-                else:
-                    return None
-            return SignalGroupError(lost_peer_message(self._ranks, src, time.monotonic() - started, detail))
+            return self._find_lost(lambda: self._gone(waited_on()), src, started)
 
-        if not waiting.wait_until(ready, self._timeout, find_lost):
+        if not waiting.wait_until(ready, self._timeout, find_lost, park):
             late = [self._ranks[i] for i in waited_on()]
             raise TimeoutError(
                 stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout, stuck_detail(late))

@@ -1,10 +1,15 @@
-"""The one way the shared-memory transport waits: spin, then yield, then a capped sleep, until a deadline.
+"""The one way the shared-memory transport waits: spin, then yield, then sleep, until a deadline.
 
 The writer (waiting for ring room) and the readers (waiting for a value) both wait here. A waiter first spins,
 because a partner that is running answers within microseconds; then it yields its core, because with more ranks
-than cores (4 ranks on 2 cores here) the partner may need this very core to make progress; then it sleeps with a
-doubling, capped interval, so that a rank left waiting (the engine idle, a slow peer) does not burn a core: the
-top complaint filed against vLLM's and SGLang's shared-memory queues (vLLM #19036, SGLang #1730, #3708).
+than cores (4 ranks on 2 cores here) the partner may need this very core to make progress; then it sleeps, so
+that a rank left waiting (the engine idle, a slow peer) does not burn a core: the top complaint filed against
+vLLM's and SGLang's shared-memory queues (vLLM #19036, SGLang #1730, #3708).
+
+How it sleeps: a waiter given a ``park`` function (a reader, on Linux: a futex wait on the slot it waits for, see
+``futex``) sleeps in it for at most ``FUTEX_WAIT_S`` at a time, and the src's store wakes it. Without one (the
+writer waiting for room, or no futex here) it sleeps with a doubling interval capped at ``SLEEP_CAP_S``, so a
+value is seen up to about 1 ms late.
 """
 
 from __future__ import annotations
@@ -13,33 +18,58 @@ import os
 import time
 from collections.abc import Callable
 
+from fastdeploy_patch.signal_group import futex
+
 SPIN_S = 20e-6
 """Busy polling first. A Python round trip through shared memory takes about 1.5 us at p50 here, so a partner
 that is on a core answers well inside this."""
 
-YIELD_S = 1e-3
+YIELD_S = 100e-6
 """Then ``os.sched_yield()`` between polls (about 0.3 us each, vLLM #9994): a partner that shares our core gets
-it at once. At most this much of a wait runs at full CPU, 0.1% of a 1 s wait."""
+it at once. Every wait longer than ``SPIN_S + YIELD_S`` runs at full CPU for that long, so this bounds a reader's
+CPU share when values come 2 ms apart to about 6%; it was 1 ms (28.5% of a core measured at 2 ms) before the
+futex phase made sleeping cheap to wake from.
+
+Chosen by a sweep with ``fastdeploy-patch bench --src-late D --iters 1000`` (2 ranks, one run each, load 3.8-6.2
+from other jobs on the 2 cores): yield 50 / 100 / 200 us gave shm wake p50 48 / 53 / 50 us and reader CPU
+7.6 / 7.3 / 6.8% at D = 2 ms, 60 / 69 / 66 us and 3.5 / 3.6 / 3.3% at 5 ms, 26 / 29 / 32 us and 25 / 23 / 15% at
+0.3 ms: within the noise of each other. 100 us keeps the CPU bound at 2 ms near 6% while a partner that needs
+our core still gets it; with it, at load 0.5-1.6, three runs gave wake p50 23-53 us, p90 63-100 us and CPU
+7.2-8.1% at 2 ms, and p50 38-47 us, p90 174-203 us, CPU 3.2-3.6% at 5 ms (sleep phase before: p50 661 and
+967 us)."""
 
 SLEEP_FIRST_S = 20e-6
-"""The first sleep once yielding stops; each later sleep doubles, up to ``SLEEP_CAP_S``. (``time.sleep`` of less
-than about 50 us really sleeps about 50 us on Linux.)"""
+"""The first capped sleep once yielding stops; each later sleep doubles, up to ``SLEEP_CAP_S``. (``time.sleep``
+of less than about 50 us really sleeps about 50 us on Linux.)"""
 
 SLEEP_CAP_S = 1e-3
-"""The longest sleep: a value published after a long wait is seen at most about 1 ms late, and a waiting rank
-wakes about 1,000 times a second, a few microseconds of CPU each (about 1% of a core, measured in the tests'
+"""The longest capped sleep: a value published after a long wait is seen at most about 1 ms late, and a waiting
+rank wakes about 1,000 times a second, a few microseconds of CPU each (about 1% of a core, measured in the tests'
 idle-CPU check)."""
 
+FUTEX_WAIT_S = 10e-3
+"""The longest single futex sleep. It bounds what a lost wake-up costs (see ``futex``: at most this, once), and
+lets liveness checks and the deadline run; an idle reader wakes 100 times a second: 1.2-2.0% of a core measured
+over 1 s waits (``bench --src-late 1000 --iters 5``, three runs, load 1.6-1.8)."""
+
 LIVENESS_INTERVAL_S = 0.05
-"""How often a waiter looks for dead peers: a peer that exited is reported well within 1 s."""
+"""How often a waiter looks for dead peers, and a src at most how often it looks at its readers: a peer that
+exited is reported well within 1 s."""
 
 
-def wait_until(ready: Callable[[], bool], timeout: float, find_lost: Callable[[], BaseException | None]) -> bool:
+def wait_until(
+    ready: Callable[[], bool],
+    timeout: float,
+    find_lost: Callable[[], BaseException | None],
+    park: Callable[[float], object] | None = None,
+) -> bool:
     """Wait until ``ready()`` is true; return True then, or False once ``timeout`` seconds have passed.
 
     Every ``LIVENESS_INTERVAL_S`` it calls ``find_lost()``, which returns the error to raise when a peer that the
     wait depends on is gone. ``ready()`` is asked once more before that error is raised, so a peer that published
-    what we need and then exited never fails the wait.
+    what we need and then exited never fails the wait. After the spin and yield phases it calls ``park(seconds)``
+    when given, which may sleep up to ``seconds`` (never past the next liveness check or the deadline) and must
+    return early once ``ready()`` may have become true; without it, it sleeps in capped steps.
     """
     start = time.monotonic()
     deadline = start + timeout
@@ -62,6 +92,17 @@ def wait_until(ready: Callable[[], bool], timeout: float, find_lost: Callable[[]
         if waited < SPIN_S + YIELD_S:
             os.sched_yield()
             continue
+        if park is not None:
+            park(min(FUTEX_WAIT_S, next_check - now, deadline - now))
+            continue
         time.sleep(min(sleep, deadline - now))
         sleep = min(2 * sleep, SLEEP_CAP_S)
     return True
+
+
+def shm_reader_sleep() -> tuple[str, str]:
+    """How a shared-memory reader sleeps once it has spun and yielded, here: ``("futex", what)`` when futex waits
+    work in this process, else ``("capped sleep", why not)``, in which case a value is seen up to about 1 ms
+    late."""
+    support = futex.available()
+    return ("futex" if support.futex is not None else "capped sleep", support.reason)

@@ -206,18 +206,26 @@ def _start(
         **placement.env,
         **rank_env(rank, len(placements), ports, backend=backend, hosts=hosts),
     }
-    child_env["PYTHONUNBUFFERED"] = "1"
+    command = [*placement.command_prefix, sys.executable, "-c", RANK_BOOTSTRAP, str(spec_path), str(result_path)]
+    return _Rank(rank, start_rank_process(command, log_path, child_env), log_path, result_path)
+
+
+def start_rank_process(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str], pass_fds: Sequence[int] = ()
+) -> subprocess.Popen:
+    """Start one rank's ``command`` with exactly ``env`` (plus unbuffered output), its output in ``log_path``, in a
+    session of its own (so that ``os.killpg`` on its pid reaches everything it starts), keeping ``pass_fds`` open."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [*placement.command_prefix, sys.executable, "-c", RANK_BOOTSTRAP, str(spec_path), str(result_path)],
-            env=child_env,
+        return subprocess.Popen(
+            list(command),
+            env={**env, "PYTHONUNBUFFERED": "1"},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             # A session of its own: killing the rank reaches anything it started, and Ctrl-C reaches only us.
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
-    return _Rank(rank, process, log_path, result_path)
 
 
 def _wait(ranks: list[_Rank], timeout: float, poll_interval: float) -> None:

@@ -23,6 +23,10 @@ def sleep_forever(ready: str | None = None) -> None:
     time.sleep(600)
 
 
+def import_paddle() -> None:
+    import paddle  # noqa: F401 - the import is the point: a test makes it block
+
+
 def environment(names: list[str]) -> dict:
     return {name: os.environ.get(name) for name in names}
 

@@ -24,6 +24,7 @@ from fastdeploy_patch.cli.bench import (
     build_jitter_report,
     build_report,
     format_jitter_report,
+    format_late_report,
     format_report,
     gpu_available,
     jitter_step,
@@ -363,6 +364,182 @@ def test_jitter_rank_closes_its_groups_when_measuring_fails(fakes: FakeCollectiv
     with mock.patch.object(bench, "measure", side_effect=RuntimeError("lost")), pytest.raises(RuntimeError):
         bench.jitter_rank(iters=1, warmup=0)
     assert len(fakes.groups) == 3 and all(g.closed for g in fakes.groups)
+
+
+# --- late src ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LateClock:
+    """time.sleep, perf_counter_ns, perf_counter and process_time for late_rank: sleeping advances the clock,
+    each broadcast takes ``call_ns``, and process time runs at a tenth of wall time."""
+
+    now_ns: int = 10**9
+    call_ns: int = 40_000
+    sleeps: list[float] = field(default_factory=list)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now_ns += round(seconds * 1e9)
+
+    def perf_counter_ns(self) -> int:
+        return self.now_ns
+
+    def perf_counter(self) -> float:
+        return self.now_ns / 1e9
+
+    def process_time(self) -> float:
+        return self.now_ns / 1e10
+
+
+@pytest.fixture
+def late_clock(fakes: FakeCollectives) -> Iterator[LateClock]:
+    clock = LateClock()
+    real = fakes.broadcast_signal
+
+    def timed_broadcast(value: int, src: int, group: FakeSignalGroup) -> int:
+        clock.now_ns += clock.call_ns
+        return real(value, src, group)
+
+    with (
+        mock.patch.object(bench.time, "sleep", clock.sleep),
+        mock.patch.object(bench.time, "perf_counter_ns", clock.perf_counter_ns),
+        mock.patch.object(bench.time, "perf_counter", clock.perf_counter),
+        mock.patch.object(bench.time, "process_time", clock.process_time),
+        mock.patch.object(signal_group, "broadcast_signal", side_effect=timed_broadcast),
+        mock.patch.object(signal_group, "shm_reader_sleep", return_value=("futex", "SYS_futex 202 on x86_64")),
+    ):
+        yield clock
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_late_rank_times_each_transport_with_the_src_sleeping_before_each_publish(
+    fakes: FakeCollectives, late_clock: LateClock, rank: int
+) -> None:
+    fakes.rank = rank
+    result = bench.late_rank(iters=6, warmup=2, late_ms=2.0)
+    assert [g.kwargs for g in fakes.groups] == [{"transport": "shm"}, {"transport": "gloo"}]
+    assert all(g.closed for g in fakes.groups)
+    assert fakes.barriers == 2 + 2 * 5
+    # Warm-up per transport, then 6 timed steps over 5 rotating rounds; rank 0 publishes, the reader passes None
+    # through the fake as whatever it sends.
+    shm, gloo = (0, 0, 1), (0, 0, 2)
+    assert fakes.signals == [shm] * 2 + [gloo] * 2 + [shm, shm, gloo, gloo] + [shm, gloo] * 4
+    assert late_clock.sleeps == ([0.002] * 16 if rank == 0 else [])
+    assert result["rank"] == rank and result["wait"] == ["futex", "SYS_futex 202 on x86_64"]
+    assert [len(result["stamps_ns"][name]) for name in ("shm", "gloo")] == [6, 6]
+    if rank == 0:
+        # The src stamps its call, before the broadcast, and times the broadcast itself.
+        assert result["publish_ns"] == {"shm": [40_000] * 6, "gloo": [40_000] * 6}
+        assert np.diff(result["stamps_ns"]["shm"])[0] == 2_000_000 + 40_000
+    else:
+        # A reader stamps its return, after the broadcast, and never sleeps or times a publish.
+        assert result["publish_ns"] == {"shm": [], "gloo": []}
+        assert result["stamps_ns"]["shm"][0] == 10**9 + 4 * 40_000 + 40_000
+    wall = 6 * (40_000 + (2_000_000 if rank == 0 else 0)) / 1e9
+    assert result["wall_s"] == pytest.approx({"shm": wall, "gloo": wall})
+    assert result["cpu_s"] == pytest.approx({"shm": wall / 10, "gloo": wall / 10})
+
+
+def test_late_rank_closes_its_groups_when_a_broadcast_fails(fakes: FakeCollectives, late_clock: LateClock) -> None:
+    with (
+        mock.patch.object(signal_group, "broadcast_signal", side_effect=TimeoutError("stuck")),
+        pytest.raises(TimeoutError, match="stuck"),
+    ):
+        bench.late_rank(iters=1, warmup=0)
+    assert len(fakes.groups) == 2 and all(g.closed for g in fakes.groups)
+
+
+def _late_results() -> list[dict]:
+    src = {
+        "rank": 0,
+        "stamps_ns": {"shm": [0, 10_000_000, 20_000_000, 30_000_000], "gloo": [0, 10_000_000, 20_000_000, 30_000_000]},
+        "publish_ns": {"shm": [1000, 2000, 3000, 4000], "gloo": [100_000] * 4},
+        "cpu_s": {"shm": 0.001, "gloo": 0.001},
+        "wall_s": {"shm": 0.04, "gloo": 0.04},
+        "wait": ["futex", "SYS_futex 202 on x86_64"],
+    }
+    reader = {
+        "rank": 1,
+        # shm wakes 10, 20, 30, 40 us after each call; gloo 100 .. 400 us.
+        "stamps_ns": {
+            "shm": [10_000, 10_020_000, 20_030_000, 30_040_000],
+            "gloo": [100_000, 10_200_000, 20_300_000, 30_400_000],
+        },
+        "publish_ns": {"shm": [], "gloo": []},
+        "cpu_s": {"shm": 0.002, "gloo": 0.004},
+        "wall_s": {"shm": 0.04, "gloo": 0.04},
+        "wait": ["futex", "SYS_futex 202 on x86_64"],
+    }
+    return [reader, src]
+
+
+def test_build_late_report_pairs_each_readers_return_with_the_srcs_call() -> None:
+    report = bench.build_late_report(_late_results(), nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3")
+    assert {key: report[key] for key in ("mode", "nranks", "iters", "warmup", "late_ms", "paddle_version")} == {
+        "mode": "src_late",
+        "nranks": 2,
+        "iters": 4,
+        "warmup": 1,
+        "late_ms": 10.0,
+        "paddle_version": "3",
+    }
+    assert report["shm_reader_sleep"] == {"kind": "futex", "detail": "SYS_futex 202 on x86_64"}
+    shm, gloo = report["paths"]["shm"], report["paths"]["gloo"]
+    assert list(report["paths"]) == ["shm", "gloo"]
+    assert shm == pytest.approx(
+        {
+            "label": "shm: broadcast_signal, shared memory",
+            "wake_p50_us": 25.0,
+            "wake_p90_us": 37.0,
+            "wake_p99_us": 39.7,
+            "wake_mean_us": 25.0,
+            "samples": 4,
+            "reader_cpu_pct": 5.0,
+            "src_publish_p50_us": 2.5,
+            "src_publish_p99_us": 3.97,
+        }
+    )
+    assert (gloo["wake_p50_us"], gloo["reader_cpu_pct"], gloo["src_publish_p50_us"]) == pytest.approx(
+        (250.0, 10.0, 100.0)
+    )
+
+
+def test_a_late_report_without_samples_gives_zeros_instead_of_dividing_by_zero() -> None:
+    empty = [
+        {
+            "rank": r,
+            "stamps_ns": {"shm": [], "gloo": []},
+            "publish_ns": {"shm": [], "gloo": []},
+            "cpu_s": {"shm": 0.0, "gloo": 0.0},
+            "wall_s": {"shm": 0.0, "gloo": 0.0},
+            "wait": ["capped sleep", "why"],
+        }
+        for r in (0, 1)
+    ]
+    report = bench.build_late_report(empty, nranks=2, iters=0, warmup=0, late_ms=1.0, paddle_version="3")
+    assert report["paths"]["shm"]["wake_mean_us"] == 0.0 and report["paths"]["shm"]["reader_cpu_pct"] == 0.0
+
+
+def test_a_src_that_timed_fewer_steps_than_a_reader_is_an_error() -> None:
+    results = _late_results()
+    results[1]["stamps_ns"]["shm"].pop()
+    with pytest.raises(ValueError):
+        bench.build_late_report(results, nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3")
+
+
+def test_format_late_report_shows_wake_percentiles_cpu_and_publish_per_transport() -> None:
+    report = bench.build_late_report(_late_results(), nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3")
+    lines = format_late_report(report).splitlines()
+    assert lines[0] == (
+        "src late by 10 ms before each publish, 2 ranks, 4 steps after 1 warm-up, Paddle 3; wake = the reader's "
+        "return after the src's call, in us"
+    )
+    assert lines[1].split() == ["path", "wake", "p50", "wake", "p90", "wake", "p99", "reader", "cpu", "pub", "p50"]
+    assert lines[2].split()[-5:] == ["25.0", "37.0", "39.7", "5.0%", "2.5"]
+    assert lines[3].split()[-5:] == ["250.0", "370.0", "397.0", "10.0%", "100.0"]
+    assert lines[2].startswith("shm: broadcast_signal, shared memory") and lines[3].startswith("gloo: ")
+    assert lines[4] == "a waiting shm reader sleeps in: futex (SYS_futex 202 on x86_64)"
 
 
 # --- latency report ----------------------------------------------------------------------------------------

@@ -252,6 +252,24 @@ RESULTS = [
     {"rank": rank, "samples_ns": {name: [(900 - 100 * i + rank) * 1000] * 2 for i, name in enumerate(PATHS)}}
     for rank in (0, 1)
 ]
+LATE_RESULTS = [
+    {
+        "rank": 0,
+        "stamps_ns": {"shm": [1_000_000, 2_000_000], "gloo": [5_000_000, 6_000_000]},
+        "publish_ns": {"shm": [1000, 3000], "gloo": [90_000, 110_000]},
+        "cpu_s": {"shm": 0.0, "gloo": 0.0},
+        "wall_s": {"shm": 1.0, "gloo": 1.0},
+        "wait": ["futex", "SYS_futex 202 on x86_64"],
+    },
+    {
+        "rank": 1,
+        "stamps_ns": {"shm": [1_050_000, 2_070_000], "gloo": [5_200_000, 6_300_000]},
+        "publish_ns": {"shm": [], "gloo": []},
+        "cpu_s": {"shm": 0.05, "gloo": 0.04},
+        "wall_s": {"shm": 1.0, "gloo": 1.0},
+        "wait": ["futex", "SYS_futex 202 on x86_64"],
+    },
+]
 JITTER_RESULTS = [
     {
         "rank": rank,
@@ -278,6 +296,53 @@ def _jitter_table() -> str:
         JITTER_RESULTS, nranks=2, iters=5000, warmup=200, paddle_version=paddle.__version__
     )
     return bench.format_jitter_report(report)
+
+
+def _late_table() -> str:
+    report = bench.build_late_report(
+        LATE_RESULTS, nranks=2, iters=5000, warmup=200, late_ms=2.0, paddle_version=paddle.__version__
+    )
+    return bench.format_late_report(report)
+
+
+def test_bench_src_late_runs_the_late_ranks_and_prints_the_wake_table(gloo, capsys) -> None:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=LATE_RESULTS) as run:
+        assert cli.main(["bench", "--src-late", "2"]) == 0
+    run.assert_called_once_with(
+        "fastdeploy_patch.cli.bench:late_rank",
+        2,
+        kwargs={"iters": 5000, "warmup": 200, "late_ms": 2.0},
+        # Each step sleeps 2 ms on each of the two transports, with room to spare.
+        timeout=pytest.approx(120.0 + 5200 * (0.02 + 2.5 * 0.002)),
+        backend="gloo",
+    )
+    captured = capsys.readouterr()
+    assert captured.out == _late_table() + "\n"
+    assert captured.err == "bench: 2 ranks (gloo), 200 warm-up + 5000 steps with the src 2 ms late per path...\n"
+
+
+def test_bench_src_late_json_prints_the_late_report(gloo, capsys) -> None:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=LATE_RESULTS):
+        assert cli.main(["bench", "--src-late", "0.3", "--json", "--iters", "9", "--warmup", "1"]) == 0
+    assert json.loads(capsys.readouterr().out) == bench.build_late_report(
+        LATE_RESULTS, nranks=2, iters=9, warmup=1, late_ms=0.3, paddle_version=paddle.__version__
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--jitter"], "argument --src-late: not allowed with --jitter (they are two different benchmarks)"),
+        (["--nranks", "3"], "argument --src-late: runs on exactly 2 ranks (one src, one reader), got --nranks 3"),
+        (["--plot", "x.png"], "argument --src-late: --plot draws per-step latency paths only; leave it out"),
+    ],
+)
+def test_bench_src_late_refuses_flags_it_cannot_honour_before_starting_ranks(capsys, extra, says) -> None:
+    with mock.patch("fastdeploy_patch.testing.launcher.run_ranks") as run, pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--src-late", "2", *extra])
+    assert exit_.value.code == 2
+    run.assert_not_called()
+    assert says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

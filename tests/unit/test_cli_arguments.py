@@ -34,6 +34,10 @@ BAD_VALUES: dict[tuple[str, str], list[tuple[str, str]]] = {
     ("bench", "--iters"): [(v, POSITIVE_INT) for v in ("0", "-1", "many", *NOT_INTEGERS)],
     ("bench", "--warmup"): [(v, NON_NEGATIVE_INT) for v in ("-1", *NOT_INTEGERS)],
     ("bench", "--timeout"): [(v, SECONDS) for v in ("0", "-1", "x", "nan", "inf")],
+    ("bench", "--src-late"): [
+        (v, "expected a number of milliseconds above 0 and at most 60000")
+        for v in ("0", "-1", "x", "nan", "inf", "60001")
+    ],
 }
 
 GOOD_VALUES: dict[tuple[str, str], list[tuple[str, object]]] = {
@@ -47,6 +51,7 @@ GOOD_VALUES: dict[tuple[str, str], list[tuple[str, object]]] = {
     ("bench", "--iters"): [("1", 1)],
     ("bench", "--warmup"): [("0", 0)],
     ("bench", "--timeout"): [("0.001", 0.001)],
+    ("bench", "--src-late"): [("0.05", 0.05), ("2", 2.0), ("60000", 60000.0)],
 }
 
 
@@ -93,7 +98,7 @@ def test_the_smallest_and_usual_good_values_are_accepted(command, flag, value, p
     # Enough steps for any lookahead, so that only the flag under test decides.
     extra = ["--steps", "1000"] if command == "demo" and flag != "--steps" else []
     args = cli.build_parser().parse_args([command, flag, value, *extra])
-    assert cli._demo_flags_agree(args) is None if command == "demo" else "check" not in args
+    assert args.check(args) is None if command in ("demo", "bench") else "check" not in args
     assert getattr(args, flag.lstrip("-").replace("-", "_")) == parsed
 
 

@@ -12,7 +12,7 @@ from unittest import mock
 import paddle
 import pytest
 
-from fastdeploy_patch import cli
+from fastdeploy_patch import cli, signal_group
 from fastdeploy_patch.cli import doctor
 from fastdeploy_patch.cli.doctor import (
     FAIL,
@@ -168,14 +168,36 @@ def test_no_gloo_interface_warns_with_what_the_hostname_resolves_to(address: str
     assert ("loopback" in finding.text) is (address == "127.0.1.1")
 
 
+FUTEX = ("futex", "SYS_futex 202 on x86_64")
+
+
+def test_a_futex_reader_wait_is_ok_and_says_the_publish_wakes_it() -> None:
+    assert doctor.reader_sleep_finding(*FUTEX) == Finding(
+        OK,
+        "shm reader wait",
+        "futex: a reader that waited long is woken by the src's publish (SYS_futex 202 on x86_64)",
+    )
+
+
+def test_capped_sleeps_warn_that_a_value_is_seen_up_to_a_millisecond_late_and_why() -> None:
+    finding = doctor.reader_sleep_finding("capped sleep", "no futex syscall number known for 'riscv64'")
+    assert finding == Finding(
+        WARN,
+        "shm reader wait",
+        "capped sleep: a reader that waited long sees a value up to about 1 ms late, because futex is unavailable: "
+        "no futex syscall number known for 'riscv64'",
+    )
+
+
 def test_diagnose_lists_every_finding_in_report_order() -> None:
-    findings = doctor.diagnose(CPU, None, HEALTHY_SHM, None, NETWORK)
+    findings = doctor.diagnose(CPU, None, HEALTHY_SHM, None, FUTEX, NETWORK)
     assert [f.topic for f in findings] == [
         "Paddle",
         "GPUs",
         "/dev/shm",
         "/dev/shm",
         "ranks on this host",
+        "shm reader wait",
         "ranks on several hosts",
     ]
     assert all(f.level == OK for f in findings)
@@ -290,17 +312,16 @@ def test_run_gathers_this_machines_facts() -> None:
         mock.patch.object(doctor, "shm_facts", return_value=HEALTHY_SHM) as shm,
         mock.patch.object(doctor, "shm_error", return_value=error) as probe,
         mock.patch.object(doctor, "network_facts", return_value=NETWORK) as network,
+        mock.patch.object(signal_group, "shm_reader_sleep", return_value=("capped sleep", "why")),
         mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3"}),
         mock.patch.object(os, "listdir", return_value=["lo"]) as listdir,
     ):
         findings = doctor.run()
         env, list_interfaces = network.call_args.args
         assert env is os.environ and list_interfaces() == ["lo"]
-    from fastdeploy_patch.signal_group.shm_transport import check_shm_usable
-
-    assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, NETWORK)
+    assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, ("capped sleep", "why"), NETWORK)
     assert shm.call_args.args[0] == "/dev/shm" and shm.call_args.args[1:] == (doctor._read_mounts, os.statvfs)
-    probe.assert_called_once_with(check_shm_usable)
+    probe.assert_called_once_with(signal_group.check_shm_usable)
     listdir.assert_called_once_with("/sys/class/net")
 
 

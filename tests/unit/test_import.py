@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.metadata
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import paddle
 import pytest
 
 import fastdeploy_patch
 from fastdeploy_patch import group_shutdown, signal_group, status
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_public_api_is_the_modules_own_objects() -> None:
@@ -71,10 +78,71 @@ def test_without_paddle_the_import_says_which_extra_to_install(
         "https://www.paddlepaddle.org.cn/install/quick), for example: python -m pip install "
         "paddlepaddle-gpu==3.3.1 -i https://www.paddlepaddle.org.cn/packages/stable/cu126/"
     )
+    assert err.value.name == "paddle"
     if paddle_is == "missing":
-        assert isinstance(err.value.__cause__, ModuleNotFoundError)
+        assert err.value.__cause__ is None
     else:
         assert err.value.__cause__ is _BrokenPaddle.error
+
+
+class _PaddleThatFailsToLoad(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A Paddle that is found but whose import fails while it runs (the usual form of a broken install)."""
+
+    error = ImportError("libpaddle.so: undefined symbol")
+
+    def find_spec(self, name: str, path: object, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        return importlib.machinery.ModuleSpec(name, self) if name == "paddle" else None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: object) -> None:
+        raise self.error
+
+
+def test_a_paddle_that_fails_to_load_raises_the_same_message_when_a_public_name_is_first_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ours = {name: module for name, module in sys.modules.items() if name.partition(".")[0] == "fastdeploy_patch"}
+    for name in ours:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, "paddle")
+    monkeypatch.setattr(sys, "meta_path", [_PaddleThatFailsToLoad(), *sys.meta_path])
+    try:
+        fresh = importlib.import_module("fastdeploy_patch")
+        assert fresh.ModelWeightsStatus.CLEARING == -1
+        with pytest.raises(ImportError) as err:
+            fresh.new_signal_group  # noqa: B018 - the attribute access is the import under test
+    finally:
+        for name in [name for name in sys.modules if name.partition(".")[0] == "fastdeploy_patch"]:
+            del sys.modules[name]
+        sys.modules.pop("paddle", None)
+    assert str(err.value).startswith("fastdeploy_patch needs PaddlePaddle 3.3. CPU: pip install")
+    assert err.value.name == "paddle"
+    assert err.value.__cause__ is _PaddleThatFailsToLoad.error
+
+
+def test_a_name_that_is_not_public_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match=r"^module 'fastdeploy_patch' has no attribute 'launcher'$"):
+        fastdeploy_patch.launcher  # noqa: B018
+
+
+def test_a_public_name_is_resolved_on_first_use_then_kept_on_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(vars(fastdeploy_patch), "shutdown_process_groups", raising=False)
+    assert fastdeploy_patch.shutdown_process_groups is group_shutdown.shutdown_process_groups
+    assert vars(fastdeploy_patch)["shutdown_process_groups"] is group_shutdown.shutdown_process_groups
+
+
+def test_importing_the_package_imports_no_paddle_and_installs_no_warning_filter() -> None:
+    probe = (
+        "import json, sys, warnings; before = list(warnings.filters); import fastdeploy_patch; "
+        "print(json.dumps({'paddle': 'paddle' in sys.modules, 'same_filters': warnings.filters == before}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"paddle": False, "same_filters": True}
 
 
 def test_the_modules_are_back_after_the_paddle_less_import() -> None:

@@ -4,6 +4,7 @@ transport with Paddle's collectives, stores and group registry faked (shared mem
 from __future__ import annotations
 
 import datetime
+import inspect
 import re
 import socket
 import threading
@@ -413,6 +414,15 @@ def test_auto_picks_shared_memory_when_every_member_attached(world: FakeWorld) -
     ]
     assert world.global_store.gets == [f"fastdeploy_patch/signal_group/1/shm/{r}" for r in (0, 1, 2)]
     group.close()
+
+
+def test_the_initial_value_is_0_unless_given(world: FakeWorld) -> None:
+    assert inspect.signature(new_signal_group).parameters["initial"].default == 0
+    world.answer(1, 1)
+    with new_signal_group(lookahead=2) as group:
+        assert group._endpoint._initial == 0
+        # The first lookahead calls return it, before anything was published.
+        assert [broadcast_signal(5, src=0, group=group) for _ in range(2)] == [0, 0]
 
 
 def test_a_non_member_follows_the_decision_without_a_mapping(world: FakeWorld) -> None:

@@ -7,25 +7,38 @@ them in turn (a writer, then its readers), or from two threads where both must w
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import math
 import os
+import re
 import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from unittest import mock
 
 import pytest
 
-from fastdeploy_patch.signal_group import SignalGroup, SignalGroupError, broadcast_signal, liveness, shm_transport
+from fastdeploy_patch.signal_group import (
+    SignalGroup,
+    SignalGroupError,
+    broadcast_signal,
+    futex,
+    liveness,
+    shm_transport,
+    waiting,
+)
 from fastdeploy_patch.signal_group.shm_transport import (
     BROKEN_AT,
     HEADER_BYTES,
     LAYOUT_VERSION,
     MAGIC,
     MEMBER_BYTES,
+    PARKED_AT,
     SEGMENT_PREFIX,
     SHM_DIR,
     SHM_RING_SLOTS,
@@ -48,7 +61,7 @@ def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
     assert [members_at(i) for i in range(3)] == [64, 128, 192]
     assert ring_at(2) == 192 and ring_at(4) == 320
     assert segment_bytes(2) == 192 + 64 * 8 and segment_bytes(4) == 320 + 64 * 8
-    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 1
+    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 2
 
 
 def test_a_handle_travels_as_json() -> None:
@@ -75,7 +88,7 @@ def test_create_makes_a_private_sized_segment_and_records_the_creator(pair: tupl
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_size == segment_bytes(2) == handle.size
     assert (handle.ranks, handle.layout_version) == ((0, 5), LAYOUT_VERSION)
     words = creator.words
-    assert [words[at // 8] for at in (0, 8, 16, 24, 32, 40)] == [MAGIC, 1, SHM_RING_SLOTS, 2, handle.nonce, 0]
+    assert [words[at // 8] for at in (0, 8, 16, 24, 32, 40)] == [MAGIC, 2, SHM_RING_SLOTS, 2, handle.nonce, 0]
     assert creator.identity(0) == liveness.this_process()
 
 
@@ -145,7 +158,7 @@ def test_attach_refuses_a_file_of_another_size(pair: tuple[ShmRing, ShmRing]) ->
 
 
 @pytest.mark.parametrize(
-    "change", [{"nonce": 1}, {"layout_version": 2}, {"ranks": (0, 5, 6)}], ids=["nonce", "version", "members"]
+    "change", [{"nonce": 1}, {"layout_version": 3}, {"ranks": (0, 5, 6)}], ids=["nonce", "version", "members"]
 )
 def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRing, ShmRing], change: dict) -> None:
     creator, _ = pair
@@ -157,7 +170,7 @@ def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRin
         ShmRing.attach(ShmHandle(**fields), 5)
     assert err.value.strerror == (
         f"{creator.path} is not the group's segment (its header does not match the handle: another host's file of "
-        "the same name, or mixed fastdeploy_patch versions; this one speaks layout 1)"
+        "the same name, or mixed fastdeploy_patch versions; this one speaks layout 2)"
     )
 
 
@@ -165,9 +178,9 @@ def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_head
     pair: tuple[ShmRing, ShmRing],
 ) -> None:
     creator, _ = pair
-    creator.words[8 // 8] = 2
+    creator.words[8 // 8] = 3
     with pytest.raises(OSError, match="is not the group's segment"):
-        ShmRing.attach(ShmHandle(**{**creator.handle.__dict__, "layout_version": 2}), 5)
+        ShmRing.attach(ShmHandle(**{**creator.handle.__dict__, "layout_version": 3}), 5)
 
 
 def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
@@ -378,6 +391,8 @@ def test_a_mark_left_by_another_member_fails_a_waiter_fast(pair: tuple[ShmRing, 
 
 def test_a_reader_that_exited_fails_the_src_once_the_ring_is_full(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, _ = _ends(pair, timeout=30)
+    # The src's periodic look at its readers (tested below) is put off, so that only the full ring can tell.
+    writer._next_reader_check = math.inf
     pid = _gone_pid()
     _pretend_member_is(pair[0], 1, pid)
     for step in range(SHM_RING_SLOTS):
@@ -417,9 +432,381 @@ def test_a_shm_groups_failure_leaves_it_unusable(pair: tuple[ShmRing, ShmRing]) 
     with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 timed out; "):
         broadcast_signal(0, src=0, group=groups[1])
     _pretend_member_is(pair[0], 1, _gone_pid())
+    ends[0]._next_reader_check = math.inf
     for step in range(SHM_RING_SLOTS):
         broadcast_signal(step, src=0, group=groups[0])
     with pytest.raises(SignalGroupError, match=r"process \d+ is gone\)$"):
         broadcast_signal(1, src=0, group=groups[0])
     with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 lost a peer; "):
         broadcast_signal(1, src=0, group=groups[0])
+
+
+# --- slow readers: room, and the src that waits for it --------------------------------------------------------
+
+
+def test_a_slow_reader_keeps_every_value_the_src_may_not_overwrite_an_untaken_slot(
+    pair: tuple[ShmRing, ShmRing],
+) -> None:
+    writer, reader = _ends(pair, timeout=0.05)
+    for step in range(SHM_RING_SLOTS):
+        writer.broadcast(step, 0)
+    assert reader.broadcast(None, 0) == 0
+    # One value taken: room for exactly one more call, and not two.
+    writer.broadcast(SHM_RING_SLOTS, 0)
+    with pytest.raises(TimeoutError) as err:
+        writer.broadcast(SHM_RING_SLOTS + 1, 0)
+    assert str(err.value).endswith("(ranks [5] have not taken the value of call 1 yet)")
+    assert [reader.broadcast(None, 0) for _ in range(SHM_RING_SLOTS)] == list(range(1, SHM_RING_SLOTS + 1))
+    assert writer.broadcast(SHM_RING_SLOTS + 1, 0) == SHM_RING_SLOTS + 1
+    assert reader.broadcast(None, 0) == SHM_RING_SLOTS + 1
+
+
+def test_a_src_waiting_for_room_goes_on_as_soon_as_a_reader_takes_a_value(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, timeout=20.0)
+    for step in range(SHM_RING_SLOTS):
+        writer.broadcast(step, 0)
+    taken: list[int] = []
+    late_reader = threading.Timer(0.05, lambda: taken.append(reader.broadcast(None, 0)))
+    late_reader.start()
+    started = time.monotonic()
+    assert writer.broadcast(SHM_RING_SLOTS, 0) == SHM_RING_SLOTS
+    late_reader.join()
+    assert taken == [0]
+    # Far below the 20 s timeout, which a readiness check that is never true would run into.
+    assert time.monotonic() - started < 10.0
+
+
+def test_a_reader_watches_the_src_of_the_call_it_waits_for_among_three_members() -> None:
+    """Lookahead 1, srcs 0 then 6: rank 5's call 2 waits for call 1's value, so rank 6 is the one watched (and
+    named), not rank 0, the src of the group's first call, which is gone."""
+    creator = ShmRing.create([0, 5, 6], 0)
+    rings = [creator, ShmRing.attach(creator.handle, 5), ShmRing.attach(creator.handle, 6)]
+    try:
+        ends = [
+            ShmTransport(r, rank, timeout=0.2, lookahead=1, initial=INITIAL)
+            for r, rank in zip(rings, (0, 5, 6), strict=True)
+        ]
+        assert ends[0].broadcast(10, 0) == INITIAL
+        _pretend_member_is(creator, 0, _gone_pid())
+        assert ends[1].broadcast(None, 0) == INITIAL
+        assert ends[1].broadcast(None, 6) == 10
+        with pytest.raises(TimeoutError) as err:
+            ends[1].broadcast(None, 6)
+        assert str(err.value).endswith("(rank 6 has not published the value of call 1)")
+    finally:
+        for ring in reversed(rings):
+            ring.close()
+
+
+def _waited(message: str, pattern: str) -> float:
+    found = re.search(pattern, message)
+    assert found, message
+    return float(found.group(1))
+
+
+def test_a_timeout_reports_the_time_it_waited(pair: tuple[ShmRing, ShmRing]) -> None:
+    _, reader = _ends(pair, timeout=0.3)
+    with pytest.raises(TimeoutError) as err:
+        reader.broadcast(None, 0)
+    assert 0.3 <= _waited(str(err.value), r"got no answer after (\d+\.\d) s \(timeout 0\.3 s\)") < 5.0
+
+
+def test_a_lost_peer_reports_the_time_it_waited(pair: tuple[ShmRing, ShmRing]) -> None:
+    _, reader = _ends(pair, timeout=30)
+    _pretend_member_is(pair[0], 0, _gone_pid())
+    with pytest.raises(SignalGroupError) as err:
+        reader.broadcast(None, 0)
+    assert 0.05 <= _waited(str(err.value), r"failed after (\d+\.\d\d) s") < 1.0
+
+
+# --- the src looks at its readers -----------------------------------------------------------------------------
+
+
+def _checking_every_call(end: ShmTransport) -> None:
+    end._next_reader_check = 0.0
+
+
+@pytest.mark.parametrize("lookahead", [0, 4])
+def test_a_dead_reader_fails_the_src_at_its_first_check_once_it_has_taken_a_value(
+    pair: tuple[ShmRing, ShmRing], lookahead: int
+) -> None:
+    writer, _ = _ends(pair, lookahead=lookahead, timeout=30)
+    pid = _gone_pid()
+    _pretend_member_is(pair[0], 1, pid)
+    for step in range(lookahead + 1):
+        _checking_every_call(writer)
+        writer.broadcast(step, 0)
+    _checking_every_call(writer)
+    with pytest.raises(SignalGroupError) as err:
+        writer.broadcast(99, 0)
+    assert str(err.value).startswith(
+        "signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.00 s: "
+    )
+    assert str(err.value).endswith(f"a peer exited or dropped its connection (rank 5: process {pid} is gone)")
+    # Found before publishing, and marked for the other members.
+    assert pair[0].words[ring_at(2) // 8 + lookahead + 1] == 0
+    assert pair[0].words[BROKEN_AT // 8] == 5 + 1
+
+
+@pytest.mark.parametrize("lookahead", [0, 4])
+def test_a_dead_reader_fails_a_src_calling_every_few_ms_within_a_second(
+    pair: tuple[ShmRing, ShmRing], lookahead: int
+) -> None:
+    writer, _ = _ends(pair, lookahead=lookahead, timeout=30)
+    _pretend_member_is(pair[0], 1, _gone_pid())
+    started = time.monotonic()
+    with pytest.raises(SignalGroupError, match=r"\(rank 5: process \d+ is gone\)$"):
+        for step in range(SHM_RING_SLOTS - 1):
+            writer.broadcast(step, 0)
+            time.sleep(0.005)
+    assert time.monotonic() - started < 1.0
+
+
+def test_the_src_reads_proc_at_most_every_liveness_interval(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, timeout=30)
+    now = [1000.0]
+    judged: list[float] = []
+
+    def gone_reason(peer: liveness.ProcessIdentity) -> None:
+        judged.append(now[0])
+
+    with (
+        mock.patch.object(shm_transport.time, "monotonic", lambda: now[0]),
+        mock.patch.object(shm_transport.liveness, "gone_reason", gone_reason),
+    ):
+        for step in range(100):
+            writer.broadcast(step, 0)
+            reader.broadcast(None, 0)
+            now[0] += 0.004
+    # 100 calls 4 ms apart span 0.4 s: a look every 50 ms. The first, at call 0, needs no /proc read (no value
+    # taken yet); each later one reads it once.
+    assert len(judged) == 7
+    assert all(0.05 <= b - a < 0.054 for a, b in zip([1000.0, *judged], judged, strict=False)), judged
+
+
+def test_a_live_reader_behind_the_src_fails_nothing(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, _ = _ends(pair, timeout=30)
+    for step in range(SHM_RING_SLOTS):
+        _checking_every_call(writer)
+        assert writer.broadcast(step, 0) == step
+
+
+def test_readers_that_made_every_call_and_exited_fail_no_src_behind_them(pair: tuple[ShmRing, ShmRing]) -> None:
+    """Lookahead 2 over 5 calls: the reader's calls need only the first 3 values, so it may finish first."""
+    writer, reader = _ends(pair, lookahead=2, timeout=30)
+    for value in (1, 2, 3):
+        _checking_every_call(writer)
+        writer.broadcast(value, 0)
+    assert [reader.broadcast(None, 0) for _ in range(5)] == [INITIAL, INITIAL, 1, 2, 3]
+    _pretend_member_is(pair[0], 1, _gone_pid())
+    for value in (4, 5):
+        _checking_every_call(writer)
+        writer.broadcast(value, 0)
+    assert pair[0].words[BROKEN_AT // 8] == 0
+
+
+def test_a_reader_that_takes_a_value_and_exits_while_being_judged_fails_nobody(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, lookahead=1, timeout=30)
+    writer.broadcast(1, 0)
+    writer.broadcast(2, 0)
+    reader.broadcast(None, 0)
+
+    def takes_a_value_then_exits(peer: liveness.ProcessIdentity) -> str:
+        # The reader's last two calls land between the src's first look at its cursor and the verdict.
+        reader.broadcast(None, 0)
+        reader.broadcast(None, 0)
+        return "process 4242 is gone"
+
+    _checking_every_call(writer)
+    with mock.patch.object(shm_transport.liveness, "gone_reason", takes_a_value_then_exits):
+        writer.broadcast(3, 0)
+    assert pair[0].words[BROKEN_AT // 8] == 0
+
+
+def test_a_mark_left_by_another_member_fails_the_src_before_it_publishes(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, _ = _ends(pair, timeout=30)
+    pair[0].words[BROKEN_AT // 8] = 7 + 1
+    _checking_every_call(writer)
+    with pytest.raises(SignalGroupError) as err:
+        writer.broadcast(1, 0)
+    assert str(err.value).endswith("a peer exited or dropped its connection (rank 7 exited, as another member found)")
+    assert pair[0].words[ring_at(2) // 8] == 0
+
+
+# --- the futex phase: announce, look again, sleep; wake only the announced -------------------------------------
+
+
+@dataclass
+class FakeFutex:
+    """Stands in for ``futex.Futex``: records waits (with the parked announcement seen at that moment) and wakes;
+    ``during_wait`` runs inside each wait (a src publishing meanwhile) and returns what the wait answers."""
+
+    ring: ShmRing | None = None
+    during_wait: Callable[[int], str] = lambda calls: "timed out"
+    waits: list[tuple[int, int, float, list[int]]] = field(default_factory=list)
+    wakes: list[int] = field(default_factory=list)
+
+    def wait(self, address: int, expected: int, seconds: float) -> str:
+        parked = [self.ring.words[(members_at(i) + PARKED_AT) // 8] for i in (0, 1)]
+        self.waits.append((address, expected, seconds, parked))
+        return self.during_wait(len(self.waits))
+
+    def wake(self, address: int, count: int = futex.WAKE_ALL) -> int:
+        self.wakes.append(address)
+        return 1
+
+
+@pytest.fixture
+def fake_futex(pair: tuple[ShmRing, ShmRing]) -> Iterator[FakeFutex]:
+    fake = FakeFutex(pair[0])
+    with mock.patch.object(shm_transport.futex, "available", return_value=futex.Support(fake, "fake")):
+        yield fake
+
+
+def _sequence_address(ring: ShmRing, call: int) -> int:
+    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + futex.SEQUENCE_HALF_AT
+
+
+def test_the_mapping_address_is_where_the_words_are(pair: tuple[ShmRing, ShmRing]) -> None:
+    creator, _ = pair
+    creator.words[ring_at(2) // 8] = (9 << 32) | 5
+    assert ctypes.c_uint32.from_address(_sequence_address(creator, 0)).value == 9
+    assert PARKED_AT == 32 and MEMBER_BYTES >= PARKED_AT + 8
+
+
+def test_the_src_wakes_only_for_the_call_a_reader_announced(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
+) -> None:
+    writer, reader = _ends(pair)
+    writer.broadcast(0, 0)
+    assert fake_futex.wakes == []
+    # Rank 5 announces it may sleep for call 2: call 1 wakes nobody, call 2 wakes its slot.
+    pair[0].words[(members_at(1) + PARKED_AT) // 8] = 2 + 1
+    writer.broadcast(1, 0)
+    assert fake_futex.wakes == []
+    writer.broadcast(2, 0)
+    assert fake_futex.wakes == [_sequence_address(pair[0], 2)]
+    # Its own announcement never makes a src wake.
+    pair[0].words[(members_at(1) + PARKED_AT) // 8] = 0
+    pair[0].words[(members_at(0) + PARKED_AT) // 8] = 3 + 1
+    writer.broadcast(3, 0)
+    assert fake_futex.wakes == [_sequence_address(pair[0], 2)]
+    assert [reader.broadcast(None, 0) for _ in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_reader_announces_then_sleeps_on_the_sequence_it_saw_and_the_src_wakes_it(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
+) -> None:
+    writer, reader = _ends(pair)
+    writer.broadcast(5, 0)
+    reader.broadcast(None, 0)
+
+    def src_publishes(waits: int) -> str:
+        writer.broadcast(6, 0)
+        return "woken"
+
+    fake_futex.during_wait = src_publishes
+    assert reader.broadcast(None, 0) == 6
+    ((address, expected, seconds, parked),) = fake_futex.waits
+    # Slot 1 still held its initial 0 when the reader went to sleep on it (in its own mapping), having announced
+    # call 1; the src woke the same slot through its mapping.
+    assert (address, expected, parked) == (_sequence_address(pair[1], 1), 0, [0, 1 + 1])
+    assert 0 < seconds <= waiting.FUTEX_WAIT_S
+    assert fake_futex.wakes == [_sequence_address(pair[0], 1)]
+    # The announcement is withdrawn once the reader returns.
+    assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
+
+
+@pytest.mark.parametrize("outcome", ["changed", "interrupted", "timed out", "woken"])
+def test_a_reader_looks_again_after_any_return_from_its_sleep(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex, outcome: str
+) -> None:
+    writer, reader = _ends(pair)
+
+    def publishes_on_the_third(waits: int) -> str:
+        if waits == 3:
+            writer.broadcast(8, 0)
+        return outcome
+
+    fake_futex.during_wait = publishes_on_the_third
+    assert reader.broadcast(None, 0) == 8
+    assert len(fake_futex.waits) == 3
+    assert {expected for _, expected, _, _ in fake_futex.waits} == {0}
+
+
+def test_a_value_that_lands_after_the_last_look_but_before_the_sleep_is_taken_without_sleeping(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
+) -> None:
+    writer, reader = _ends(pair)
+    real_wait_until = waiting.wait_until
+
+    def lands_before_park(ready, timeout, find_lost, park):
+        assert not ready()
+        writer.broadcast(4, 0)
+        park(0.01)
+        return real_wait_until(ready, timeout, find_lost, park)
+
+    with mock.patch.object(shm_transport.waiting, "wait_until", lands_before_park):
+        assert reader.broadcast(None, 0) == 4
+    assert fake_futex.waits == []
+    assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
+
+
+def test_the_announcement_is_withdrawn_when_the_wait_fails(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
+) -> None:
+    _, reader = _ends(pair, timeout=0.05)
+    with pytest.raises(TimeoutError):
+        reader.broadcast(None, 0)
+    assert fake_futex.waits and {parked[1] for *_, parked in fake_futex.waits} == {1}
+    assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
+
+
+def test_without_futex_readers_sleep_in_capped_steps_and_the_src_never_reads_announcements(
+    pair: tuple[ShmRing, ShmRing],
+) -> None:
+    with mock.patch.object(shm_transport.futex, "available", return_value=futex.Support(None, "not Linux")):
+        writer, reader = _ends(pair)
+    assert writer._parked == [] and reader._futex is None
+    parks: list[object] = []
+    real_wait_until = waiting.wait_until
+
+    def recording(ready, timeout, find_lost, park):
+        parks.append(park)
+        return real_wait_until(ready, timeout, find_lost, park)
+
+    late_src = threading.Timer(0.02, lambda: writer.broadcast(3, 0))
+    late_src.start()
+    with mock.patch.object(shm_transport.waiting, "wait_until", recording):
+        assert reader.broadcast(None, 0) == 3
+    late_src.join()
+    assert parks == [None]
+
+
+def test_a_real_futex_wakes_a_reader_thread_on_another_mapping(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, timeout=30)
+    real = futex.available().futex
+    wakes: list[int] = []
+    waits: list[str] = []
+
+    class Counting:
+        def wait(self, address: int, expected: int, seconds: float) -> str:
+            waits.append(real.wait(address, expected, seconds))
+            return waits[-1]
+
+        def wake(self, address: int, count: int = futex.WAKE_ALL) -> int:
+            wakes.append(address)
+            return real.wake(address, count)
+
+    writer._futex = reader._futex = Counting()
+    got: list[int] = []
+    thread = threading.Thread(target=lambda: got.append(reader.broadcast(None, 0)))
+    thread.start()
+    # Long past spin and yield: the reader has announced and sleeps in the kernel.
+    deadline = time.monotonic() + 20
+    while pair[0].words[(members_at(1) + PARKED_AT) // 8] != 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    writer.broadcast(-9, 0)
+    thread.join(30)
+    assert got == [-9]
+    assert wakes == [_sequence_address(pair[0], 0)] and waits

@@ -4,6 +4,7 @@ verdicts from /proc on real and fake processes."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -14,16 +15,17 @@ from unittest import mock
 
 import pytest
 
-from fastdeploy_patch.signal_group import liveness, waiting
+from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.liveness import ProcessIdentity, gone_reason, this_process
 from fastdeploy_patch.signal_group.waiting import wait_until
 
 
 def test_the_phases_are_documented_figures() -> None:
     assert waiting.SPIN_S == 20e-6
-    assert waiting.YIELD_S == 1e-3
+    assert waiting.YIELD_S == 100e-6
     assert waiting.SLEEP_FIRST_S == 20e-6
     assert waiting.SLEEP_CAP_S == 1e-3
+    assert waiting.FUTEX_WAIT_S == 10e-3
     assert waiting.LIVENESS_INTERVAL_S == 0.05
 
 
@@ -73,8 +75,8 @@ def test_a_condition_already_met_returns_at_once(clock: Clock) -> None:
 def test_it_spins_then_yields_then_sleeps_doubling_up_to_the_cap(clock: Clock) -> None:
     start = clock.now
     assert wait_until(_until(clock, start + 0.02), 1.0, lambda: None) is True
-    # 20 us of spinning at 5 us a poll, then yields for 1 ms, then sleeps.
-    assert 190 <= clock.yields <= 202
+    # 20 us of spinning at 5 us a poll, then yields for 100 us, then sleeps.
+    assert 18 <= clock.yields <= 21
     assert clock.sleeps[:7] == pytest.approx([20e-6, 40e-6, 80e-6, 160e-6, 320e-6, 640e-6, 1e-3])
     assert set(clock.sleeps[6:]) == {1e-3}
 
@@ -125,6 +127,69 @@ def test_the_deadline_returns_false_and_never_sleeps_past_it(clock: Clock) -> No
 def test_a_value_arriving_at_the_deadline_still_counts(clock: Clock) -> None:
     start = clock.now
     assert wait_until(_until(clock, start + 0.0123), 0.0123, lambda: None) is True
+
+
+@dataclass
+class Parking:
+    """A ``park`` function on the fake clock: each call sleeps the whole slice it is given (a futex timeout)."""
+
+    clock: Clock
+    slices: list[tuple[float, float]] = field(default_factory=list)
+
+    def __call__(self, seconds: float) -> None:
+        self.slices.append((self.clock.now, seconds))
+        self.clock.now += seconds
+
+
+def test_a_parking_waiter_spins_yields_then_parks_in_bounded_slices_and_never_sleeps(clock: Clock) -> None:
+    park = Parking(clock)
+    start = clock.now
+    checks: list[float] = []
+    assert wait_until(_until(clock, start + 0.2), 1.0, lambda: checks.append(clock.now), park) is True
+    assert clock.sleeps == [] and 18 <= clock.yields <= 21
+    first_at, first = park.slices[0]
+    assert waiting.SPIN_S + waiting.YIELD_S <= first_at - start < waiting.SPIN_S + waiting.YIELD_S + 2e-5
+    # Each slice is FUTEX_WAIT_S, cut short only to run the next liveness check on time.
+    assert first == pytest.approx(waiting.FUTEX_WAIT_S)
+    assert max(seconds for _, seconds in park.slices) == pytest.approx(waiting.FUTEX_WAIT_S)
+    assert len(checks) == 3
+    gaps = [b - a for a, b in zip([start, *checks], checks, strict=False)]
+    assert all(0.05 <= gap < 0.0501 for gap in gaps), gaps
+
+
+def test_a_parking_waiter_never_parks_past_the_deadline(clock: Clock) -> None:
+    park = Parking(clock)
+    start = clock.now
+    assert wait_until(lambda: False, 0.0234, lambda: None, park) is False
+    at, seconds = park.slices[-1]
+    assert at + seconds == pytest.approx(start + 0.0234, abs=2e-5)
+    assert 0.0234 <= clock.now - start < 0.0235
+
+
+def test_a_parking_waiter_looks_again_after_every_return_of_park(clock: Clock) -> None:
+    """park may return early (woken, EAGAIN, EINTR): the condition is asked again each time."""
+    returns = []
+    ready_after = 3
+
+    def park(seconds: float) -> None:
+        returns.append(seconds)
+
+    assert wait_until(lambda: len(returns) >= ready_after, 1.0, lambda: None, park) is True
+    assert len(returns) == ready_after
+
+
+@pytest.mark.parametrize(("works", "kind"), [(True, "futex"), (False, "capped sleep")])
+def test_the_reader_sleep_in_use_is_named_with_its_reason(works: bool, kind: str) -> None:
+    support = futex.Support(mock.Mock() if works else None, "the reason")
+    with mock.patch.object(waiting.futex, "available", return_value=support):
+        assert waiting.shm_reader_sleep() == (kind, "the reason")
+
+
+def test_the_reader_sleep_here_is_futex() -> None:
+    assert waiting.shm_reader_sleep() == (
+        "futex",
+        f"SYS_futex {futex.SYS_FUTEX[platform.machine()]} on {platform.machine()}",
+    )
 
 
 def test_a_real_second_of_waiting_costs_little_cpu() -> None:

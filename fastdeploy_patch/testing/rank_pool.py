@@ -1,0 +1,412 @@
+"""Multi-rank calls on reusable ranks: a pool keeps N Paddle ranks alive, each of which joined the world once, and
+runs one module-level function on all of them per call.
+
+Why: a fresh launch costs every rank its ``import paddle`` and ``init_parallel_env()`` (seconds), while most multi-rank
+tests run for a fraction of a second. ``RankPools`` keeps one pool per world size and environment and hands out calls;
+the pytest plugin (``plugin``) is its user-facing side.
+
+The controller (this module, in the test process) never imports Paddle. Ranks are started like the launcher's
+(``launcher.rank_env``, free ports, a session and a log file each) and run ``pool_rank``. Per call the controller
+sends the call to every rank, then waits on every rank's reply pipe and process sentinel (a pidfd) together, so a
+rank that exits is seen at once, and reads every rank's reply before the next call. A rank that raised, died or
+hung fails the call and the pool is killed (faulthandler prints every rank's stack first on a timeout); the next
+call starts a fresh pool. A pool is also retired after a call that asked for a fresh world, after a rank left
+through ``exit_after_reply``, and at a call-count or memory limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe, wait
+from pathlib import Path
+from subprocess import Popen, TimeoutExpired
+from tempfile import TemporaryDirectory
+from typing import Any
+
+from fastdeploy_patch.testing import launcher
+
+# faulthandler goes first, before the import of Paddle (seconds): a rank stuck anywhere, even in that import or in
+# C++, answers SIGUSR1 with every thread's stack, and a fatal signal (SIGSEGV, SIGABRT, ...) leaves one in its log.
+POOL_RANK_BOOTSTRAP = (
+    "import faulthandler, signal, sys; faulthandler.enable(all_threads=True); "
+    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "from fastdeploy_patch.testing.pool_rank import main; sys.exit(main(sys.argv[1:]))"
+)
+
+START_TIMEOUT_S = 180.0
+"""How long a pool's ranks may take to import Paddle and join the world. About 6-7 s per rank here when the machine
+is idle; several suites running Paddle ranks at once on 2 cores stretch that several times over."""
+
+MAX_CALLS_PER_POOL = 200
+"""Calls a pool serves before it is replaced. What a call cannot undo stays in its ranks: Paddle cannot remove a
+gloo group from its registry, and every group's keys stay in the global TCP store; the limit bounds that."""
+
+MAX_RSS_GROWTH_BYTES = 1 << 30
+"""A pool is replaced once one of its ranks has grown this much (resident memory) since it joined the world, so a
+test that leaks cannot make the machine swap. A rank here takes about 0.4 GiB after joining; 50 trivial calls
+grew it by less than ``tests/distributed/test_rank_pool_reuse.py``'s bound."""
+
+MAX_LIVE_POOLS = 2
+"""Pools kept alive at once (one per world size and environment): the suite's tests alternate between 2 and 4
+ranks. Asking for a third key retires the pool used least recently."""
+
+CLOSE_GRACE_S = 5.0
+"""How long ranks get to leave on their own once the controller hangs up, before they are killed."""
+
+_DIED_REAP_S = 1.0
+
+
+class RankCallFailed(launcher.RankFailed):
+    """A rank of a pool raised, skipped, left signal groups open, or died before replying; the pool is dead.
+
+    ``rank``: that rank; ``returncode``: its exit code, or ``None`` when it replied with an error; ``error``: what
+    it replied (its traceback) or ``""``; ``reports``: every rank's log tail; ``reason``: why the pool was recycled.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        nranks: int,
+        target: str,
+        returncode: int | None,
+        error: str,
+        reports: dict[int, str],
+        reason: str,
+        during: str = "",
+    ) -> None:
+        self.rank, self.returncode, self.reports, self.error, self.reason = rank, returncode, reports, error, reason
+        what = f"it exited with code {returncode} before replying" if returncode is not None else reason
+        first = error if returncode is None else reports.get(rank, "")
+        others = "".join(
+            f"\n----- rank {other} (log tail) -----\n{tail}"
+            for other, tail in sorted(reports.items())
+            if other != rank
+        )
+        launcher.RankError.__init__(
+            self,
+            f"rank {rank} of {nranks} failed in {target}{during}: {what}\n----- rank {rank} -----\n{first}{others}",
+        )
+
+
+class RankCallHung(launcher.RankTimeout):
+    """Ranks ``ranks`` did not reply within ``timeout`` seconds; ``reports`` holds every rank's stack (its log tail
+    after faulthandler's dump). The pool is dead."""
+
+    reason = "rank hung"
+
+    def __init__(
+        self, *, ranks: list[int], nranks: int, target: str, timeout: float, reports: dict[int, str], during: str = ""
+    ) -> None:
+        self.ranks, self.timeout, self.reports = ranks, timeout, reports
+        stacks = "".join(f"\n----- rank {rank} -----\n{tail}" for rank, tail in sorted(reports.items()))
+        launcher.RankError.__init__(
+            self, f"ranks {ranks} of {nranks} hung in {target}{during} for {timeout:g} s; their stacks:{stacks}"
+        )
+
+
+@dataclass(frozen=True)
+class CallTarget:
+    """A module-level function as the ranks find it: its module's name, its qualified name, and the file the test
+    process loaded that module from (for modules that are not importable by name)."""
+
+    module: str
+    qualname: str
+    file: str | None
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> CallTarget:
+        """The target naming ``fn``; ``TypeError``/``ValueError`` unless the ranks can import ``fn`` by name."""
+        module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+        if not callable(fn) or not isinstance(module, str) or not isinstance(qualname, str):
+            raise TypeError(f"fn must be a module-level function, got {fn!r}")
+        if "<" in qualname or module == "__main__":
+            raise ValueError(
+                f"fn must be defined at module level of an importable module (the ranks import it by name), got "
+                f"{module}:{qualname}"
+            )
+        loaded = sys.modules.get(module)
+        found: Any = loaded
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if found is not fn:
+            raise ValueError(f"fn is not what {module}:{qualname} names, so the ranks could not import it: {fn!r}")
+        return cls(module, qualname, getattr(loaded, "__file__", None))
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+
+def check_call(nranks: object, kwargs: object, timeout: object, env: object) -> tuple[dict, dict]:
+    """Check a call's arguments before anything starts; returns ``kwargs`` and ``env`` as plain dicts."""
+    if isinstance(nranks, bool) or not isinstance(nranks, int) or nranks < 1:
+        raise ValueError(f"nranks must be a positive integer, got {nranks!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+        raise TypeError(f"kwargs must be a mapping of argument names to values, got {kwargs!r}")
+    try:
+        json.dumps(dict(kwargs))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"kwargs must be JSON-serialisable (the ranks receive them as JSON), got {kwargs!r}: {exc}"
+        ) from None
+    env = {} if env is None else env
+    if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError(f"env must map variable names to strings, got {env!r}")
+    return dict(kwargs), dict(env)
+
+
+@dataclass
+class _PoolRank:
+    rank: int
+    process: Popen
+    conn: Connection
+    pidfd: int
+    log_path: Path
+    joined_rss: int = 0
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-launcher.LOG_TAIL_CHARS :]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (Linux ``/proc``)."""
+    resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class RankPool:
+    """``nranks`` live ranks sharing ``env`` (added to this process's environment), started by ``start()``.
+
+    ``bootstrap`` is the Python code each rank's interpreter runs (``-c``), with its connection's file descriptor as
+    its one argument. After a failed call the pool is dead: ``close()`` it and start another.
+    """
+
+    def __init__(self, nranks: int, env: Mapping[str, str], *, bootstrap: str = POOL_RANK_BOOTSTRAP) -> None:
+        self.nranks = nranks
+        self.env = dict(env)
+        self.bootstrap = bootstrap
+        self.calls = 0
+        self.retire_reason: str | None = None
+        """Set after a successful call when this pool must not serve another."""
+        self._ranks: list[_PoolRank] = []
+        self._alive = False
+        self._workdir: TemporaryDirectory | None = None
+
+    def start(self, target: CallTarget, timeout: float = START_TIMEOUT_S) -> None:
+        """Start every rank and wait until each joined the world; the call ``target`` is named in errors."""
+        self._workdir = TemporaryDirectory(prefix="fdp-pool-")
+        self._alive = True
+        ports = launcher.free_ports(self.nranks + 1)
+        base = {**os.environ, **self.env}
+        for rank in range(self.nranks):
+            ours, theirs = Pipe()
+            log_path = Path(self._workdir.name) / f"rank{rank}.log"
+            try:
+                process = launcher.start_rank_process(
+                    [sys.executable, "-c", self.bootstrap, str(theirs.fileno())],
+                    log_path,
+                    {**base, **launcher.rank_env(rank, self.nranks, ports)},
+                    pass_fds=[theirs.fileno()],
+                )
+            finally:
+                theirs.close()
+            self._ranks.append(_PoolRank(rank, process, ours, os.pidfd_open(process.pid), log_path))
+        self._collect(target, timeout, " while the pool started")
+        for r in self._ranks:
+            r.joined_rss = rss_bytes(r.process.pid)
+
+    def call(self, target: CallTarget, kwargs: Mapping[str, Any], timeout: float) -> list[Any]:
+        """Run ``target(**kwargs)`` on every rank and return the results by rank; raises ``RankCallFailed`` or
+        ``RankCallHung`` (the pool is dead then). Sets ``retire_reason`` when the pool must not be reused."""
+        payload = json.dumps(
+            {
+                "module": target.module,
+                "qualname": target.qualname,
+                "file": target.file,
+                "kwargs": dict(kwargs),
+                "sys_path": sys.path,
+            }
+        ).encode()
+        self.calls += 1
+        for r in self._ranks:
+            # A rank that died since its last reply shows up as dead in the wait below.
+            with contextlib.suppress(OSError):
+                r.conn.send_bytes(payload)
+        replies = self._collect(target, timeout, "")
+        if any(reply["exit_code"] is not None for reply in replies):
+            self.retire_reason = "rank exited"
+        elif self.calls >= MAX_CALLS_PER_POOL:
+            self.retire_reason = "call limit"
+        elif any(rss_bytes(r.process.pid) - r.joined_rss > MAX_RSS_GROWTH_BYTES for r in self._ranks):
+            self.retire_reason = "memory limit"
+        return [reply["result"] for reply in replies]
+
+    def pids(self) -> list[int]:
+        """The ranks' process ids, by rank."""
+        return [r.process.pid for r in self._ranks]
+
+    def close(self) -> None:
+        """Hang up on every rank, give them ``CLOSE_GRACE_S`` to leave, then kill their sessions; idempotent."""
+        if self._alive:
+            for r in self._ranks:
+                r.conn.close()
+            deadline = time.monotonic() + CLOSE_GRACE_S
+            for r in self._ranks:
+                with contextlib.suppress(TimeoutExpired):
+                    r.process.wait(max(0.0, deadline - time.monotonic()))
+            self._kill()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def _kill(self) -> None:
+        if self._alive:
+            self._alive = False
+            launcher._kill_all(self._ranks)
+            for r in self._ranks:
+                r.conn.close()
+                os.close(r.pidfd)
+
+    def _collect(self, target: CallTarget, timeout: float, during: str) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        replies: dict[int, dict[str, Any]] = {}
+        while len(replies) < self.nranks:
+            pending = [r for r in self._ranks if r.rank not in replies]
+            ready = wait([w for r in pending for w in (r.conn, r.pidfd)], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                reports = launcher._tracebacks(self._ranks)
+                self._kill()
+                raise RankCallHung(
+                    ranks=[r.rank for r in pending],
+                    nranks=self.nranks,
+                    target=str(target),
+                    timeout=timeout,
+                    reports=reports,
+                    during=during,
+                )
+            for r in pending:
+                if r.conn in ready or r.pidfd in ready:
+                    reply = _read(r.conn)
+                    if reply is None or reply["status"] not in ("ok", "ready"):
+                        raise self._failed(r, reply, target, during)
+                    replies[r.rank] = reply
+        return [replies[rank] for rank in range(self.nranks)]
+
+    def _failed(self, r: _PoolRank, reply: dict[str, Any] | None, target: CallTarget, during: str) -> RankCallFailed:
+        returncode = None
+        if reply is None:
+            with contextlib.suppress(TimeoutExpired):
+                returncode = r.process.wait(_DIED_REAP_S)
+        self._kill()
+        reports = {other.rank: other.log_tail() for other in self._ranks}
+        return RankCallFailed(
+            rank=r.rank,
+            nranks=self.nranks,
+            target=str(target),
+            returncode=returncode,
+            error="" if reply is None else reply["error"],
+            reports=reports,
+            reason="rank died" if reply is None else _REASONS[reply["status"]],
+            during=during,
+        )
+
+
+_REASONS = {"raised": "rank raised", "skipped": "rank skipped", "leftovers": "leftovers"}
+
+
+def _read(conn: Connection) -> dict[str, Any] | None:
+    """The rank's next message, or ``None`` when it died without sending one."""
+    if not conn.poll(0):
+        return None
+    try:
+        return json.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return None
+
+
+class RankPools:
+    """The pools of one test session, one per world size and environment (at most ``MAX_LIVE_POOLS`` alive), and
+    what they did: ``starts``, ``calls`` and ``recycles`` (reason -> count)."""
+
+    def __init__(self, *, bootstrap: str = POOL_RANK_BOOTSTRAP) -> None:
+        self.bootstrap = bootstrap
+        self.starts = 0
+        self.calls = 0
+        self.recycles: Counter[str] = Counter()
+        self._pools: OrderedDict[tuple, RankPool] = OrderedDict()
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        nranks: int,
+        *,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float,
+        fresh: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> list[Any]:
+        """Run module-level ``fn(**kwargs)`` on ``nranks`` ranks of a pool whose ranks got ``env``, and return every
+        rank's result by rank. ``fresh``: on a world of its own, thrown away afterwards.
+
+        Raises ``TypeError``/``ValueError`` for bad arguments before any rank starts, ``RankCallFailed`` or
+        ``RankCallHung`` when the call failed; the pool it ran on is dead by then and the next call starts another.
+        """
+        target = CallTarget.of(fn)
+        kwargs, env = check_call(nranks, kwargs, timeout, env)
+        key = (nranks, tuple(sorted(env.items())))
+        pool = None if fresh else self._pools.pop(key, None)
+        if pool is None:
+            while len(self._pools) >= MAX_LIVE_POOLS:
+                self._retire(self._pools.popitem(last=False)[1], "another world size or environment")
+            pool = RankPool(nranks, env, bootstrap=self.bootstrap)
+            self.starts += 1
+            try:
+                pool.start(target)
+            except BaseException as exc:
+                self._retire(pool, getattr(exc, "reason", "interrupted"))
+                raise
+        self.calls += 1
+        try:
+            results = pool.call(target, kwargs, timeout)
+        except BaseException as exc:
+            self._retire(pool, getattr(exc, "reason", "interrupted"))
+            raise
+        if fresh or pool.retire_reason is not None:
+            self._retire(pool, pool.retire_reason or "fresh world")
+        else:
+            self._pools[key] = pool
+        return results
+
+    def live_pids(self) -> list[int]:
+        """The process ids of every live pool rank (they outlive the test that started them, on purpose)."""
+        return [pid for pool in self._pools.values() for pid in pool.pids()]
+
+    def close(self) -> None:
+        """Close every pool (at the end of the session); idempotent."""
+        while self._pools:
+            self._pools.popitem()[1].close()
+
+    def summary(self) -> str:
+        """One line: pool starts, calls served, recycles and why."""
+        why = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.recycles.items()))
+        recycles = sum(self.recycles.values())
+        return (
+            f"paddle_ranks: {self.starts} pool start{'s' * (self.starts != 1)}, {self.calls} "
+            f"call{'s' * (self.calls != 1)} served, {recycles} recycle{'s' * (recycles != 1)}"
+            + (f" ({why})" if why else "")
+        )
+
+    def _retire(self, pool: RankPool, reason: str) -> None:
+        self.recycles[reason] += 1
+        pool.close()

@@ -1,0 +1,178 @@
+"""fastdeploy_patch.testing.rank_pool, plugin, pool_rank and rank_calls without Paddle ranks: argument checks, the
+call protocol on fake ranks (real subprocesses that serve calls without joining a world), and the import cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastdeploy_patch.testing import pool_rank, rank_calls
+from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
+
+# A rank that serves calls on its connection without importing Paddle or joining a world.
+FAKE_BOOTSTRAP = (
+    "import faulthandler, signal, sys; faulthandler.enable(all_threads=True); "
+    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+    "from multiprocessing.connection import Connection; from fastdeploy_patch.testing import pool_rank; "
+    "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))"
+)
+
+
+def rank_id() -> dict:
+    return {"rank": int(os.environ["PADDLE_TRAINER_ID"]), "pid": os.getpid(), "extra": os.environ.get("EXTRA")}
+
+
+def raise_on_one() -> int:
+    if os.environ["PADDLE_TRAINER_ID"] == "1":
+        raise ValueError("one refuses")
+    return 0
+
+
+def die_on_one() -> int:
+    if os.environ["PADDLE_TRAINER_ID"] == "1":
+        os._exit(5)
+    time.sleep(30)
+    return 0
+
+
+def sleep_long() -> None:
+    time.sleep(60)
+
+
+def leave_after_reply() -> int:
+    if os.environ["PADDLE_TRAINER_ID"] == "0":
+        rank_calls.exit_after_reply("gone", 0)
+    return 1
+
+
+def not_json() -> object:
+    return {1, 2}
+
+
+@pytest.fixture
+def pools():
+    pools = RankPools(bootstrap=FAKE_BOOTSTRAP)
+    yield pools
+    pools.close()
+
+
+def test_a_warm_pool_serves_calls_on_the_same_ranks(pools: RankPools) -> None:
+    first = pools.run(rank_id, 2, timeout=30, env={"EXTRA": "yes"})
+    again = pools.run(rank_id, 2, timeout=30, env={"EXTRA": "yes"})
+    assert [r["rank"] for r in first] == [0, 1]
+    assert [r["extra"] for r in first] == ["yes", "yes"]
+    assert [r["pid"] for r in again] == [r["pid"] for r in first]
+    assert sorted(pools.live_pids()) == sorted(r["pid"] for r in first)
+    assert pools.summary() == "paddle_ranks: 1 pool start, 2 calls served, 0 recycles"
+
+
+def test_a_raise_is_reported_by_rank_and_the_next_call_gets_new_ranks(pools: RankPools) -> None:
+    before = pools.run(rank_id, 2, timeout=30)
+    with pytest.raises(RankCallFailed) as failed:
+        pools.run(raise_on_one, 2, timeout=30)
+    assert failed.value.rank == 1 and failed.value.returncode is None and failed.value.reason == "rank raised"
+    assert str(failed.value).startswith("rank 1 of 2 failed in tests.unit.test_rank_pool:raise_on_one: rank raised")
+    assert "ValueError: one refuses" in failed.value.error
+    after = pools.run(rank_id, 2, timeout=30)
+    assert not {r["pid"] for r in after} & {r["pid"] for r in before}
+    assert pools.summary() == "paddle_ranks: 2 pool starts, 3 calls served, 1 recycle (rank raised: 1)"
+
+
+def test_a_death_is_seen_at_once_with_its_exit_code(pools: RankPools) -> None:
+    pools.run(rank_id, 2, timeout=30)
+    start = time.monotonic()
+    with pytest.raises(RankCallFailed) as failed:
+        pools.run(die_on_one, 2, timeout=30)
+    assert time.monotonic() - start < 5
+    assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (1, 5, "rank died")
+    assert "it exited with code 5 before replying" in str(failed.value)
+
+
+def test_a_hang_reports_every_stack_and_kills_the_ranks(pools: RankPools) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    with pytest.raises(RankCallHung) as hung:
+        pools.run(sleep_long, 2, timeout=1)
+    assert str(hung.value).startswith("ranks [0, 1] of 2 hung in tests.unit.test_rank_pool:sleep_long for 1 s")
+    for rank in (0, 1):
+        assert "in sleep_long" in hung.value.reports[rank]
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert pools.recycles == {"rank hung": 1}
+
+
+def test_exit_after_reply_counts_the_reply_then_retires_the_pool(pools: RankPools) -> None:
+    assert pools.run(leave_after_reply, 2, timeout=30) == ["gone", 1]
+    assert pools.live_pids() == []
+    assert pools.recycles == {"rank exited": 1}
+
+
+def test_a_result_that_is_not_json_fails_the_call(pools: RankPools) -> None:
+    with pytest.raises(RankCallFailed, match=re.escape("returned {1, 2}, which is not JSON-serialisable")):
+        pools.run(not_json, 1, timeout=30)
+
+
+def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: RankPools) -> None:
+    pools.run(rank_id, 1, timeout=30, fresh=True)
+    assert pools.live_pids() == []
+    pools.run(rank_id, 1, timeout=30)
+    pools.run(rank_id, 2, timeout=30)
+    pools.run(rank_id, 1, timeout=30, env={"EXTRA": "x"})
+    assert pools.recycles == {"fresh world": 1, "another world size or environment": 1}
+    assert len(pools.live_pids()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((0, None, 1.0, None), ValueError, "nranks must be a positive integer, got 0"),
+        ((True, None, 1.0, None), ValueError, "nranks must be a positive integer, got True"),
+        ((2, None, 0, None), ValueError, "timeout must be a finite number of seconds > 0, got 0"),
+        ((2, None, float("inf"), None), ValueError, "timeout must be a finite number of seconds > 0, got inf"),
+        ((2, [1], 1.0, None), TypeError, "kwargs must be a mapping of argument names to values, got [1]"),
+        ((2, {"x": {1}}, 1.0, None), TypeError, "kwargs must be JSON-serialisable"),
+        ((2, None, 1.0, {"A": 1}), TypeError, "env must map variable names to strings, got {'A': 1}"),
+    ],
+)
+def test_bad_call_arguments_are_refused_before_anything_starts(args, error, message) -> None:
+    with pytest.raises(error) as raised:
+        check_call(*args)
+    assert str(raised.value).startswith(message)
+
+
+def test_only_module_level_functions_can_be_targets() -> None:
+    assert CallTarget.of(rank_id) == CallTarget("tests.unit.test_rank_pool", "rank_id", __file__)
+    with pytest.raises(ValueError, match="must be defined at module level"):
+        CallTarget.of(lambda: None)
+    with pytest.raises(TypeError, match="fn must be a module-level function"):
+        CallTarget.of(3)
+
+
+def test_keep_open_and_exit_after_reply_outside_a_rank() -> None:
+    with pytest.raises(TypeError, match="keep_open\\(\\) keeps SignalGroups"):
+        rank_calls.keep_open(1, object())
+    assert rank_calls.keep_open("same") == "same"
+    with pytest.raises(RuntimeError, match="works only inside a rank function"):
+        rank_calls.exit_after_reply(1)
+
+
+def test_a_skip_in_a_rank_is_told_apart_from_a_raise() -> None:
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        pytest.skip("why")
+    assert pool_rank._is_skip(skipped.value)
+    assert not pool_rank._is_skip(ValueError("x"))
+
+
+def test_importing_the_plugin_imports_no_paddle() -> None:
+    code = (
+        "import json, sys, importlib.metadata as m; "
+        "ep = [e for e in m.entry_points(group='pytest11') if e.name == 'paddle_ranks'][0]; "
+        "plugin = ep.load(); "
+        "print(json.dumps([plugin.__name__, 'paddle' in sys.modules, plugin.PADDLE_RANKS_TIMEOUT_S]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["fastdeploy_patch.testing.plugin", False, 90.0]
