@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fastdeploy_patch.testing import pool_rank, rank_calls
+from fastdeploy_patch.testing import pool_rank, rank_calls, rank_pool
 from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
 
 # A rank that serves calls on its connection without importing Paddle or joining a world.
@@ -176,3 +176,82 @@ def test_importing_the_plugin_imports_no_paddle() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == ["fastdeploy_patch.testing.plugin", False, 90.0]
+
+
+def renamed() -> int:
+    return 0
+
+
+def test_a_function_its_module_name_does_not_lead_to_is_refused() -> None:
+    impostor = renamed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys.modules[__name__], "renamed", rank_id)
+        with pytest.raises(ValueError, match=re.escape("fn is not what tests.unit.test_rank_pool:renamed names")):
+            CallTarget.of(impostor)
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [("MAX_CALLS_PER_POOL", "call limit"), ("MAX_RSS_GROWTH_BYTES", "memory limit")],
+)
+def test_a_pool_past_its_call_or_memory_limit_is_recycled_after_a_good_call(
+    pools: RankPools, monkeypatch: pytest.MonkeyPatch, limit: str, reason: str
+) -> None:
+    first = pools.run(rank_id, 1, timeout=30)
+    monkeypatch.setattr(rank_pool, limit, 1 if limit == "MAX_CALLS_PER_POOL" else -(1 << 40))
+    # The call that reaches the limit still returns its results; only then is the pool thrown away.
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first[0]["pid"]
+    assert pools.live_pids() == []
+    assert pools.recycles == {reason: 1}
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] != first[0]["pid"]
+
+
+def test_closing_a_pool_twice_or_one_never_started_does_nothing() -> None:
+    unstarted = rank_pool.RankPool(1, {}, bootstrap=FAKE_BOOTSTRAP)
+    unstarted.close()
+    pool = rank_pool.RankPool(1, {}, bootstrap=FAKE_BOOTSTRAP)
+    pool.start(CallTarget.of(rank_id), timeout=30)
+    (pid,) = pool.pids()
+    pool.close()
+    pool.close()
+    pool._kill()
+    assert not os.path.exists(f"/proc/{pid}")
+    assert pool._workdir is None
+
+
+def test_a_connection_that_breaks_while_reading_counts_as_no_message() -> None:
+    class Broken:
+        def poll(self, timeout: float) -> bool:
+            return True
+
+        def recv_bytes(self) -> bytes:
+            raise EOFError
+
+    class Silent:
+        def poll(self, timeout: float) -> bool:
+            return False
+
+    assert rank_pool._read(Broken()) is None
+    assert rank_pool._read(Silent()) is None
+
+
+def test_a_pool_that_fails_to_start_is_retired_with_the_reason_and_the_error_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pools = RankPools(bootstrap=FAKE_BOOTSTRAP)
+
+    def refuse(self: rank_pool.RankPool, target: CallTarget, timeout: float = 0) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rank_pool.RankPool, "start", refuse)
+    with pytest.raises(KeyboardInterrupt):
+        pools.run(rank_id, 1, timeout=30)
+    assert (pools.starts, pools.calls, pools.recycles) == (1, 0, {"interrupted": 1})
+    assert pools.live_pids() == []
+
+
+def test_saving_coverage_where_nothing_is_measured_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import coverage
+
+    monkeypatch.setattr(coverage.Coverage, "current", staticmethod(lambda: None))
+    assert rank_calls.save_coverage() is None

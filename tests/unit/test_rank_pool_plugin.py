@@ -1,0 +1,192 @@
+"""The paddle_ranks plugin's handle and hooks, and a pool rank's call handling run in-process: fake ranks (no Paddle
+world), a fake connection, and real SignalGroup objects with no transport behind them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from fastdeploy_patch.signal_group import SignalGroup
+from fastdeploy_patch.testing import plugin, pool_rank, rank_calls
+from fastdeploy_patch.testing.rank_pool import RankPools
+from tests.unit.test_rank_pool import FAKE_BOOTSTRAP, die_on_one, rank_id, sleep_long
+
+OUTSIDE_MODULE = "fdp_pool_outside_module"
+
+
+def a_group() -> SignalGroup:
+    return SignalGroup(transport="shm", ranks=[0, 1], rank=0, timeout=1.0, lookahead=0, endpoint=None)
+
+
+@pytest.fixture
+def handle():
+    pools = RankPools(bootstrap=FAKE_BOOTSTRAP)
+    yield plugin.PaddleRanks(pools, {"EXTRA": "session"})
+    pools.close()
+
+
+def test_run_adds_the_session_env_and_failures_fail_the_test(handle: plugin.PaddleRanks) -> None:
+    assert [r["extra"] for r in handle.run(rank_id, 1)] == ["session"]
+    assert [r["extra"] for r in handle.run(rank_id, 1, env={"EXTRA": "call"})] == ["call"]
+    assert len(handle.live_pids()) == 2
+    with pytest.raises(pytest.fail.Exception) as failed:
+        handle.run(sleep_long, 1, timeout=0.5)
+    assert str(failed.value).startswith("ranks [0] of 1 hung in tests.unit.test_rank_pool:sleep_long for 0.5 s")
+    assert failed.value.__context__ is None
+    with pytest.raises(TypeError, match="env must map variable names to strings, got"):
+        handle.run(rank_id, 1, env=[("A", "b")])
+
+
+def test_run_expecting_failure_returns_the_report_or_fails(handle: plugin.PaddleRanks) -> None:
+    failed = handle.run_expecting_failure(die_on_one, 2)
+    assert (failed.rank, failed.returncode) == (1, 5)
+    with pytest.raises(
+        pytest.fail.Exception, match=re.escape("every rank of 1 finished tests.unit.test_rank_pool:rank_id, but")
+    ):
+        handle.run_expecting_failure(rank_id, 1)
+    with pytest.raises(pytest.fail.Exception, match=re.escape("hung in tests.unit.test_rank_pool:sleep_long")):
+        handle.run_expecting_failure(sleep_long, 1, timeout=0.5)
+
+
+def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
+    config = SimpleNamespace(stash=pytest.Stash())
+    plugin.pytest_configure(config)
+    pools = config.stash[plugin._POOLS]
+    lines: list[str] = []
+    reporter = SimpleNamespace(write_line=lines.append)
+    plugin.pytest_terminal_summary(reporter, config)
+    assert lines == []
+    pools.starts = 1
+    plugin.pytest_terminal_summary(reporter, config)
+    assert lines == ["paddle_ranks: 1 pool start, 0 calls served, 0 recycles"]
+    plugin.pytest_unconfigure(config)
+    assert plugin.paddle_ranks_env.__wrapped__() == {}
+    request = SimpleNamespace(config=config)
+    assert isinstance(plugin.paddle_ranks.__wrapped__(request, {"A": "b"}), plugin.PaddleRanks)
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(json.loads(data))
+
+
+def _call(qualname: str, module: str = __name__, file: str | None = __file__, **kwargs: object) -> dict:
+    return {"module": module, "qualname": qualname, "file": file, "kwargs": kwargs, "sys_path": list(sys.path)}
+
+
+LEFT: list[SignalGroup] = []
+
+
+def leave_open() -> int:
+    LEFT.append(a_group())
+    return 1
+
+
+def keep_it() -> int:
+    LEFT.append(a_group())
+    return rank_calls.keep_open(2, LEFT[-1])
+
+
+def close_it() -> int:
+    LEFT.pop().close()
+    return 3
+
+
+def skip_it() -> None:
+    pytest.skip("not here")
+
+
+def test_a_call_that_leaves_a_group_open_fails_unless_it_keeps_it() -> None:
+    conn = FakeConn()
+    reply = pool_rank.run_call(_call("leave_open"), conn)
+    assert reply["status"] == "leftovers"
+    assert reply["error"].startswith(f"{__name__}:leave_open left 1 signal group(s) open:\n  SignalGroup(")
+    LEFT.pop().close()
+    assert pool_rank.run_call(_call("keep_it"), conn) == {"status": "ok", "result": 2, "exit_code": None}
+    assert LEFT[-1] in rank_calls.kept_groups() and not LEFT[-1].closed
+    assert pool_rank.run_call(_call("close_it"), conn)["result"] == 3
+    assert pool_rank.open_groups() == []
+
+
+def test_a_skip_and_a_missing_function_are_replies_not_crashes() -> None:
+    skipped = pool_rank.run_call(_call("skip_it"), FakeConn())
+    assert skipped["status"] == "skipped" and skipped["error"].endswith(pool_rank.SKIP_IN_RANK)
+    missing = pool_rank.run_call(_call("no_such_function"), FakeConn())
+    assert missing["status"] == "raised" and "AttributeError" in missing["error"]
+    unknown = pool_rank.run_call(_call("f", module="fdp_no_such_module", file=None), FakeConn())
+    assert "ModuleNotFoundError: No module named 'fdp_no_such_module'" in unknown["error"]
+
+
+def test_a_module_not_importable_by_name_is_loaded_from_the_controllers_file(tmp_path) -> None:
+    source = tmp_path / "elsewhere.py"
+    source.write_text("def answer():\n    return 42\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('broken at import')\n")
+    try:
+        assert pool_rank.resolve(OUTSIDE_MODULE, "answer", str(source), list(sys.path))() == 42
+        with pytest.raises(RuntimeError, match="broken at import"):
+            pool_rank.resolve("fdp_pool_broken", "x", str(broken), list(sys.path))
+        assert "fdp_pool_broken" not in sys.modules
+        with pytest.raises(ModuleNotFoundError, match="cannot load fdp_pool_dir"):
+            pool_rank.resolve("fdp_pool_dir", "x", str(tmp_path), list(sys.path))
+    finally:
+        sys.modules.pop(OUTSIDE_MODULE, None)
+
+
+def test_the_rank_puts_the_controllers_sys_path_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", ["/b", "/a"])
+    pool_rank.resolve("os", "getpid", None, ["/a", "/c"])
+    assert sys.path == ["/a", "/c", "/b"]
+
+
+def test_closed_says_whether_close_was_called() -> None:
+    group = a_group()
+    assert not group.closed
+    group.close()
+    assert group.closed
+
+
+def test_exit_after_reply_saves_delivers_and_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[object] = []
+    monkeypatch.setattr(rank_calls, "save_coverage", lambda: events.append("saved"))
+    monkeypatch.setattr(rank_calls.os, "_exit", lambda code: events.append(("exit", code)))
+    rank_calls.set_reply_delivery(lambda result, code: events.append(("reply", result, code)))
+    try:
+        rank_calls.exit_after_reply({"r": 1}, 3)
+    finally:
+        rank_calls.set_reply_delivery(None)
+    assert events == ["saved", ("reply", {"r": 1}, 3), ("exit", 3)]
+
+
+def test_joining_a_one_rank_world_needs_no_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    reclaimed: list[bool] = []
+    monkeypatch.setattr(pool_rank, "reclaim_signal_handlers", lambda: reclaimed.append(True))
+    pool_rank.join_world(1)
+    assert reclaimed == [True]
+    import paddle.distributed as dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "init_parallel_env", lambda: calls.append("init"))
+    pool_rank.join_world(2)
+    assert calls == ["init"]
+
+
+def test_main_reports_a_failed_join_and_serves_after_a_good_one(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    read, write = os.pipe()
+    monkeypatch.setattr(pool_rank, "join_world", lambda n: (_ for _ in ()).throw(RuntimeError("no world")))
+    assert pool_rank.main([str(write)]) == 1
+    assert "RuntimeError: no world" in capsys.readouterr().err
+    served: list[object] = []
+    monkeypatch.setattr(pool_rank, "join_world", lambda n: None)
+    monkeypatch.setattr(pool_rank, "serve", lambda conn: served.append(conn) or 0)
+    monkeypatch.setattr(pool_rank.gc, "freeze", lambda: served.append("frozen"))
+    assert pool_rank.main([str(read)]) == 0
+    assert served[0] == "frozen"
