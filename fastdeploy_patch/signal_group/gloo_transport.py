@@ -50,9 +50,13 @@ class _DeadlineCaller:
             raise outcome[0]
         return True
 
+    def stop(self) -> None:
+        """Let the thread end once it has finished what it runs now (it may be stuck in gloo: it is a daemon)."""
+        self._requests.put(None)
+
     def _serve(self) -> None:
-        while True:
-            fn, done, outcome = self._requests.get()
+        while (request := self._requests.get()) is not None:
+            fn, done, outcome = request
             try:
                 fn()
             except BaseException as exc:  # noqa: BLE001 - handed back to the waiting caller
@@ -67,7 +71,7 @@ class GlooTransport:
         self.paddle_group = paddle_group
         self._ranks = sorted(paddle_group.ranks)
         self._timeout = timeout
-        # The group's own rendezvous store; kept alive for as long as the group is.
+        # The group's own rendezvous store (the group's object holds it too, for as long as the group lives).
         self._store = store
         # Pay for a deadline thread only when the caller wants less than gloo's own limit.
         self._caller = _DeadlineCaller(f"signal-{paddle_group.name}") if timeout < GLOO_OP_TIMEOUT_S else None
@@ -100,5 +104,8 @@ class GlooTransport:
             raise TimeoutError(stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout))
 
     def close(self) -> None:
-        """Drop the rendezvous store; Paddle keeps the gloo group itself registered (it has no way to remove it)."""
-        self._store = None
+        """Stop the deadline thread. The rendezvous store stays with the Paddle gloo group, which Paddle keeps
+        registered (it has no way to remove one): dropping it here would leave the group pointing at a closed
+        store."""
+        if self._caller is not None:
+            self._caller.stop()

@@ -77,8 +77,9 @@ class SignalGroup:
         return self._broken == "it was closed"
 
     def close(self) -> None:
-        """Release this rank's end (unmap the segment, drop the gloo store). Idempotent; later broadcasts raise
-        ``SignalGroupError``. A Paddle gloo group stays registered: Paddle cannot remove one."""
+        """Release this rank's end (unmap the segment, stop a gloo deadline thread). Idempotent; later broadcasts
+        raise ``SignalGroupError``. A Paddle gloo group stays registered, with its rendezvous store: Paddle cannot
+        remove one."""
         if self._broken != "it was closed":
             self._broken = "it was closed"
             if self._endpoint is not None:

@@ -130,6 +130,10 @@ def gloo_store(members: list[int], rank: int, key: str) -> object:
     )
 
 
+GROUP_STORE_ATTRIBUTE = "fastdeploy_patch_rendezvous_store"
+"""The attribute of a Paddle gloo group that holds its own rendezvous store, so the store lives as long as it."""
+
+
 def new_gloo_group(members: list[int], rank: int, key: str) -> tuple[dist.communication.group.Group, object]:
     """Collective over the world: the gloo process group over ``members``, made on a rendezvous store of its own.
 
@@ -138,4 +142,8 @@ def new_gloo_group(members: list[int], rank: int, key: str) -> tuple[dist.commun
     store = gloo_store(members, rank, key) if rank in members else None
     with paddle_internals.default_store_lent(store):
         group = dist.new_group(members, backend="gloo")
+    # Paddle keeps the group in its registry until the process exits, and its gloo context may still reach the
+    # store (at exit, say); held by the group's own object, the store is freed only after the process group that
+    # refers to it, whoever drops the group last.
+    setattr(group, GROUP_STORE_ATTRIBUTE, store)
     return group, store

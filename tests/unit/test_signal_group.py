@@ -35,6 +35,7 @@ from fastdeploy_patch.signal_group import (
 )
 from fastdeploy_patch.signal_group import group as api
 from fastdeploy_patch.signal_group.gloo_transport import GlooTransport, _DeadlineCaller
+from fastdeploy_patch.signal_group.rendezvous import GROUP_STORE_ATTRIBUTE
 from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 
 from .conftest import FakeGlobalStore, FakeTCPStore, GlooLikePG
@@ -146,6 +147,7 @@ def test_first_member_publishes_its_own_store_and_lends_it_to_new_group(world: F
     assert (group.transport, group.ranks, group.timeout, group.lookahead) == ("gloo", [0, 1, 2], 30.0, 0)
     assert group.paddle_group.name == "_default_pg1"
     assert group._endpoint._store == own_store and group._endpoint._caller is None
+    assert getattr(group.paddle_group, GROUP_STORE_ATTRIBUTE) is group._endpoint._store
 
 
 def test_other_members_connect_to_the_published_store(world: FakeWorld) -> None:
@@ -160,6 +162,7 @@ def test_other_members_connect_to_the_published_store(world: FakeWorld) -> None:
     assert world.new_group_calls == [([0, 1, 2, 3], "gloo", their_store)]
     assert world.default_stores == [their_store, world.global_store]
     assert group._endpoint._store == their_store
+    assert getattr(group.paddle_group, GROUP_STORE_ATTRIBUTE) is group._endpoint._store
 
 
 def test_the_first_listed_member_serves_on_its_own_endpoint_host(world: FakeWorld) -> None:
@@ -532,12 +535,27 @@ def test_the_context_manager_closes_the_group(world: FakeWorld) -> None:
         broadcast_signal(5, src=0, group=group)
 
 
-def test_a_closed_gloo_group_drops_its_store(world: FakeWorld) -> None:
-    group = new_signal_group(transport="gloo")
+def test_a_closed_gloo_group_keeps_its_store_with_the_paddle_group_and_stops_its_deadline_thread(
+    world: FakeWorld,
+) -> None:
+    group = new_signal_group(transport="gloo", timeout=5)
+    store = group._endpoint._store
+    assert group._endpoint._caller.call(lambda: None, 5) is True
+    thread = group._endpoint._caller._thread
     group.close()
-    assert group._endpoint._store is None
+    thread.join(5)
+    assert not thread.is_alive()
+    # Paddle keeps the group registered: the store it was made on must live as long as it does.
+    assert getattr(group.paddle_group, GROUP_STORE_ATTRIBUTE) is store is not None
     with pytest.raises(SignalGroupError, match="is unusable: it was closed"):
         broadcast_signal(5, src=0, group=group)
+
+
+def test_a_closed_gloo_group_without_a_deadline_thread_closes_too(world: FakeWorld) -> None:
+    group = new_signal_group(transport="gloo")
+    assert group._endpoint._caller is None
+    group.close()
+    assert group.closed
 
 
 # --- broadcast_signal over gloo ---------------------------------------------------------------------------
@@ -851,6 +869,14 @@ def test_deadline_caller_runs_every_call_on_one_daemon_thread() -> None:
     assert caller.call(lambda: threads.append(threading.current_thread()), 5) is True
     assert threads[0] is threads[1] is caller._thread
     assert threads[0].name == "signal-test" and threads[0].daemon
+
+
+def test_a_stopped_deadline_caller_ends_its_thread_after_the_call_it_runs() -> None:
+    caller = _DeadlineCaller("signal-test")
+    assert caller.call(lambda: None, 5) is True
+    caller.stop()
+    caller._thread.join(5)
+    assert not caller._thread.is_alive()
 
 
 def test_deadline_caller_hands_back_what_the_call_raised() -> None:
