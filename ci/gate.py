@@ -447,14 +447,14 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     """Run the gate in ``cwd`` (default: the current directory), print its report and return the exit code."""
     args = parse_args(argv)
     cwd = Path.cwd() if cwd is None else cwd
-    xml_path = args.coverage_xml if args.coverage_xml.is_absolute() else cwd / args.coverage_xml
-    report_dir = args.report_dir if args.report_dir.is_absolute() else cwd / args.report_dir
-    suites = [(name, data if data.is_absolute() else cwd / data) for name, data in args.suite_data]
+    xml_path = cwd / args.coverage_xml
+    report_dir = cwd / args.report_dir
+    suites = [(name, cwd / data) for name, data in args.suite_data]
     try:
         root = repo_root(cwd)
         base = resolve_compare_base(args.compare_ref, cwd)
         if suites:
-            check_suite_data(suites, args.source_dir if args.source_dir.is_absolute() else cwd / args.source_dir, cwd)
+            check_suite_data(suites, cwd / args.source_dir, cwd)
         try:
             report_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None, cwd: Path | None = None) -> int:
     """Check the unit suite's coverage in ``cwd`` (default: the current directory); print and return the verdict."""
     args = parse_args(argv)
     cwd = Path.cwd() if cwd is None else cwd
-    data_file = args.data_file if args.data_file.is_absolute() else cwd / args.data_file
-    source_dir = args.source_dir if args.source_dir.is_absolute() else cwd / args.source_dir
+    data_file = cwd / args.data_file
+    source_dir = cwd / args.source_dir
     try:
         check_suite_data([(SUITE, data_file)], source_dir, cwd)
         code, text = report(data_file, args.source_dir, args.fail_under, cwd)
