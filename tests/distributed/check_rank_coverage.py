@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def rendezvous_source(root: Path = ROOT) -> str:
 def process_files(data_file: Path) -> list[Path]:
     """The per-process data files that coverage's parallel mode wrote for ``data_file``."""
     return sorted(data_file.parent.glob(f"{data_file.name}.*"))
+
+
+SETTLE_S = 0.5
+"""How long the per-process file names must stay the same before they are read: coverage 7.17 renames a data file
+on every save (it appends a hash of the data), so a process still exiting after pytest (a pool rank saving its last
+call) can rename a file between listing and combining; one CI run failed that way."""
+SETTLE_TRIES = 20
+
+
+def settled_process_files(data_file: Path, sleep=time.sleep) -> list[Path]:
+    """``process_files(data_file)`` once two listings ``SETTLE_S`` apart agree (at most ``SETTLE_TRIES`` tries)."""
+    files = process_files(data_file)
+    for _ in range(SETTLE_TRIES):
+        sleep(SETTLE_S)
+        again = process_files(data_file)
+        if again == files:
+            break
+        files = again
+    return files
 
 
 def read_process_files(files: Sequence[Path]) -> tuple[dict[Path, CoverageData], dict[Path, str]]:
@@ -130,7 +150,7 @@ def missing_in_ranks(
 def check_and_combine(data_file: Path, test_pid: int, root: Path = ROOT) -> int:
     """After a passing pytest run: the check, then (when it passed) the valid per-process files combined into
     ``data_file``. Prints what it skipped and its verdict; returns 1 when the check failed, else combine's code."""
-    readable, invalid = read_process_files(process_files(data_file))
+    readable, invalid = read_process_files(settled_process_files(data_file))
     skipped = skipped_report(invalid)
     if skipped:
         print(skipped)

@@ -263,3 +263,31 @@ def test_a_clean_run_prints_nothing_about_skipped_files(
     assert check.check_and_combine(data_file, TEST_PID, fake_root) == 0
     assert capsys.readouterr().out.startswith("OK: ")
     assert check.process_files(data_file) == []
+
+
+def test_the_files_are_read_once_their_names_stop_changing(tmp_path: Path) -> None:
+    data_file = tmp_path / "distributed.coverage"
+    first = tmp_path / "distributed.coverage.vm.pid1.abc"
+    first.write_text("")
+    renamed = tmp_path / "distributed.coverage.vm.pid1.abc.H1h"
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        # A process still exiting renames its file during the first wait, as coverage does on save.
+        sleeps.append(seconds)
+        if first.exists():
+            first.rename(renamed)
+
+    assert check.settled_process_files(data_file, sleep=sleep) == [renamed]
+    assert sleeps == [check.SETTLE_S, check.SETTLE_S]
+
+
+def test_settling_gives_up_after_its_tries_and_returns_the_last_listing(tmp_path: Path) -> None:
+    data_file = tmp_path / "distributed.coverage"
+    count = iter(range(100))
+
+    def sleep(seconds: float) -> None:
+        (tmp_path / f"distributed.coverage.vm.pid{next(count)}.x").write_text("")
+
+    files = check.settled_process_files(data_file, sleep=sleep)
+    assert len(files) == check.SETTLE_TRIES
