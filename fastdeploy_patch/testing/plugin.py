@@ -78,8 +78,35 @@ class PaddleRanks:
             failure = f"every rank of {nranks} finished {rank_pool.CallTarget.of(fn)}, but they were meant to die"
         pytest.fail(failure, pytrace=False)
 
+    def start(
+        self,
+        fn: Callable[..., Any],
+        nranks: int,
+        *,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> StartedRanks:
+        """Start ``fn(**kwargs)`` on a fresh world of ``nranks`` ranks in the background and return at once;
+        ``.result()`` on what it returns waits for the ranks' results and fails the test as ``run`` does.
+
+        For calls that mostly wait (a peer kept stuck for half a minute): the session's other calls run meanwhile.
+        ``timeout`` counts from this call, the ranks' start included. A started call nobody collects is killed at
+        the end of the session.
+        """
+        if env is not None and not isinstance(env, Mapping):
+            raise TypeError(f"env must map variable names to strings, got {env!r}")
+        started = self._pools.start(
+            fn,
+            nranks,
+            kwargs=kwargs,
+            timeout=PADDLE_RANKS_TIMEOUT_S if timeout is None else timeout,
+            env={**self._env, **(env or {})},
+        )
+        return StartedRanks(started)
+
     def live_pids(self) -> list[int]:
-        """The process ids of the session's live pool ranks, which outlive each test on purpose."""
+        """The process ids of the session's live pool ranks and started calls, which outlive a test on purpose."""
         return self._pools.live_pids()
 
     def _run(
@@ -103,6 +130,31 @@ class PaddleRanks:
         )
 
 
+class StartedRanks:
+    """A call that ``paddle_ranks.start`` runs in the background: ``result()`` or ``cancel()``, once."""
+
+    def __init__(self, started: rank_pool.StartedCall) -> None:
+        self._started = started
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every rank got."""
+        return self._started.kwargs
+
+    def result(self) -> list[Any]:
+        """Every rank's return value, by rank, once the call has ended; a rank that failed, or a call past its
+        timeout, fails the test with every rank's report, as ``run`` does."""
+        try:
+            return self._started.result()
+        except rank_pool.launcher.RankError as exc:
+            failure = str(exc)
+        pytest.fail(failure, pytrace=False)
+
+    def cancel(self) -> None:
+        """Kill the call's ranks without waiting for its result; a no-op once ended."""
+        self._started.cancel()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_POOLS] = rank_pool.RankPools()
 
@@ -123,7 +175,8 @@ def paddle_ranks_env() -> dict[str, str]:
     return {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def paddle_ranks(request: pytest.FixtureRequest, paddle_ranks_env: Mapping[str, str]) -> PaddleRanks:
-    """Multi-rank calls on the session's reusable ranks: ``paddle_ranks.run(fn, nranks, ...)``."""
+    """Multi-rank calls on the session's reusable ranks: ``paddle_ranks.run(fn, nranks, ...)``. Session-scoped, so
+    fixtures of any scope can use it."""
     return PaddleRanks(request.config.stash[_POOLS], paddle_ranks_env)

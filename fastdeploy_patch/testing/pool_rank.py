@@ -14,7 +14,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import os
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -22,8 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
-from fastdeploy_patch.testing import rank_calls
-from fastdeploy_patch.testing.rank_entry import reclaim_signal_handlers
+from fastdeploy_patch.testing import rank_calls, rank_entry
 
 _SIGNAL_GROUP_PACKAGE = "fastdeploy_patch.signal_group"
 SKIP_IN_RANK = (
@@ -37,7 +35,7 @@ def main(argv: list[str]) -> int:
     ``argv[0]``, then serve calls. Returns the exit code: 0 when the controller hung up, 1 when joining failed."""
     conn = Connection(int(argv[0]))
     try:
-        join_world(int(os.environ.get("PADDLE_TRAINERS_NUM", "1")))
+        join_world()
     except BaseException:  # noqa: BLE001 - any failure to join is this rank's exit, reported through its log
         traceback.print_exc()
         return 1
@@ -48,17 +46,16 @@ def main(argv: list[str]) -> int:
     return serve(conn)
 
 
-def join_world(nranks: int) -> None:
-    """Import Paddle with the package's warning filter, and join a world of ``nranks`` (no rendezvous for one)."""
+def join_world() -> None:
+    """Import Paddle with the package's warning filter, and join the world (``rank_entry.join_world``)."""
     # The rank is the package's own process: Paddle's ccache hint, printed on import, would open every rank log.
     silence_ccache_warning()
-    import paddle.distributed as dist
+    import paddle.distributed  # noqa: F401 - imported by every rank, even in a world of one
 
-    if nranks > 1:
-        dist.init_parallel_env()
+    rank_entry.join_world()
     # `import paddle` replaced the fatal-signal and SIGTERM handlers with C++ ones: a crash would print no Python
     # stack, and a rank the controller kills would not save its coverage.
-    reclaim_signal_handlers()
+    rank_entry.reclaim_signal_handlers()
 
 
 def serve(conn: Connection) -> int:

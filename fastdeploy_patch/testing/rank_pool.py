@@ -205,6 +205,12 @@ class RankPool:
 
     def start(self, target: CallTarget, timeout: float = START_TIMEOUT_S) -> None:
         """Start every rank and wait until each joined the world; the call ``target`` is named in errors."""
+        self.launch()
+        self.wait_joined(target, timeout)
+
+    def launch(self) -> None:
+        """Start every rank without waiting for them: ``wait_joined`` does that. Calls sent meanwhile wait in the
+        ranks' pipes until they joined."""
         self._workdir = TemporaryDirectory(prefix="fdp-pool-")
         self._alive = True
         ports = launcher.free_ports(self.nranks + 1)
@@ -222,6 +228,9 @@ class RankPool:
             finally:
                 theirs.close()
             self._ranks.append(_PoolRank(rank, process, ours, os.pidfd_open(process.pid), log_path))
+
+    def wait_joined(self, target: CallTarget, timeout: float) -> None:
+        """Wait until every launched rank joined the world; raises like ``call``."""
         self._collect(target, timeout, " while the pool started")
         for r in self._ranks:
             r.joined_rss = rss_bytes(r.process.pid)
@@ -229,6 +238,11 @@ class RankPool:
     def call(self, target: CallTarget, kwargs: Mapping[str, Any], timeout: float) -> list[Any]:
         """Run ``target(**kwargs)`` on every rank and return the results by rank; raises ``RankCallFailed`` or
         ``RankCallHung`` (the pool is dead then). Sets ``retire_reason`` when the pool must not be reused."""
+        self.send(target, kwargs)
+        return self.replies(target, timeout)
+
+    def send(self, target: CallTarget, kwargs: Mapping[str, Any]) -> None:
+        """Send the call ``target(**kwargs)`` to every rank; ``replies`` collects what they answer."""
         payload = json.dumps(
             {
                 "module": target.module,
@@ -240,9 +254,12 @@ class RankPool:
         ).encode()
         self.calls += 1
         for r in self._ranks:
-            # A rank that died since its last reply shows up as dead in the wait below.
+            # A rank that died since its last reply shows up as dead when its reply is awaited.
             with contextlib.suppress(OSError):
                 r.conn.send_bytes(payload)
+
+    def replies(self, target: CallTarget, timeout: float) -> list[Any]:
+        """Every rank's result of the call sent last, by rank; raises like ``call``."""
         replies = self._collect(target, timeout, "")
         if any(reply["exit_code"] is not None for reply in replies):
             self.retire_reason = "rank exited"
@@ -335,9 +352,60 @@ def _read(conn: Connection) -> dict[str, Any] | None:
         return None
 
 
+class StartedCall:
+    """A call that ``RankPools.start`` runs in the background, on a world of its own, while the session's pools
+    serve other calls. ``result()`` waits for it and ``cancel()`` kills its ranks; either one retires its world."""
+
+    def __init__(
+        self, pools: RankPools, pool: RankPool, target: CallTarget, kwargs: dict[str, Any], timeout: float
+    ) -> None:
+        self.target, self.kwargs, self.timeout = target, kwargs, timeout
+        self._pools, self._pool = pools, pool
+        self._deadline = time.monotonic() + timeout
+        self.ended = False
+        """Whether ``result()`` or ``cancel()`` was called."""
+
+    def pids(self) -> list[int]:
+        """The process ids of the call's ranks, by rank."""
+        return self._pool.pids()
+
+    def result(self) -> list[Any]:
+        """Every rank's result, by rank, once the call has ended. The call's ``timeout`` counts from ``start()``,
+        the ranks' start included. Raises ``RankCallFailed`` or ``RankCallHung`` like ``RankPools.run``, and
+        ``RuntimeError`` when the call was already collected or cancelled."""
+        self._end_once()
+        try:
+            self._pool.wait_joined(self.target, self._left())
+            results = self._pool.replies(self.target, self._left())
+        except BaseException as exc:
+            self._pools._retire(self._pool, getattr(exc, "reason", "interrupted"))
+            raise
+        self._pools._retire(self._pool, self._pool.retire_reason or "fresh world")
+        return results
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Kill the call's ranks without waiting for its result (a no-op once ended); ``reason`` is the recycle
+        reason the session's summary counts."""
+        if not self.ended:
+            self._end_once()
+            # Killed first: closing alone would give ranks still busy with the call a grace period to leave.
+            self._pool._kill()
+            self._pools._retire(self._pool, reason)
+
+    def _end_once(self) -> None:
+        if self.ended:
+            raise RuntimeError(f"the started call {self.target} was already collected or cancelled")
+        self.ended = True
+        self._pools._started.remove(self)
+
+    def _left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+
 class RankPools:
-    """The pools of one test session, one per world size and environment (at most ``MAX_LIVE_POOLS`` alive), and
-    what they did: ``starts``, ``calls`` and ``recycles`` (reason -> count)."""
+    """The pools of one test session, one per world size and environment (at most ``MAX_LIVE_POOLS`` alive), the
+    calls started in the background, and what they all did: ``starts``, ``calls`` and ``recycles`` (reason ->
+    count)."""
 
     def __init__(self, *, bootstrap: str = POOL_RANK_BOOTSTRAP) -> None:
         self.bootstrap = bootstrap
@@ -345,6 +413,7 @@ class RankPools:
         self.calls = 0
         self.recycles: Counter[str] = Counter()
         self._pools: OrderedDict[tuple, RankPool] = OrderedDict()
+        self._started: list[StartedCall] = []
 
     def run(
         self,
@@ -388,12 +457,44 @@ class RankPools:
             self._pools[key] = pool
         return results
 
+    def start(
+        self,
+        fn: Callable[..., Any],
+        nranks: int,
+        *,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+    ) -> StartedCall:
+        """Start module-level ``fn(**kwargs)`` on a fresh world of ``nranks`` ranks and return at once, without
+        waiting for the ranks to join: ``StartedCall.result()`` collects it. For calls that mostly wait (a stuck
+        peer, a long timeout), which other calls can overlap. Argument errors are raised here, as by ``run``."""
+        target = CallTarget.of(fn)
+        kwargs, env = check_call(nranks, kwargs, timeout, env)
+        pool = RankPool(nranks, env, bootstrap=self.bootstrap)
+        self.starts += 1
+        self.calls += 1
+        try:
+            pool.launch()
+            pool.send(target, kwargs)
+        except BaseException:
+            self._retire(pool, "interrupted")
+            raise
+        started = StartedCall(self, pool, target, kwargs, timeout)
+        self._started.append(started)
+        return started
+
     def live_pids(self) -> list[int]:
-        """The process ids of every live pool rank (they outlive the test that started them, on purpose)."""
-        return [pid for pool in self._pools.values() for pid in pool.pids()]
+        """The process ids of every live pool rank and of every started call not yet ended (they outlive the test
+        that started them, on purpose)."""
+        pooled = [pid for pool in self._pools.values() for pid in pool.pids()]
+        return pooled + [pid for started in self._started for pid in started.pids()]
 
     def close(self) -> None:
-        """Close every pool (at the end of the session); idempotent."""
+        """Close every pool and cancel every started call nobody collected (at the end of the session);
+        idempotent."""
+        while self._started:
+            self._started[0].cancel("never collected")
         while self._pools:
             self._pools.popitem()[1].close()
 

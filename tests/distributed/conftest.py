@@ -1,5 +1,6 @@
 """Shared fixtures for real multi-rank tests: every test here is marked ``distributed``, has a timeout, and
-fails if it leaves a rank process or one of its shared-memory segments behind."""
+fails if it leaves a rank process or one of its shared-memory segments behind. The ranks of the ``paddle_ranks``
+pools are the one exception: they outlive tests on purpose, and the pools list them."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import pytest
 
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
+from fastdeploy_patch.testing.plugin import PaddleRanks, StartedRanks
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR
 
 # Tagged with this run: other runs on a shared machine make status segments of their own meanwhile.
@@ -26,6 +28,14 @@ SEGMENT_GRACE_S = 1.0
 leaked (one seen only at the first look may belong to another run creating its group right then)."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "started_early(fn, nranks, *, kwargs, timeout): the test's rank call is started in the background before "
+        "the session's first test, and the test collects it from the `started_early` fixture",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
@@ -35,8 +45,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.timeout(DEFAULT_TEST_TIMEOUT_S))
 
 
-def tagged_processes() -> dict[int, str]:
-    """Live processes started by this test run (ranks and anything they spawned): ``{pid: command}``.
+@pytest.fixture(scope="session")
+def paddle_ranks_env() -> dict[str, str]:
+    """Pool ranks carry this run's tag like every other rank the suite starts, so that one the pools lost track of
+    is found by the stray-process check."""
+    return {RUN_TAG_VAR: RUN_TAG}
+
+
+def tagged_processes(kept: Collection[int] = ()) -> dict[int, str]:
+    """Live processes started by this test run (ranks and anything they spawned): ``{pid: command}``, but for those
+    in the sessions of the ranks ``kept`` (every rank leads a session of its own).
 
     Zombies are left out: they hold no resources and only wait for their new parent to reap them.
     """
@@ -46,21 +64,24 @@ def tagged_processes() -> dict[int, str]:
         if not proc.name.isdigit():
             continue
         try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and needle in (proc / "environ").read_bytes().split(b"\0"):
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            state, session = fields[0], int(fields[3])
+            if state != "Z" and session not in kept and needle in (proc / "environ").read_bytes().split(b"\0"):
                 found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
+        except (OSError, IndexError, ValueError):
             continue  # gone meanwhile, or not ours to read
     return found
 
 
-def stray_processes(grace: float = LEFTOVER_GRACE_S) -> dict[int, str]:
-    """Tagged processes still alive after ``grace`` seconds; they are killed before being returned.
+def stray_processes(kept: Callable[[], Collection[int]] = list, grace: float = LEFTOVER_GRACE_S) -> dict[int, str]:
+    """Tagged processes, but for those of the ranks ``kept()`` names, still alive after ``grace`` seconds; they are
+    killed before being returned.
 
-    The grace covers helpers (multiprocessing's resource tracker) that exit on their own once a rank is gone.
+    The grace covers helpers (multiprocessing's resource tracker) that exit on their own once a rank is gone, and
+    ranks of a retired pool that are still being reaped.
     """
     deadline = time.monotonic() + grace
-    while (found := tagged_processes()) and time.monotonic() < deadline:
+    while (found := tagged_processes(kept())) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in found:
         with contextlib.suppress(ProcessLookupError):
@@ -75,11 +96,34 @@ def our_segments() -> set[str]:
     return {p.name for p in shm.iterdir() if p.name.startswith(prefixes)} if shm.is_dir() else set()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _early_calls(request: pytest.FixtureRequest, paddle_ranks: PaddleRanks) -> Iterator[dict[str, StartedRanks]]:
+    """Before the first test: the calls of the selected tests marked ``started_early``, running in the background
+    on worlds of their own (a call that mostly waits overlaps the tests before its own). Calls left uncollected are
+    killed at the end of the session."""
+    started = {}
+    for item in request.session.items:
+        marker = item.get_closest_marker("started_early")
+        if marker is not None:
+            started[item.nodeid] = paddle_ranks.start(*marker.args, **marker.kwargs)
+    yield started
+    for call in started.values():
+        call.cancel()
+
+
+@pytest.fixture
+def started_early(request: pytest.FixtureRequest, _early_calls: dict[str, StartedRanks]) -> StartedRanks:
+    """The call that the test's ``started_early`` marker started before the session's first test."""
+    if request.node.nodeid not in _early_calls:
+        pytest.fail(f"{request.node.nodeid} uses the started_early fixture without the started_early marker")
+    return _early_calls[request.node.nodeid]
+
+
 @pytest.fixture(autouse=True)
-def _nothing_left_behind() -> Iterator[None]:
+def _nothing_left_behind(paddle_ranks: PaddleRanks) -> Iterator[None]:
     segments_before = our_segments()
     yield
-    leftovers = stray_processes()
+    leftovers = stray_processes(paddle_ranks.live_pids)
     assert not leftovers, f"rank processes outlived the test: {leftovers}"
     new_segments = our_segments() - segments_before
     if new_segments:

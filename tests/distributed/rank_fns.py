@@ -1,22 +1,20 @@
-"""What each real rank runs in the distributed tests. Every function here runs inside a rank started by
-``fastdeploy_patch.testing.launcher`` (after ``init_parallel_env()``), checks what it can see, and returns a JSON-able
+"""What each real rank runs in the distributed tests. Every function here runs inside a rank of the
+``paddle_ranks`` fixture's pool (after ``init_parallel_env()``), checks what it can see, and returns a JSON-able
 report that the test in the parent process asserts on.
 
-Several checks share one launch where they can: starting a rank costs seconds of ``import paddle``.
+Every function closes the signal groups it creates: pool ranks outlive the call, and the pool fails a call that
+leaves one open. Fault functions leave their world through ``exit_after_reply`` (the test asks for a fresh one).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
-import coverage
 import paddle
 import paddle.distributed as dist
 from paddle.distributed import collective
@@ -26,7 +24,9 @@ from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, SEGMENT_PREFIX, broadcast_signal, new_signal_group
 from fastdeploy_patch.signal_group import group as signal_group_api
 from fastdeploy_patch.status import ModelWeightsStatus
+from fastdeploy_patch.testing import exit_after_reply
 from fastdeploy_patch.testing.gpu_profile import count_device_events
+from fastdeploy_patch.testing.rank_calls import save_coverage
 from fastdeploy_patch.worker.worker_process import WorkerProcess
 
 # Steps at which the broadcast stream carries the int32 extremes instead of a step-derived value.
@@ -51,31 +51,6 @@ def stream_value(step: int, src: int) -> int:
 def stream_digest(values: list[int]) -> str:
     """A digest of a received stream, compared across ranks and against the expected stream."""
     return hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()
-
-
-def exit_now(result: object) -> NoReturn:
-    """Write this rank's result where ``rank_entry`` would, save its coverage, and exit 0 at once.
-
-    For fault tests: a rank that must vanish (or must not wait for a stuck peer at teardown) still hands the
-    launcher a result, and an exit code of 0 keeps the launcher from killing the survivors whose errors the
-    test is about. ``rank_entry`` takes the result path as its second argument.
-    """
-    result_path = Path(sys.argv[2])
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(result_path)
-    _save_coverage()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _save_coverage() -> None:
-    # os._exit skips the atexit hook through which coverage saves a measured rank's data.
-    current = coverage.Coverage.current()
-    if current is not None:
-        current.stop()
-        current.save()
 
 
 def _registry() -> dict[str, list]:
@@ -105,7 +80,7 @@ def _checksums(model: paddle.nn.Layer) -> dict[str, str]:
     return {name: hashlib.sha256(p.numpy().tobytes()).hexdigest() for name, p in model.named_parameters()}
 
 
-# --- launch A: broadcasts, bad input, group created once, safe shutdown, the upstream bug --------------------
+# --- A: broadcasts, bad input, group created once, safe shutdown, the upstream bug --------------------
 
 
 def signal_checks(
@@ -139,6 +114,7 @@ def signal_checks(
     report["safe_shutdown"] = _safe_shutdown(group, nranks, cycles)
     report["lookahead"] = {str(d): _lookahead_stream(rank, nranks, d, lookahead_steps) for d in lookaheads}
     report["upstream_bug"] = _upstream_shutdown(group)
+    group.close()
     return report
 
 
@@ -231,6 +207,7 @@ def _bad_input(group, rank: int, nranks: int) -> dict:
 def _worker_group_once(rank: int, status_name: str, loop_steps: int, transport: str) -> dict:
     """A worker creates its signal group in its constructor and never again, whatever the loop does."""
     status = StatusSignal(status_name) if rank == 0 else None
+    worker = None
     try:
         registry_before = _registry()
         created_before = signal_group_api._created
@@ -250,6 +227,8 @@ def _worker_group_once(rank: int, status_name: str, loop_steps: int, transport: 
             "status": int(worker.status),
         }
     finally:
+        if worker is not None:
+            worker.signal_group.close()
         if status is not None:
             status.close()
 
@@ -294,7 +273,7 @@ def _upstream_shutdown(group) -> dict | None:
     return _call_error(dist.shutdown_process_group)
 
 
-# --- launch B: the RL control cycle ----------------------------------------------------------------------------
+# --- B: the RL control cycle ----------------------------------------------------------------------------
 
 
 def rl_cycle(
@@ -336,6 +315,7 @@ def rl_cycle(
                 progress.value[0] = worker.steps
             time.sleep(step_interval)
         manager = worker.weight_manager
+        worker.signal_group.close()
         return {
             "rank": rank,
             "transport": worker.signal_group.transport,
@@ -356,7 +336,7 @@ def rl_cycle(
                 shm.close()
 
 
-# --- launch C: several signal groups in one process -------------------------------------------------------------
+# --- C: several signal groups in one process -------------------------------------------------------------
 
 
 def several_groups(*, rounds: int, transport: str) -> dict:
@@ -383,6 +363,8 @@ def several_groups(*, rounds: int, transport: str) -> dict:
         per_round.append(
             {"members": [m for m, _ in groups], "received": received, "transports": [g.transport for _, g in groups]}
         )
+        for _, group in groups:
+            group.close()
     return {
         "rank": rank,
         "rounds": per_round,
@@ -390,7 +372,7 @@ def several_groups(*, rounds: int, transport: str) -> dict:
     }
 
 
-# --- launches D and E: faults -----------------------------------------------------------------------------------
+# --- D and E: faults -----------------------------------------------------------------------------------
 
 
 def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float, transport: str, lookahead: int) -> NoReturn:
@@ -399,7 +381,7 @@ def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float, transport
     group = new_signal_group(timeout=timeout, transport=transport, lookahead=lookahead)
     for step in range(steps):
         if rank == victim and step == die_at:
-            exit_now({"rank": rank, "died_at": step})
+            exit_after_reply({"rank": rank, "died_at": step})
         started = time.monotonic()
         try:
             broadcast_signal(step, src=0, group=group)
@@ -407,7 +389,7 @@ def dead_peer(*, victim: int, die_at: int, steps: int, timeout: float, transport
             failed = {"rank": rank, "step": step, "elapsed": time.monotonic() - started, **_error(exc)}
             failed["again"] = _call_error(lambda step=step: broadcast_signal(step, src=0, group=group))
             # Leave without Python teardown: Paddle may still hold a half-closed pair to the dead peer.
-            exit_now(failed)
+            exit_after_reply(failed)
     raise AssertionError(f"rank {rank} ran {steps} broadcasts without noticing that rank {victim} died")
 
 
@@ -419,14 +401,20 @@ def stuck_peer(
     waited took to give up.
 
     The stuck rank is the src because a src's send completes into the socket buffer (or the ring) whether or not
-    a receiver takes part: it is the receivers that wait on a stuck peer."""
+    a receiver takes part: it is the receivers that wait on a stuck peer. It stays stuck until every other rank
+    has reported and left, or for ``stuck_for`` seconds at most, and says which of the two ended its wait."""
     rank = dist.get_rank()
+    pids: list[int] = []
+    dist.all_gather_object(pids, os.getpid())
     group = new_signal_group(timeout=timeout, transport=transport, lookahead=lookahead)
     for step in range(stuck_at):
         broadcast_signal(step, src=stuck, group=group)
     if rank == stuck:
-        time.sleep(stuck_for)
-        exit_now({"rank": rank, "slept": stuck_for})
+        started = time.monotonic()
+        others = [pid for other, pid in enumerate(pids) if other != rank]
+        while not (peers_left := all(map(_has_exited, others))) and time.monotonic() - started < stuck_for:
+            time.sleep(0.05)
+        exit_after_reply({"rank": rank, "slept": time.monotonic() - started, "peers_left": peers_left})
     returned, error = [], None
     while error is None and len(returned) <= lookahead:
         started = time.monotonic()
@@ -438,7 +426,7 @@ def stuck_peer(
     again_started = time.monotonic()
     again = _call_error(lambda: broadcast_signal(stuck_at, src=stuck, group=group))
     # The abandoned broadcast still sits in gloo on a daemon thread; do not let teardown wait for it.
-    exit_now(
+    exit_after_reply(
         {
             "rank": rank,
             "returned_after_stuck": returned,
@@ -450,7 +438,15 @@ def stuck_peer(
     )
 
 
-# --- launch F: every rank SIGKILLed mid-run ------------------------------------------------------------------
+def _has_exited(pid: int) -> bool:
+    """Whether process ``pid`` has exited; a zombie, which only waits for its parent to reap it, has."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+# --- F: every rank SIGKILLed mid-run ------------------------------------------------------------------
 
 
 def killed_mid_run(*, steps: int) -> NoReturn:
@@ -462,10 +458,10 @@ def killed_mid_run(*, steps: int) -> NoReturn:
         broadcast_signal(step, src=step % dist.get_world_size(), group=group)
     maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if SEGMENT_PREFIX in line]
     print(f"rank {rank} maps: {maps}", flush=True)
-    # Coverage saved first (SIGKILL leaves no chance to), with the launcher's SIGTERM ignored meanwhile: the first
-    # rank to die makes it SIGTERM the others, and coverage's handler would start a second save inside this one.
+    # Coverage saved first (SIGKILL leaves no chance to), with SIGTERM ignored meanwhile: the first rank to die
+    # makes the pool kill the others, and coverage's SIGTERM handler would start a second save inside this one.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _save_coverage()
+    save_coverage()
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("SIGKILL did not kill the rank")
 
@@ -520,6 +516,7 @@ def gpu_checks(*, steps: int) -> dict:
     report["sum_after"] = nccl_sum()
     report["nccl_group"] = nccl.name
     report["signal_after"] = broadcast_signal(77, src=0, group=signal)
+    signal.close()
     return report
 
 

@@ -1,8 +1,8 @@
 """What each real rank runs in ``test_shm_wake.py``: a reader that wakes from its futex sleep when a late src
 publishes, a reader that stays a whole ring behind the src, and a reader that dies while the src runs ahead.
 
-Every function runs inside a rank started by ``fastdeploy_patch.testing.launcher`` (after ``init_parallel_env()``)
-and returns a JSON-able report; time stamps are ``time.monotonic()``, one clock for every process on the host.
+Every function runs inside a rank of the ``paddle_ranks`` fixture's pool (after ``init_parallel_env()``) and
+returns a JSON-able report; time stamps are ``time.monotonic()``, one clock for every process on the host.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch.signal_group import SignalGroupError, broadcast_signal, new_signal_group
 from fastdeploy_patch.signal_group.shm_transport import CURSOR_AT, WORD_BYTES, members_at
-from tests.distributed.rank_fns import exit_now
+from fastdeploy_patch.testing import exit_after_reply
 
 
 class _CountingFutex:
@@ -98,7 +98,7 @@ def reader_dies(lookahead: int, reader_calls: int, src_pause_s: float, max_calls
     if rank == 1:
         for _ in range(reader_calls):
             broadcast_signal(0, src=0, group=group)
-        exit_now({"rank": rank, "exited_at": time.monotonic()})
+        exit_after_reply({"rank": rank, "exited_at": time.monotonic()})
     failed = None
     try:
         for call in range(max_calls):

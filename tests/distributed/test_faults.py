@@ -1,16 +1,17 @@
 """Faults on real ranks, on both transports and with lookahead: a peer that dies and a peer that is stuck end in
 a clear error within bounds, never a hang.
 
-The faulty rank leaves through ``rank_fns.exit_now`` with exit code 0, so the launcher does not kill the
-survivors before they report what they saw.
+Every case runs on a fresh world: its ranks leave through ``exit_after_reply`` (the dead peer first, the others
+once they reported what they saw). The case with a 31 s timeout mostly waits, so its world is started before the
+session's first test and collected here (``started_early``).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
-from tests.distributed.harness import run_ranks_or_fail
 
 SIGNAL_TIMEOUT_S = 2.0
 # Above gloo's fixed 30 s: only shared memory can honour it.
@@ -36,12 +37,13 @@ DEAD_CASES = [
     ids=[f"{n}ranks-{'src' if v == 0 else 'receiver'}-dies-{t}-lookahead{d}" for n, v, t, d in DEAD_CASES],
 )
 def test_a_rank_that_dies_mid_loop_makes_every_survivor_fail_clearly(
-    nranks: int, victim: int, transport: str, lookahead: int
+    paddle_ranks: PaddleRanks, nranks: int, victim: int, transport: str, lookahead: int
 ) -> None:
     die_at = 25
-    reports = run_ranks_or_fail(
+    reports = paddle_ranks.run(
         rank_fns.dead_peer,
         nranks,
+        fresh=True,
         kwargs={
             "victim": victim,
             "die_at": die_at,
@@ -75,8 +77,26 @@ STUCK_CASES = [
     (4, 3, "gloo", 0, SIGNAL_TIMEOUT_S),
     (2, 0, "shm", 0, SIGNAL_TIMEOUT_S),
     (4, 3, "shm", 4, SIGNAL_TIMEOUT_S),
-    (2, 1, "shm", 0, LONG_SIGNAL_TIMEOUT_S),
 ]
+LONG_STUCK_CASE = (2, 1, "shm", 0, LONG_SIGNAL_TIMEOUT_S)
+STUCK_AT = 10
+
+
+def stuck_kwargs(stuck: int, transport: str, lookahead: int, timeout: float) -> dict:
+    """The arguments of ``rank_fns.stuck_peer``: the stuck rank is kept stuck well past the others' timeout (it is
+    released as soon as they have all reported)."""
+    return {
+        "stuck": stuck,
+        "stuck_at": STUCK_AT,
+        "timeout": timeout,
+        "stuck_for": timeout + TIMEOUT_SLACK_S + 1.0,
+        "transport": transport,
+        "lookahead": lookahead,
+    }
+
+
+def stuck_call_timeout(timeout: float) -> float:
+    return timeout + TIMEOUT_SLACK_S + 60.0
 
 
 @pytest.mark.parametrize(
@@ -85,24 +105,41 @@ STUCK_CASES = [
     ids=[f"{n}ranks-rank{s}-stuck-{t}-lookahead{d}-timeout{w:g}s" for n, s, t, d, w in STUCK_CASES],
 )
 def test_a_rank_that_stops_participating_makes_the_others_time_out(
-    nranks: int, stuck: int, transport: str, lookahead: int, timeout: float
+    paddle_ranks: PaddleRanks, nranks: int, stuck: int, transport: str, lookahead: int, timeout: float
 ) -> None:
-    stuck_for = timeout + TIMEOUT_SLACK_S + 1.0
-    reports = run_ranks_or_fail(
+    reports = paddle_ranks.run(
         rank_fns.stuck_peer,
         nranks,
-        kwargs={
-            "stuck": stuck,
-            "stuck_at": 10,
-            "timeout": timeout,
-            "stuck_for": stuck_for,
-            "transport": transport,
-            "lookahead": lookahead,
-        },
-        timeout=stuck_for + 60.0,
+        kwargs=stuck_kwargs(stuck, transport, lookahead, timeout),
+        timeout=stuck_call_timeout(timeout),
+        fresh=True,
     )
+    _assert_the_others_timed_out(reports, nranks, stuck, lookahead, timeout)
 
-    assert reports[stuck] == {"rank": stuck, "slept": stuck_for}
+
+_LONG_N, _LONG_STUCK, _LONG_TRANSPORT, _LONG_LOOKAHEAD, _LONG_TIMEOUT = LONG_STUCK_CASE
+
+
+@pytest.mark.started_early(
+    rank_fns.stuck_peer,
+    _LONG_N,
+    kwargs=stuck_kwargs(_LONG_STUCK, _LONG_TRANSPORT, _LONG_LOOKAHEAD, _LONG_TIMEOUT),
+    # Counted from the session's start: the tests before this one run meanwhile.
+    timeout=stuck_call_timeout(_LONG_TIMEOUT) + 300.0,
+)
+def test_a_stuck_rank_on_shared_memory_is_waited_for_as_long_as_a_timeout_above_gloos_fixed_limit(
+    started_early,
+) -> None:
+    assert started_early.kwargs == stuck_kwargs(_LONG_STUCK, _LONG_TRANSPORT, _LONG_LOOKAHEAD, _LONG_TIMEOUT)
+    _assert_the_others_timed_out(started_early.result(), _LONG_N, _LONG_STUCK, _LONG_LOOKAHEAD, _LONG_TIMEOUT)
+
+
+def _assert_the_others_timed_out(reports: list[dict], nranks: int, stuck: int, lookahead: int, timeout: float) -> None:
+    stuck_report = reports[stuck]
+    assert stuck_report["rank"] == stuck
+    # Still stuck when every other rank had given up and left: released by their leaving, not by its own bound.
+    assert stuck_report["peers_left"] is True, stuck_report
+    assert timeout <= stuck_report["slept"] < timeout + TIMEOUT_SLACK_S + 1.0, stuck_report
     for report in reports:
         if report["rank"] == stuck:
             continue
@@ -114,7 +151,7 @@ def test_a_rank_that_stops_participating_makes_the_others_time_out(
         assert f"(timeout {timeout:g} s): a peer is stuck" in report["error"]["message"]
         assert timeout <= report["elapsed"] < timeout + TIMEOUT_SLACK_S, f"rank {rank}"
         # The calls whose values were published before the src stopped still returned them, in order.
-        assert report["returned_after_stuck"] == list(range(10 - lookahead, 10)), f"rank {rank}"
+        assert report["returned_after_stuck"] == list(range(STUCK_AT - lookahead, STUCK_AT)), f"rank {rank}"
         # The group is marked unusable: the next call fails at once instead of waiting again.
         assert report["again"]["type"] == "SignalGroupError"
         assert "is unusable: a broadcast from src" in report["again"]["message"]

@@ -12,9 +12,9 @@ import pytest
 
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.status import ModelWeightsStatus
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
 from tests.distributed.conftest import new_status_signal
-from tests.distributed.harness import run_ranks_or_fail
 
 STEP_INTERVAL_S = 0.005
 MAX_STEPS = 6000
@@ -67,13 +67,13 @@ CASES = [(2, "gloo", 0), (4, "gloo", 0), (2, "shm", 0), (4, "shm", 0), (2, "shm"
     ("nranks", "transport", "lookahead"), CASES, ids=[f"{n}ranks-{t}-lookahead{d}" for n, t, d in CASES]
 )
 def test_every_rank_sees_each_transition_at_the_same_step_and_params_come_back(
-    nranks: int, transport: str, lookahead: int
+    paddle_ranks: PaddleRanks, nranks: int, transport: str, lookahead: int
 ) -> None:
     with new_status_signal() as status, new_status_signal() as progress:
         driver = Driver(status, progress)
         driver.start()
         try:
-            reports = run_ranks_or_fail(
+            reports = paddle_ranks.run(
                 rank_fns.rl_cycle,
                 nranks,
                 kwargs={

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import pytest
 
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
-from tests.distributed.harness import run_ranks_or_fail
 
 ROUNDS = 3
 
 
 @pytest.mark.parametrize(("nranks", "transport"), [(3, "gloo"), (4, "gloo"), (3, "auto"), (4, "auto")])
-def test_several_signal_groups_repeatedly_each_deliver_their_own_values(nranks: int, transport: str) -> None:
-    reports = run_ranks_or_fail(rank_fns.several_groups, nranks, kwargs={"rounds": ROUNDS, "transport": transport})
+def test_several_signal_groups_repeatedly_each_deliver_their_own_values(
+    paddle_ranks: PaddleRanks, nranks: int, transport: str
+) -> None:
+    reports = paddle_ranks.run(rank_fns.several_groups, nranks, kwargs={"rounds": ROUNDS, "transport": transport})
 
     world = list(range(nranks))
     layouts = [world, world, list(range(1, nranks)), [nranks - 1, 0], list(range(nranks - 2, nranks))]

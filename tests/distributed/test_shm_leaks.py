@@ -8,15 +8,15 @@ import signal
 import pytest
 
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
 from tests.distributed.conftest import our_segments
-from tests.distributed.harness import run_ranks_expecting_failure
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
-def test_every_rank_killed_mid_run_leaves_nothing_in_dev_shm(nranks: int) -> None:
+def test_every_rank_killed_mid_run_leaves_nothing_in_dev_shm(paddle_ranks: PaddleRanks, nranks: int) -> None:
     before = our_segments()
-    failed = run_ranks_expecting_failure(rank_fns.killed_mid_run, nranks, kwargs={"steps": 300})
+    failed = paddle_ranks.run_expecting_failure(rank_fns.killed_mid_run, nranks, kwargs={"steps": 300})
 
     assert failed.returncode == -signal.SIGKILL
     # Each rank that got to print its maps had the segment mapped, already unlinked: the kernel frees it with the

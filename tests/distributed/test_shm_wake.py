@@ -12,15 +12,15 @@ import statistics
 import pytest
 
 from fastdeploy_patch.signal_group import SHM_RING_SLOTS
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns_wake
-from tests.distributed.harness import run_ranks_or_fail
 
 LATE_MS = 5.0
 LATE_STEPS = 200
 
 
-def test_a_reader_asleep_in_the_kernel_is_woken_by_the_late_srcs_publish() -> None:
-    src, reader = run_ranks_or_fail(rank_fns_wake.late_src_wake, 2, kwargs={"late_ms": LATE_MS, "steps": LATE_STEPS})
+def test_a_reader_asleep_in_the_kernel_is_woken_by_the_late_srcs_publish(paddle_ranks: PaddleRanks) -> None:
+    src, reader = paddle_ranks.run(rank_fns_wake.late_src_wake, 2, kwargs={"late_ms": LATE_MS, "steps": LATE_STEPS})
 
     assert reader["received"] == src["received"] == list(range(LATE_STEPS))
     # Across processes: the reader went to sleep in FUTEX_WAIT and the src's wakes reached it.
@@ -35,9 +35,11 @@ def test_a_reader_asleep_in_the_kernel_is_woken_by_the_late_srcs_publish() -> No
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])
-def test_a_reader_a_whole_ring_behind_the_src_gets_every_value_in_order(lookahead: int) -> None:
+def test_a_reader_a_whole_ring_behind_the_src_gets_every_value_in_order(
+    paddle_ranks: PaddleRanks, lookahead: int
+) -> None:
     calls = 400
-    src, reader = run_ranks_or_fail(
+    src, reader = paddle_ranks.run(
         rank_fns_wake.slow_reader,
         2,
         kwargs={"lookahead": lookahead, "calls": calls, "reader_start_s": 0.5, "reader_pause_s": 0.002},
@@ -52,11 +54,14 @@ def test_a_reader_a_whole_ring_behind_the_src_gets_every_value_in_order(lookahea
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])
-def test_a_reader_that_dies_fails_the_src_long_before_the_ring_is_full(lookahead: int) -> None:
+def test_a_reader_that_dies_fails_the_src_long_before_the_ring_is_full(
+    paddle_ranks: PaddleRanks, lookahead: int
+) -> None:
     reader_calls = 10
-    src, reader = run_ranks_or_fail(
+    src, reader = paddle_ranks.run(
         rank_fns_wake.reader_dies,
         2,
+        fresh=True,
         kwargs={"lookahead": lookahead, "reader_calls": reader_calls, "src_pause_s": 0.02, "max_calls": 300},
     )
 

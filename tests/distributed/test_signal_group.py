@@ -1,8 +1,10 @@
 """The signal group on real ranks, on both transports: broadcasts, stale values, bad input, idle CPU, created
 once, safe shutdown, lookahead sequences, the upstream bug.
 
-One launch per rank count and transport runs every check (``rank_fns.signal_checks``); each test asserts one
-part of it.
+One call per rank count and transport runs every check (``rank_fns.signal_checks``); each test asserts one
+part of it. The gloo calls run on the session's pools; the shared-memory ones on fresh worlds, because their
+upstream check needs a Paddle registry that holds the default group only, which no earlier test's gloo group may
+have joined.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import pytest
 
 from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, MAX_LOOKAHEAD
 from fastdeploy_patch.status import ModelWeightsStatus
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
 from tests.distributed.conftest import new_status_signal
-from tests.distributed.harness import run_ranks_or_fail
 
 STEPS = 1200
 LOOP_STEPS = 50
@@ -31,12 +33,13 @@ LOOKAHEAD_STEPS = 2000
     params=[(2, "gloo"), (4, "gloo"), (2, "shm"), (4, "shm")],
     ids=lambda p: f"{p[0]}ranks-{p[1]}",
 )
-def reports(request: pytest.FixtureRequest) -> list[dict]:
+def reports(request: pytest.FixtureRequest, paddle_ranks: PaddleRanks) -> list[dict]:
     nranks, transport = request.param
     with new_status_signal() as status:
-        return run_ranks_or_fail(
+        return paddle_ranks.run(
             rank_fns.signal_checks,
             nranks,
+            fresh=transport == "shm",
             kwargs={
                 "transport": transport,
                 "status_name": status.name,

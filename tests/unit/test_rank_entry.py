@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import time
 from unittest import mock
 
 import pytest
@@ -61,6 +63,7 @@ def test_single_rank_runs_the_target_without_joining_a_world(spec, monkeypatch, 
 
 
 def test_multi_rank_joins_the_world_before_running_the_target(spec, monkeypatch):
+    monkeypatch.delenv("PADDLE_MASTER", raising=False)
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
     monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
     spec_path, result_path = spec("tests.unit.rank_targets:echo", value=9)
@@ -81,8 +84,46 @@ def test_a_failing_target_prints_its_traceback_and_writes_no_result(spec, monkey
 
 
 def test_a_failing_world_join_is_reported_like_a_target_failure(spec, monkeypatch, capsys):
+    monkeypatch.delenv("PADDLE_MASTER", raising=False)
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
     spec_path, result_path = spec("tests.unit.rank_targets:echo", value=1)
     with mock.patch("paddle.distributed.init_parallel_env", side_effect=RuntimeError("no master")):
         assert rank_entry.main([spec_path, result_path]) == 1
     assert "RuntimeError: no master" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("trainer_id", "master", "waited"),
+    [("1", "127.0.0.1:6170", ["127.0.0.1:6170"]), ("0", "127.0.0.1:6170", []), ("1", None, [])],
+    ids=["a-later-rank-waits-for-the-master", "rank-0-is-the-master", "no-master-named"],
+)
+def test_only_a_later_rank_with_a_master_named_waits_for_it_before_joining(monkeypatch, trainer_id, master, waited):
+    events: list[str] = []
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    monkeypatch.setenv("PADDLE_TRAINER_ID", trainer_id)
+    if master is None:
+        monkeypatch.delenv("PADDLE_MASTER", raising=False)
+    else:
+        monkeypatch.setenv("PADDLE_MASTER", master)
+    monkeypatch.setattr(rank_entry, "wait_for_master", lambda endpoint: events.append(endpoint))
+    with mock.patch("paddle.distributed.init_parallel_env", side_effect=lambda: events.append("init")):
+        rank_entry.join_world()
+    assert events == [*waited, "init"]
+
+
+def test_a_world_of_one_joins_nothing(monkeypatch):
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")
+    monkeypatch.setattr(rank_entry, "wait_for_master", lambda endpoint: pytest.fail("waited for a master"))
+    with mock.patch("paddle.distributed.init_parallel_env") as init:
+        rank_entry.join_world()
+    init.assert_not_called()
+
+
+def test_waiting_for_the_master_returns_once_it_listens_and_gives_up_after_the_wait():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert rank_entry.wait_for_master(f"127.0.0.1:{port}", wait_s=5.0) is True
+    # The port is closed now: every connect is refused until the wait is over.
+    started = time.monotonic()
+    assert rank_entry.wait_for_master(f"127.0.0.1:{port}", wait_s=0.2) is False
+    assert 0.2 <= time.monotonic() - started < 5.0

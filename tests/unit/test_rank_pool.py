@@ -126,6 +126,70 @@ def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: 
     assert len(pools.live_pids()) == 3
 
 
+def test_a_started_call_runs_beside_the_pools_and_is_collected_once(pools: RankPools) -> None:
+    started = pools.start(rank_id, 2, timeout=30, env={"EXTRA": "background"})
+    warm = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    assert sorted(pools.live_pids()) == sorted(warm + started.pids())
+    results = started.result()
+    assert [r["extra"] for r in results] == ["background", "background"]
+    assert [r["pid"] for r in results] == started.pids()
+    assert not set(started.pids()) & set(warm)
+    assert sorted(pools.live_pids()) == sorted(warm)
+    assert started.ended and (started.kwargs, started.timeout) == ({}, 30)
+    with pytest.raises(
+        RuntimeError, match=re.escape("the started call tests.unit.test_rank_pool:rank_id was already collected")
+    ):
+        started.result()
+    started.cancel()
+    assert pools.summary() == "paddle_ranks: 2 pool starts, 2 calls served, 1 recycle (fresh world: 1)"
+
+
+def test_a_started_call_that_fails_or_overstays_raises_when_collected(pools: RankPools) -> None:
+    failing = pools.start(raise_on_one, 2, timeout=30)
+    with pytest.raises(RankCallFailed) as failed:
+        failing.result()
+    assert (failed.value.rank, failed.value.reason) == (1, "rank raised")
+    # The timeout counts from start(): the ranks' start is part of it.
+    slow = pools.start(sleep_long, 1, timeout=1.5)
+    started_at = time.monotonic()
+    with pytest.raises(RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long"):
+        slow.result()
+    assert time.monotonic() - started_at < 1.5 + 2
+    assert pools.recycles == {"rank raised": 1, "rank hung": 1}
+    assert pools.live_pids() == []
+
+
+def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools) -> None:
+    forgotten = pools.start(sleep_long, 2, timeout=60)
+    cancelled = pools.start(sleep_long, 1, timeout=60, kwargs={})
+    cancelled.cancel()
+    assert cancelled.ended and not forgotten.ended
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in cancelled.pids())
+    assert pools.live_pids() == forgotten.pids()
+    started_at = time.monotonic()
+    pools.close()
+    # Killed, not given the grace that ranks which finished their call get.
+    assert time.monotonic() - started_at < rank_pool.CLOSE_GRACE_S
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in forgotten.pids())
+    assert pools.recycles == {"cancelled": 1, "never collected": 1}
+    assert pools.live_pids() == []
+
+
+def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
+    pools: RankPools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="nranks must be a positive integer, got 0"):
+        pools.start(rank_id, 0, timeout=1.0)
+    with pytest.raises(ValueError, match="fn must be defined at module level"):
+        pools.start(lambda: 0, 1, timeout=1.0)
+    assert pools.starts == 0
+    monkeypatch.setattr(rank_pool.RankPool, "send", lambda self, target, kwargs: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError, match="x"):
+        pools.start(rank_id, 1, timeout=5.0)
+    assert (pools.starts, pools.recycles) == (1, {"interrupted": 1})
+    assert pools.live_pids() == []
+
+
 @pytest.mark.parametrize(
     ("args", "error", "message"),
     [

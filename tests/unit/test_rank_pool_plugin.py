@@ -53,6 +53,25 @@ def test_run_expecting_failure_returns_the_report_or_fails(handle: plugin.Paddle
         handle.run_expecting_failure(sleep_long, 1, timeout=0.5)
 
 
+def test_start_adds_the_session_env_and_a_failure_fails_the_test_when_collected(handle: plugin.PaddleRanks) -> None:
+    own_env = handle.start(rank_id, 1, env={"EXTRA": "call"})
+    session_env = handle.start(rank_id, 1)
+    assert sorted(handle.live_pids()) == sorted(own_env._started.pids() + session_env._started.pids())
+    assert own_env.kwargs == {} and own_env._started.timeout == plugin.PADDLE_RANKS_TIMEOUT_S
+    assert [r["extra"] for r in own_env.result()] == ["call"]
+    assert [r["extra"] for r in session_env.result()] == ["session"]
+    hung = handle.start(sleep_long, 1, timeout=1.5)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        hung.result()
+    assert str(failed.value).startswith("ranks [0] of 1 hung in tests.unit.test_rank_pool:sleep_long")
+    assert failed.value.__context__ is None
+    cancelled = handle.start(sleep_long, 1)
+    cancelled.cancel()
+    assert handle.live_pids() == []
+    with pytest.raises(TypeError, match="env must map variable names to strings, got"):
+        handle.start(rank_id, 1, env=[("A", "b")])
+
+
 def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
     config = SimpleNamespace(stash=pytest.Stash())
     plugin.pytest_configure(config)
@@ -166,26 +185,25 @@ def test_exit_after_reply_saves_delivers_and_exits(monkeypatch: pytest.MonkeyPat
     assert events == ["saved", ("reply", {"r": 1}, 3), ("exit", 3)]
 
 
-def test_joining_a_one_rank_world_needs_no_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
-    reclaimed: list[bool] = []
-    monkeypatch.setattr(pool_rank, "reclaim_signal_handlers", lambda: reclaimed.append(True))
-    pool_rank.join_world(1)
-    assert reclaimed == [True]
-    import paddle.distributed as dist
-
-    calls: list[str] = []
-    monkeypatch.setattr(dist, "init_parallel_env", lambda: calls.append("init"))
-    pool_rank.join_world(2)
-    assert calls == ["init"]
+def test_joining_imports_paddle_joins_through_rank_entry_then_takes_the_handlers_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(pool_rank, "silence_ccache_warning", lambda: events.append("silenced"))
+    monkeypatch.setattr(pool_rank.rank_entry, "join_world", lambda: events.append("joined"))
+    monkeypatch.setattr(pool_rank.rank_entry, "reclaim_signal_handlers", lambda: events.append("reclaimed"))
+    pool_rank.join_world()
+    assert events == ["silenced", "joined", "reclaimed"]
+    assert "paddle.distributed" in sys.modules
 
 
 def test_main_reports_a_failed_join_and_serves_after_a_good_one(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     read, write = os.pipe()
-    monkeypatch.setattr(pool_rank, "join_world", lambda n: (_ for _ in ()).throw(RuntimeError("no world")))
+    monkeypatch.setattr(pool_rank, "join_world", lambda: (_ for _ in ()).throw(RuntimeError("no world")))
     assert pool_rank.main([str(write)]) == 1
     assert "RuntimeError: no world" in capsys.readouterr().err
     served: list[object] = []
-    monkeypatch.setattr(pool_rank, "join_world", lambda n: None)
+    monkeypatch.setattr(pool_rank, "join_world", lambda: None)
     monkeypatch.setattr(pool_rank, "serve", lambda conn: served.append(conn) or 0)
     monkeypatch.setattr(pool_rank.gc, "freeze", lambda: served.append("frozen"))
     assert pool_rank.main([str(read)]) == 0
