@@ -84,7 +84,9 @@ class RankCallFailed(launcher.RankFailed):
         during: str = "",
     ) -> None:
         self.rank, self.returncode, self.reports, self.error, self.reason = rank, returncode, reports, error, reason
-        what = f"it exited with code {returncode} before replying" if returncode is not None else reason
+        what = (
+            f"it exited before replying, {launcher.exit_description(returncode)}" if returncode is not None else reason
+        )
         first = error if returncode is None else reports.get(rank, "")
         others = "".join(
             f"\n----- rank {other} (log tail) -----\n{tail}"

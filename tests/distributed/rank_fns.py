@@ -540,3 +540,20 @@ def hang_on(*, rank: int) -> dict:
 
 def _hanging_here() -> None:
     time.sleep(600)
+
+
+def crash_on(*, rank: int, how: str) -> dict:
+    """``rank`` crashes in ``_crashing_here``: ``how`` is ``"segv"`` (a read of address 0) or ``"abort"``
+    (``abort()``, as a failed C++ check would); every other rank waits to be killed."""
+    if dist.get_rank() == rank:
+        _crashing_here(how)
+    time.sleep(600)
+    return {}
+
+
+def _crashing_here(how: str) -> None:
+    import ctypes
+
+    if how == "segv":
+        ctypes.string_at(0)
+    os.abort()

@@ -43,7 +43,7 @@ def test_two_calls_then_a_rank_is_killed(paddle_ranks):
     pids = paddle_ranks.run(first_call, 2)
     Path("pids.json").write_text(json.dumps(pids))
     assert paddle_ranks.run(second_call, 2) == ["second", "second"]
-    expected = "rank 1 of 2 failed in test_measured:killed: it exited with code -9"
+    expected = "rank 1 of 2 failed in test_measured:killed: it exited before replying, exit code -9 (SIGKILL)"
     with pytest.raises(pytest.fail.Exception, match=expected):
         paddle_ranks.run(killed, 2)
 """

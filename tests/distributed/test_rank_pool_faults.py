@@ -219,7 +219,7 @@ def _raises(result: pytest.RunResult, path: Path) -> None:
 
 def _exits(result: pytest.RunResult, path: Path) -> None:
     report = _report(result, "test_c_exits")
-    assert "rank 1 of 2 failed in test_faulty:exit_mid_call: it exited with code 3 before replying" in report
+    assert "rank 1 of 2 failed in test_faulty:exit_mid_call: it exited before replying, exit code 3\n" in report
     assert "----- rank 0 (log tail) -----" in report
     timed = _timed(path, "exits")
     # Rank 0 sleeps 60 s in that call: only the exit's sentinel can end the wait this soon.

@@ -91,7 +91,7 @@ def test_a_death_is_seen_at_once_with_its_exit_code(pools: RankPools) -> None:
         pools.run(die_on_one, 2, timeout=30)
     assert time.monotonic() - start < 5
     assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (1, 5, "rank died")
-    assert "it exited with code 5 before replying" in str(failed.value)
+    assert "it exited before replying, exit code 5\n" in str(failed.value)
 
 
 def test_a_hang_reports_every_stack_and_kills_the_ranks(pools: RankPools) -> None:
