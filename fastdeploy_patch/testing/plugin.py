@@ -94,16 +94,7 @@ class PaddleRanks:
         ``timeout`` counts from this call, the ranks' start included. A started call nobody collects is killed at
         the end of the session.
         """
-        if env is not None and not isinstance(env, Mapping):
-            raise TypeError(f"env must map variable names to strings, got {env!r}")
-        started = self._pools.start(
-            fn,
-            nranks,
-            kwargs=kwargs,
-            timeout=PADDLE_RANKS_TIMEOUT_S if timeout is None else timeout,
-            env={**self._env, **(env or {})},
-        )
-        return StartedRanks(started)
+        return StartedRanks(self._pools.start(fn, nranks, kwargs=kwargs, **self._options(timeout, env)))
 
     def live_pids(self) -> list[int]:
         """The process ids of the session's live pool ranks and started calls, which outlive a test on purpose."""
@@ -118,16 +109,13 @@ class PaddleRanks:
         fresh: bool,
         env: Mapping[str, str] | None,
     ) -> list[Any]:
+        return self._pools.run(fn, nranks, kwargs=kwargs, fresh=fresh, **self._options(timeout, env))
+
+    def _options(self, timeout: float | None, env: Mapping[str, str] | None) -> dict[str, Any]:
+        """A call's timeout (the default filled in) and its ranks' environment (the session's with ``env`` on top)."""
         if env is not None and not isinstance(env, Mapping):
             raise TypeError(f"env must map variable names to strings, got {env!r}")
-        return self._pools.run(
-            fn,
-            nranks,
-            kwargs=kwargs,
-            timeout=PADDLE_RANKS_TIMEOUT_S if timeout is None else timeout,
-            fresh=fresh,
-            env={**self._env, **(env or {})},
-        )
+        return {"timeout": PADDLE_RANKS_TIMEOUT_S if timeout is None else timeout, "env": {**self._env, **(env or {})}}
 
 
 class StartedRanks:

@@ -438,7 +438,8 @@ class RankPools:
         key = (nranks, tuple(sorted(env.items())))
         pool = None if fresh else self._pools.pop(key, None)
         if pool is None:
-            while len(self._pools) >= MAX_LIVE_POOLS:
+            # A fresh world is never kept, so it takes no live pool's place.
+            while not fresh and len(self._pools) >= MAX_LIVE_POOLS:
                 self._retire(self._pools.popitem(last=False)[1], "another world size or environment")
             pool = RankPool(nranks, env, bootstrap=self.bootstrap)
             self.starts += 1

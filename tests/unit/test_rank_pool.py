@@ -121,8 +121,13 @@ def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: 
     assert pools.live_pids() == []
     pools.run(rank_id, 1, timeout=30)
     pools.run(rank_id, 2, timeout=30)
+    live = sorted(pools.live_pids())
+    # A fresh world beside two live pools retires neither.
+    fresh = [r["pid"] for r in pools.run(rank_id, 2, timeout=30, fresh=True)]
+    assert sorted(pools.live_pids()) == live and not set(fresh) & set(live)
+    assert pools.recycles == {"fresh world": 2}
     pools.run(rank_id, 1, timeout=30, env={"EXTRA": "x"})
-    assert pools.recycles == {"fresh world": 1, "another world size or environment": 1}
+    assert pools.recycles == {"fresh world": 2, "another world size or environment": 1}
     assert len(pools.live_pids()) == 3
 
 
