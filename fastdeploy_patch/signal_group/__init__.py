@@ -15,13 +15,44 @@ Modules: ``group`` (the public API), ``arguments`` (checks before any communicat
 
 from __future__ import annotations
 
-from fastdeploy_patch.signal_group.arguments import INT32_MAX, INT32_MIN, MAX_LOOKAHEAD, MAX_TIMEOUT_S, TRANSPORTS
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fastdeploy_patch.signal_group.arguments import (
+    GLOO_OP_TIMEOUT_S,
+    INT32_MAX,
+    INT32_MIN,
+    MAX_LOOKAHEAD,
+    MAX_TIMEOUT_S,
+    TRANSPORTS,
+)
 from fastdeploy_patch.signal_group.errors import SignalGroupError
-from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S
-from fastdeploy_patch.signal_group.group import SignalGroup, broadcast_signal, new_signal_group
-from fastdeploy_patch.signal_group.rendezvous import RENDEZVOUS_TIMEOUT_S
 from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR, SHM_RING_SLOTS, check_shm_usable
 from fastdeploy_patch.signal_group.waiting import shm_reader_sleep
+
+# The names above import no Paddle, so a command can check its arguments against the limits without waiting for
+# `import paddle` (over a second); these import it, on first use.
+_NEED_PADDLE = {
+    "RENDEZVOUS_TIMEOUT_S": "rendezvous",
+    "SignalGroup": "group",
+    "broadcast_signal": "group",
+    "new_signal_group": "group",
+}
+
+if TYPE_CHECKING:
+    from fastdeploy_patch.signal_group.group import SignalGroup, broadcast_signal, new_signal_group
+    from fastdeploy_patch.signal_group.rendezvous import RENDEZVOUS_TIMEOUT_S
+
+
+def __getattr__(name: str) -> Any:
+    """The public names that need Paddle, imported from their module on first use."""
+    module = _NEED_PADDLE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "GLOO_OP_TIMEOUT_S",

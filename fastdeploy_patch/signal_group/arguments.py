@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S
 from fastdeploy_patch.signal_group.shm_transport import SHM_RING_SLOTS
+
+GLOO_OP_TIMEOUT_S = 30.0
+"""Paddle 3.3 builds every gloo process group with this fixed op timeout and ignores ``new_group(timeout=...)``."""
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 import paddle
 import paddle.distributed as dist
 
+from fastdeploy_patch.signal_group.arguments import GLOO_OP_TIMEOUT_S
 from fastdeploy_patch.signal_group.errors import SignalGroupError, lost_peer_message, stuck_peer_message
-
-GLOO_OP_TIMEOUT_S = 30.0
-"""Paddle 3.3 builds every gloo process group with this fixed op timeout and ignores ``new_group(timeout=...)``."""
 
 # A gloo error that arrives this close to gloo's own limit is that limit firing, not a peer going away.
 _GLOO_LIMIT_SLACK_S = 1.0

@@ -26,7 +26,7 @@ from typing import Any
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.testing import rank_calls, rank_entry
 
-_SIGNAL_GROUP_PACKAGE = "fastdeploy_patch.signal_group"
+_SIGNAL_GROUP_MODULE = "fastdeploy_patch.signal_group.group"
 SKIP_IN_RANK = (
     "a rank cannot skip a test: its skip would never reach pytest, and counting the call as passed would hide that "
     "nothing was checked; skip in the test process, before paddle_ranks.run()"
@@ -174,15 +174,15 @@ def _load_file(module: str, file: str) -> ModuleType:
 def open_groups() -> list[Any]:
     """Signal groups alive after a full collection that are neither closed nor kept with ``keep_open``.
 
-    None can exist before a call imported the signal-group package, so the scan is skipped until then; after
+    None can exist before a call imported the module that defines them, so the scan is skipped until then; after
     ``gc.freeze()`` it walks only objects made since the rank joined.
     """
-    package = sys.modules.get(_SIGNAL_GROUP_PACKAGE)
-    if package is None:
+    module = sys.modules.get(_SIGNAL_GROUP_MODULE)
+    if module is None:
         return []
     gc.collect()
     kept = rank_calls.kept_groups()
-    return [o for o in gc.get_objects() if isinstance(o, package.SignalGroup) and not o.closed and o not in kept]
+    return [o for o in gc.get_objects() if isinstance(o, module.SignalGroup) and not o.closed and o not in kept]
 
 
 def _ok(result: object, exit_code: int | None, where: str) -> dict[str, Any]:

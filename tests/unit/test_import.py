@@ -17,6 +17,8 @@ import pytest
 
 import fastdeploy_patch
 from fastdeploy_patch import group_shutdown, signal_group, status
+from fastdeploy_patch.signal_group import group as group_module
+from fastdeploy_patch.signal_group import rendezvous
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,6 +145,55 @@ def test_importing_the_package_imports_no_paddle_and_installs_no_warning_filter(
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"paddle": False, "same_filters": True}
+
+
+def _probe(code: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_signal_groups_limits_import_no_paddle_and_its_api_imports_it_on_first_use() -> None:
+    probe = (
+        "import json, sys; from fastdeploy_patch.signal_group import MAX_LOOKAHEAD, TRANSPORTS, GLOO_OP_TIMEOUT_S; "
+        "limits = 'paddle' in sys.modules; import fastdeploy_patch.signal_group as sg; api = sg.new_signal_group; "
+        "print(json.dumps({'paddle_for_limits': limits, 'paddle_for_api': 'paddle' in sys.modules, "
+        "'kept': vars(sg)['new_signal_group'] is api, 'values': [MAX_LOOKAHEAD, TRANSPORTS, GLOO_OP_TIMEOUT_S]}))"
+    )
+    assert _probe(probe) == {
+        "paddle_for_limits": False,
+        "paddle_for_api": True,
+        "kept": True,
+        "values": [32, ["auto", "shm", "gloo"], 30.0],
+    }
+
+
+def test_a_command_line_mistake_is_reported_without_importing_paddle() -> None:
+    probe = (
+        "import json, sys; from fastdeploy_patch.cli import main\n"
+        "try:\n    main(['demo', '--lookahead', '99'])\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(json.dumps({'code': code, 'paddle': 'paddle' in sys.modules}))"
+    )
+    assert _probe(probe) == {"code": 2, "paddle": False}
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("new_signal_group", group_module),
+        ("broadcast_signal", group_module),
+        ("SignalGroup", group_module),
+        ("RENDEZVOUS_TIMEOUT_S", rendezvous),
+    ],
+)
+def test_the_signal_groups_paddle_names_are_their_modules_own(name: str, module: object) -> None:
+    assert getattr(signal_group, name) is getattr(module, name)
+
+
+def test_a_name_the_signal_group_does_not_have_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match=r"^module 'fastdeploy_patch.signal_group' has no attribute 'gloo'$"):
+        signal_group.gloo  # noqa: B018
 
 
 def test_the_modules_are_back_after_the_paddle_less_import() -> None:
