@@ -1,5 +1,6 @@
-"""The one way distributed tests start ranks: ``fastdeploy_patch.testing.launcher.run_ranks`` (the mechanism the
-CLI uses too), with pytest-facing failures and a tag that lets the suite prove no rank outlived its test."""
+"""Launching ranks the way the CLI does, ``fastdeploy_patch.testing.launcher.run_ranks``, for the tests of that
+launch itself and of ranks placed in network namespaces (every other test uses the ``paddle_ranks`` pools), with
+pytest-facing failures and the tag that lets the suite prove no rank outlived its test."""
 
 from __future__ import annotations
 
@@ -73,16 +74,3 @@ def run_ranks_or_fail(
             f"ranks {sorted(exc.reports)} of {nranks} hung in {target} for {exc.timeout:g} s; their stacks:{stacks}"
         )
     pytest.fail(message, pytrace=False)
-
-
-def run_ranks_expecting_failure(
-    fn: Callable[..., Any], nranks: int, *, kwargs: Mapping[str, Any] | None = None, timeout: float = RANK_TIMEOUT_S
-) -> RankFailed:
-    """Run ``fn`` on ``nranks`` ranks that are meant to die; return the launcher's report of the first one seen
-    failing (every rank is dead by then). A run where every rank succeeds is a pytest failure."""
-    target = target_of(fn)
-    try:
-        run_ranks(target, nranks, kwargs=kwargs, timeout=timeout, env=rank_env())
-    except RankFailed as exc:
-        return exc
-    pytest.fail(f"every rank of {nranks} finished {target}, but they were meant to die", pytrace=False)
