@@ -9,6 +9,8 @@ import pytest
 from tests.distributed import rank_fns
 from tests.distributed.harness import run_ranks_or_fail
 
+HANG_TIMEOUT_S = 10
+
 
 def test_a_failing_rank_is_named_with_its_traceback_and_the_others_are_killed() -> None:
     started = time.monotonic()
@@ -26,9 +28,12 @@ def test_a_failing_rank_is_named_with_its_traceback_and_the_others_are_killed() 
 
 def test_a_hanging_rank_is_named_with_its_stack_and_killed() -> None:
     with pytest.raises(pytest.fail.Exception) as failure:
-        run_ranks_or_fail(rank_fns.hang_on, 2, kwargs={"rank": 1}, timeout=15)
+        # Long enough for both ranks to start (about 2 s here, more under coverage on a busy host) and reach the hang.
+        run_ranks_or_fail(rank_fns.hang_on, 2, kwargs={"rank": 1}, timeout=HANG_TIMEOUT_S)
 
     text = str(failure.value)
-    assert text.startswith("ranks [1] of 2 hung in tests.distributed.rank_fns:hang_on for 15 s; their stacks:")
+    assert text.startswith(
+        f"ranks [1] of 2 hung in tests.distributed.rank_fns:hang_on for {HANG_TIMEOUT_S} s; their stacks:"
+    )
     assert "----- rank 1 -----" in text and "----- rank 0 -----" not in text
     assert "_hanging_here" in text
