@@ -21,7 +21,14 @@ from paddle.distributed import collective
 
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.ipc_signal import StatusSignal
-from fastdeploy_patch.signal_group import INT32_MAX, INT32_MIN, SEGMENT_PREFIX, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import (
+    INT32_MAX,
+    INT32_MIN,
+    SEGMENT_PREFIX,
+    broadcast_signal,
+    liveness,
+    new_signal_group,
+)
 from fastdeploy_patch.signal_group import group as signal_group_api
 from fastdeploy_patch.status import ModelWeightsStatus
 from fastdeploy_patch.testing import exit_after_reply
@@ -404,15 +411,15 @@ def stuck_peer(
     a receiver takes part: it is the receivers that wait on a stuck peer. It stays stuck until every other rank
     has reported and left, or for ``stuck_for`` seconds at most, and says which of the two ended its wait."""
     rank = dist.get_rank()
-    pids: list[int] = []
-    dist.all_gather_object(pids, os.getpid())
+    peers: list[liveness.ProcessIdentity] = []
+    dist.all_gather_object(peers, liveness.this_process())
     group = new_signal_group(timeout=timeout, transport=transport, lookahead=lookahead)
     for step in range(stuck_at):
         broadcast_signal(step, src=stuck, group=group)
     if rank == stuck:
         started = time.monotonic()
-        others = [pid for other, pid in enumerate(pids) if other != rank]
-        while not (peers_left := all(map(_has_exited, others))) and time.monotonic() - started < stuck_for:
+        others = [peer for other, peer in enumerate(peers) if other != rank]
+        while not (peers_left := all(map(liveness.gone_reason, others))) and time.monotonic() - started < stuck_for:
             time.sleep(0.05)
         exit_after_reply({"rank": rank, "slept": time.monotonic() - started, "peers_left": peers_left})
     returned, error = [], None
@@ -436,14 +443,6 @@ def stuck_peer(
             "again_elapsed": time.monotonic() - again_started,
         }
     )
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether process ``pid`` has exited; a zombie, which only waits for its parent to reap it, has."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
 
 
 # --- F: every rank SIGKILLed mid-run ------------------------------------------------------------------
