@@ -10,7 +10,7 @@ and copy device to host, which waits for all queued GPU work.
 
 Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
 ``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux),
-``liveness`` (is a peer process alive), ``errors``.
+``liveness`` (is a peer process alive), ``store_sockets`` (Nagle off on a store's connections), ``errors``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fastdeploy_patch.signal_group.arguments import (
 )
 from fastdeploy_patch.signal_group.errors import SignalGroupError
 from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR, SHM_RING_SLOTS, check_shm_usable
+from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 from fastdeploy_patch.signal_group.waiting import shm_reader_sleep
 
 # The names above import no Paddle, so a command can check its arguments against the limits without waiting for
@@ -71,4 +72,5 @@ __all__ = [
     "check_shm_usable",
     "new_signal_group",
     "shm_reader_sleep",
+    "store_without_delay",
 ]

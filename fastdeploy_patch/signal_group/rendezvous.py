@@ -16,6 +16,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group.shm_transport import ShmHandle, ShmRing
+from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 
 RENDEZVOUS_TIMEOUT_S = 300
 """How long group creation waits for every member to reach the gloo group's own rendezvous store."""
@@ -121,13 +122,19 @@ def gloo_store(members: list[int], rank: int, key: str) -> object:
         host = dist.ParallelEnv().trainer_endpoints[rank].rsplit(":", 1)[0]
         port = _free_port(host)
         store.set(key, f"{host}:{port}")
-        return paddle_internals.open_tcp_store(
-            host, port, is_master=True, num_workers=len(members), timeout_s=RENDEZVOUS_TIMEOUT_S
-        )
+        return _open_without_delay(host, port, is_master=True, num_workers=len(members))
     host, port = _text(store.get(key)).rsplit(":", 1)
-    return paddle_internals.open_tcp_store(
-        host, int(port), is_master=False, num_workers=len(members), timeout_s=RENDEZVOUS_TIMEOUT_S
+    return _open_without_delay(host, int(port), is_master=False, num_workers=len(members))
+
+
+def _open_without_delay(host: str, port: int, *, is_master: bool, num_workers: int) -> object:
+    store = paddle_internals.open_tcp_store(
+        host, port, is_master=is_master, num_workers=num_workers, timeout_s=RENDEZVOUS_TIMEOUT_S
     )
+    # new_group's rendezvous makes its requests on this store. A member's client connection exists once the
+    # constructor returns; on the first member, connections accepted later take the option from the listener.
+    store_without_delay(port)
+    return store
 
 
 GROUP_STORE_ATTRIBUTE = "fastdeploy_patch_rendezvous_store"

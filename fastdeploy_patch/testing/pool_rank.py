@@ -15,15 +15,14 @@ import importlib
 import importlib.util
 import json
 import os
-import socket
 import sys
 import traceback
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
+from fastdeploy_patch.signal_group import store_without_delay
 from fastdeploy_patch.testing import rank_calls, rank_entry
 
 _SIGNAL_GROUP_MODULE = "fastdeploy_patch.signal_group.group"
@@ -62,39 +61,6 @@ def join_world() -> None:
     # `import paddle` replaced the fatal-signal and SIGTERM handlers with C++ ones: a crash would print no Python
     # stack, and a rank the controller kills would not save its coverage.
     rank_entry.reclaim_signal_handlers()
-
-
-def store_without_delay(port: int) -> int:
-    """Set ``TCP_NODELAY`` on this process's TCP connections to or from local or remote ``port`` (the global store's,
-    after joining) and return how many it set.
-
-    Why: Paddle's TCPStore client writes a request in pieces without it, so every piece after the first waits for
-    the server's delayed ACK; a ``get`` took 88 ms here, creating a signal group takes several, and pool ranks
-    create groups in nearly every call. The requests and their answers stay the same.
-    """
-    done = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            is_socket = os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-            if not is_socket:
-                continue
-            # A duplicate of the descriptor: options set on it are the socket's own; closing it leaves Paddle's open.
-            duplicate = os.dup(int(fd))
-        except OSError:
-            continue  # closed meanwhile (the listing's own descriptor among them)
-        with socket.socket(fileno=duplicate) as sock:
-            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                if port in (_port(sock.getsockname), _port(sock.getpeername)):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    done += 1
-    return done
-
-
-def _port(address: Callable[[], Any]) -> int | None:
-    try:
-        return address()[1]
-    except OSError:
-        return None  # not connected
 
 
 def serve(conn: Connection) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -202,29 +201,6 @@ def test_joining_imports_paddle_joins_through_rank_entry_then_takes_the_handlers
     pool_rank.join_world()
     assert events == ["silenced", "joined", *quickened, "reclaimed"]
     assert "paddle.distributed" in sys.modules
-
-
-def _nodelay(sock: socket.socket) -> bool:
-    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-
-
-def test_the_store_connections_and_only_they_get_nodelay() -> None:
-    with (
-        socket.create_server(("127.0.0.1", 0)) as store,
-        socket.create_server(("127.0.0.1", 0)) as other,
-        socket.create_connection(store.getsockname()) as client,
-        socket.create_connection(other.getsockname()) as bystander,
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected,
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as local,
-    ):
-        served, _ = store.accept()
-        with served:
-            assert not any(_nodelay(s) for s in (store, client, served, bystander, unconnected))
-            # The store's listener, the client's end and the store's end of that connection.
-            assert pool_rank.store_without_delay(store.getsockname()[1]) == 3
-            assert [_nodelay(s) for s in (store, client, served)] == [True, True, True]
-            assert [_nodelay(s) for s in (other, bystander, unconnected)] == [False, False, False]
-            assert local.fileno() >= 0 and client.send(b"still open") == 10
 
 
 def test_main_reports_a_failed_join_and_serves_after_a_good_one(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

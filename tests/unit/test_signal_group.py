@@ -75,6 +75,10 @@ class FakeWorld:
     # (ranks, backend, default store while new_group ran) per new_group call.
     new_group_calls: list[tuple[list[int], str, object]] = field(default_factory=list)
     new_group_error: BaseException | None = None
+    # Every rendezvous store opened, in order.
+    opened_stores: list[object] = field(default_factory=list)
+    # (port, stores opened by then) per store_without_delay call: it must come after the store it speeds up.
+    nodelay_ports: list[tuple[int, int]] = field(default_factory=list)
 
     def new_group(self, ranks: list[int], backend: str) -> Group:
         self.new_group_calls.append((list(ranks), backend, self.default_stores[-1]))
@@ -107,11 +111,17 @@ def world() -> Iterator[FakeWorld]:
         mock.patch.object(
             paddle_internals,
             "open_tcp_store",
-            side_effect=lambda host, port, *, is_master, num_workers, timeout_s: FakeTCPStore(
-                host, port, is_master, num_workers, timeout_s
+            side_effect=lambda host, port, *, is_master, num_workers, timeout_s: (
+                fake.opened_stores.append(FakeTCPStore(host, port, is_master, num_workers, timeout_s))
+                or fake.opened_stores[-1]
             ),
         ),
         mock.patch.object(rendezvous, "_free_port", return_value=FREE_PORT) as free_port,
+        mock.patch.object(
+            rendezvous,
+            "store_without_delay",
+            side_effect=lambda port: fake.nodelay_ports.append((port, len(fake.opened_stores))),
+        ),
         mock.patch.object(dist, "get_world_size", side_effect=lambda: fake.world_size),
         mock.patch.object(dist, "get_rank", side_effect=lambda: fake.rank),
         mock.patch.object(dist, "is_initialized", side_effect=lambda: fake.initialized),
@@ -141,6 +151,8 @@ def test_first_member_publishes_its_own_store_and_lends_it_to_new_group(world: F
     world.free_port.assert_called_once_with("127.0.0.1")
     own_store = FakeTCPStore("127.0.0.1", FREE_PORT, True, 3, RENDEZVOUS_TIMEOUT_S)
     assert world.new_group_calls == [([0, 1, 2], "gloo", own_store)]
+    # Nagle off on the group's own store, whose port the global store's never is.
+    assert world.nodelay_ports == [(FREE_PORT, 1)]
     # Lent for the new_group call only: the global store is the default again afterwards.
     assert world.default_stores == [own_store, world.global_store]
     assert isinstance(group, SignalGroup)
@@ -160,6 +172,7 @@ def test_other_members_connect_to_the_published_store(world: FakeWorld) -> None:
     world.free_port.assert_not_called()
     their_store = FakeTCPStore("10.0.0.5", 4567, False, 4, RENDEZVOUS_TIMEOUT_S)
     assert world.new_group_calls == [([0, 1, 2, 3], "gloo", their_store)]
+    assert world.nodelay_ports == [(4567, 1)]
     assert world.default_stores == [their_store, world.global_store]
     assert group._endpoint._store == their_store
     assert getattr(group.paddle_group, GROUP_STORE_ATTRIBUTE) is group._endpoint._store
