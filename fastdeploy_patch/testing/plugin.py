@@ -4,7 +4,8 @@ Registered through the package's ``pytest11`` entry point, so installing ``fastd
 project needs. The fixtures are ``paddle_ranks`` (``run``, ``run_expecting_failure``) and ``paddle_ranks_env``; the
 README's "Testing your own multi-rank code" is their user guide. pytest imports this module before any coverage
 measurement starts, so it imports nothing heavy at module level (and never Paddle): the pool is created when the
-first test asks for it.
+first test asks for it. Under pytest-xdist every worker keeps pools of its own, and the controller's summary line
+adds up what all of them did.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ PADDLE_RANKS_TIMEOUT_S = 90.0
 test's own work, and below the distributed suite's 150 s pytest timeout, so the ranks' stacks are shown first."""
 
 _POOLS = pytest.StashKey[rank_pool.RankPools]()
+_WORKER_STATS = "paddle_ranks"
+"""The key of an xdist worker's pool statistics in its ``workeroutput``."""
 
 
 class PaddleRanks:
@@ -145,6 +148,25 @@ class StartedRanks:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_POOLS] = rank_pool.RankPools()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # An xdist worker sends its workeroutput once every sessionfinish hook ran, and unconfigures only after that: its
+    # pools close here, so that what closing them counts (calls nobody collected) reaches the controller's summary.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        pools = session.config.stash[_POOLS]
+        pools.close()
+        workeroutput[_WORKER_STATS] = pools.stats()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """xdist's controller, as each worker finishes: add what the worker's pools did to the session's summary."""
+    stats = getattr(node, "workeroutput", {}).get(_WORKER_STATS)
+    if stats is not None:
+        node.config.stash[_POOLS].add_stats(stats)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

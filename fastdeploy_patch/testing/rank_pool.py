@@ -501,6 +501,17 @@ class RankPools:
         while self._pools:
             self._pools.popitem()[1].close()
 
+    def stats(self) -> dict[str, Any]:
+        """What the pools did, as JSON: ``starts``, ``calls`` and ``recycles`` (reason -> count)."""
+        return {"starts": self.starts, "calls": self.calls, "recycles": dict(self.recycles)}
+
+    def add_stats(self, stats: Mapping[str, Any]) -> None:
+        """Count what another process's pools did (``stats()`` there) as if these pools had done it: pytest-xdist's
+        workers each run pools of their own, and the controller sums them up for the session's summary."""
+        self.starts += stats["starts"]
+        self.calls += stats["calls"]
+        self.recycles.update(stats["recycles"])
+
     def summary(self) -> str:
         """One line: pool starts, calls served, recycles and why."""
         why = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.recycles.items()))

@@ -3,13 +3,15 @@
 ``python -m tests.distributed.check_rank_coverage DATA_FILE -- PYTEST_ARGS...`` (what ``tox -e distributed`` runs):
 
 1. erases ``DATA_FILE`` and its per-process files, then runs ``python -m coverage run --data-file=DATA_FILE -m pytest
-   PYTEST_ARGS``. ``[tool.coverage.run] patch = ["subprocess"]`` makes the test process and every rank it starts
-   write a file of their own, ``DATA_FILE.<host>.pid<PID>.<random>``; the test process's pid is the one this script
-   started, so its file is told apart from the ranks'.
+   -p tests.distributed.check_rank_coverage PYTEST_ARGS``. ``[tool.coverage.run] patch = ["subprocess"]`` makes the
+   test processes and every rank they start write a file of their own, ``DATA_FILE.<host>.pid<PID>.<random>``. The
+   test processes are the pytest process this script started and, under pytest-xdist (``-n``), its workers: this
+   module, loaded as a plugin, has each of them write its pid to a file the script reads afterwards, so their files
+   are told apart from the ranks'.
 2. checks that the lines of the rendezvous that only a group's non-first members run (``FUNCTION`` in the first of
-   ``SOURCES`` that exists) are covered in a file written by a process other than the test process. Mocked unit
-   tests run those lines in the test process itself, so on their data the check fails; it passes only when
-   coverage measured real non-zero ranks.
+   ``SOURCES`` that exists) are covered in a file written by a process other than the test processes. Mocked unit
+   tests run those lines in a test process itself, so on their data the check fails, with or without xdist; it
+   passes only when coverage measured real non-zero ranks.
 3. when both passed, combines every per-process file into ``DATA_FILE``. A failed run leaves no ``DATA_FILE``, so
    ``tox -e gate`` reports the data missing instead of judging a change by it.
 
@@ -24,10 +26,13 @@ combine's (0).
 from __future__ import annotations
 
 import ast
+import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from coverage import CoverageData
@@ -38,6 +43,29 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("fastdeploy_patch/signal_group/rendezvous.py",)
 FUNCTION = "gloo_store"
 MODULE = "tests.distributed.check_rank_coverage"
+TEST_PIDS_VAR = "CHECK_RANK_COVERAGE_TEST_PIDS"
+"""The file each pytest process of the run (this module loaded as a plugin) appends its pid to: the main process and
+every xdist worker run tests, so none of them counts as a rank."""
+_WRITER_PID = re.compile(r"\.pid(\d+)\.")
+
+
+def pytest_configure(config: object) -> None:
+    """As a pytest plugin (``-p tests.distributed.check_rank_coverage``): record this test process's pid."""
+    path = os.environ.get(TEST_PIDS_VAR)
+    if path:
+        with open(path, "a", encoding="ascii") as pids:
+            pids.write(f"{os.getpid()}\n")
+
+
+def recorded_test_pids(path: Path) -> set[int]:
+    """The pids that the run's test processes wrote to ``path`` (``TEST_PIDS_VAR``)."""
+    return {int(line) for line in path.read_text(encoding="ascii").split()}
+
+
+def writer_pid(path: Path) -> int | None:
+    """The pid of the process that wrote the per-process data file ``path``, from coverage's name for it."""
+    found = _WRITER_PID.search(path.name)
+    return int(found.group(1)) if found else None
 
 
 def non_first_member_lines(source: str, function: str = FUNCTION) -> tuple[int, list[int]]:
@@ -113,23 +141,30 @@ def skipped_report(invalid: dict[Path, str]) -> str:
 
 
 def missing_in_ranks(
-    data_file: Path, test_pid: int, root: Path = ROOT, readable: dict[Path, CoverageData] | None = None
+    data_file: Path,
+    test_pids: Collection[int],
+    root: Path = ROOT,
+    readable: dict[Path, CoverageData] | None = None,
 ) -> list[str]:
-    """What the per-process files of ``data_file`` lack outside the test process ``test_pid``: the rendezvous's
-    non-first-member lines and its branch to them. Empty when every one ran in another process.
+    """What the per-process files of ``data_file`` lack outside the test processes ``test_pids`` (pytest's and its
+    xdist workers'): the rendezvous's non-first-member lines and its branch to them. Empty when every one ran in
+    another process.
 
     Only ``readable`` files count (default: those of ``data_file`` that ``read_process_files`` can read)."""
     relpath = rendezvous_source(root)
     if_line, lines = non_first_member_lines((root / relpath).read_text(encoding="utf-8"))
     if readable is None:
         readable, _ = read_process_files(process_files(data_file))
-    own = [f for f in readable if f".pid{test_pid}." in f.name]
+    own = [f for f in readable if writer_pid(f) in test_pids]
     others = [f for f in readable if f not in own]
     if not own:
-        return [f"no coverage data from the test process (pid {test_pid}) next to {data_file}: was it measured?"]
+        return [
+            f"no coverage data from the test processes (pids {sorted(test_pids)}) next to {data_file}: "
+            "were they measured?"
+        ]
     if not others:
         return [
-            f"no process other than the test process wrote coverage data next to {data_file}: no rank was measured"
+            f"no process other than the test processes wrote coverage data next to {data_file}: no rank was measured"
         ]
     covered_lines: set[int] = set()
     covered_arcs: set[tuple[int, int]] = set()
@@ -147,14 +182,14 @@ def missing_in_ranks(
     return problems
 
 
-def check_and_combine(data_file: Path, test_pid: int, root: Path = ROOT) -> int:
+def check_and_combine(data_file: Path, test_pids: Collection[int], root: Path = ROOT) -> int:
     """After a passing pytest run: the check, then (when it passed) the valid per-process files combined into
     ``data_file``. Prints what it skipped and its verdict; returns 1 when the check failed, else combine's code."""
     readable, invalid = read_process_files(settled_process_files(data_file))
     skipped = skipped_report(invalid)
     if skipped:
         print(skipped)
-    problems = missing_in_ranks(data_file, test_pid, root, readable)
+    problems = missing_in_ranks(data_file, test_pids, root, readable)
     where = f"{rendezvous_source(root)}:{FUNCTION}"
     if problems:
         print(f"FAIL: {where}: the lines only non-zero ranks run were not measured in a rank:")
@@ -179,13 +214,16 @@ def main(argv: Sequence[str]) -> int:
     data_file.parent.mkdir(parents=True, exist_ok=True)
     # Files left by an earlier run would count as ranks measured now.
     CoverageData(basename=str(data_file)).erase(parallel=True)
-    suite = subprocess.Popen(
-        [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", "-m", "pytest", *argv[2:]]
-    )
-    code = suite.wait()
+    with tempfile.TemporaryDirectory(prefix="check-rank-coverage-") as scratch:
+        pids_file = Path(scratch) / "test-pids"
+        pids_file.touch()
+        run = [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", "-m", "pytest", "-p", MODULE]
+        suite = subprocess.Popen([*run, *argv[2:]], env={**os.environ, TEST_PIDS_VAR: str(pids_file)})
+        code = suite.wait()
+        test_pids = recorded_test_pids(pids_file) | {suite.pid}
     if code != 0:
         return code
-    return check_and_combine(data_file, suite.pid)
+    return check_and_combine(data_file, test_pids)
 
 
 if __name__ == "__main__":

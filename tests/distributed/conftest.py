@@ -32,11 +32,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "started_early(fn, nranks, *, kwargs, timeout): the test's rank call is started in the background before "
-        "the session's first test, and the test collects it from the `started_early` fixture",
+        "the session's first test (in an xdist worker that runs whole files, before the first test of its file), "
+        "and the test collects it from the `started_early` fixture",
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def is_xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker: it collects every test but runs only those the controller
+    hands it, so no fixture of its own can know before the session which tests it will run."""
+    return hasattr(config, "workerinput")
+
+
+def runs_whole_files(config: pytest.Config) -> bool:
+    """Whether this xdist worker gets every test of a file once it gets one (``--dist loadfile`` or ``loadscope``)."""
+    return is_xdist_worker(config) and config.getoption("dist", "no") in ("loadfile", "loadscope")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(item.fspath).parents:
@@ -100,23 +112,57 @@ def our_segments() -> set[str]:
 def _early_calls(request: pytest.FixtureRequest, paddle_ranks: PaddleRanks) -> Iterator[dict[str, StartedRanks]]:
     """Before the first test: the calls of the selected tests marked ``started_early``, running in the background
     on worlds of their own (a call that mostly waits overlaps the tests before its own). Calls left uncollected are
-    killed at the end of the session."""
-    started = {}
-    for item in request.session.items:
-        marker = item.get_closest_marker("started_early")
-        if marker is not None:
-            started[item.nodeid] = paddle_ranks.start(*marker.args, **marker.kwargs)
+    killed at the end of the session.
+
+    Not in an xdist worker, which would start the calls of tests that other workers run: there
+    ``_early_calls_of_this_file`` starts them when the worker gets whole files, else ``started_early`` does."""
+    started: dict[str, StartedRanks] = {}
+    if not is_xdist_worker(request.config):
+        _start_marked(request.session.items, started, paddle_ranks)
     yield started
     for call in started.values():
         call.cancel()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _early_calls_of_this_file(
+    request: pytest.FixtureRequest, _early_calls: dict[str, StartedRanks], paddle_ranks: PaddleRanks
+) -> None:
+    """In an xdist worker that runs whole files, at the first test of each: the file's ``started_early`` calls, which
+    then overlap the file's other tests (a marked test comes last in its file)."""
+    if runs_whole_files(request.config):
+        this_file = [item for item in request.session.items if item.path == request.path]
+        _start_marked(this_file, _early_calls, paddle_ranks)
+
+
+def _start_marked(items: list[pytest.Item], started: dict[str, StartedRanks], paddle_ranks: PaddleRanks) -> None:
+    for item in items:
+        marker = item.get_closest_marker("started_early")
+        if marker is not None and item.nodeid not in started:
+            started[item.nodeid] = paddle_ranks.start(*marker.args, **marker.kwargs)
+
+
 @pytest.fixture
-def started_early(request: pytest.FixtureRequest, _early_calls: dict[str, StartedRanks]) -> StartedRanks:
-    """The call that the test's ``started_early`` marker started before the session's first test."""
-    if request.node.nodeid not in _early_calls:
+def started_early(
+    request: pytest.FixtureRequest, _early_calls: dict[str, StartedRanks], paddle_ranks: PaddleRanks
+) -> StartedRanks:
+    """The call of the test's ``started_early`` marker, started before the session's first test, before its file's
+    first test (an xdist worker that runs whole files), or now (an xdist worker that runs single tests)."""
+    if request.node.get_closest_marker("started_early") is None:
         pytest.fail(f"{request.node.nodeid} uses the started_early fixture without the started_early marker")
+    _start_marked([request.node], _early_calls, paddle_ranks)
     return _early_calls[request.node.nodeid]
+
+
+def leaked_segments(before: set[str]) -> set[str]:
+    """Our segments that were not in ``before`` and are still there ``SEGMENT_GRACE_S`` after the first look: a
+    signal group that other tests (another xdist worker, another run) create meanwhile has its segment for
+    milliseconds only."""
+    new_segments = our_segments() - before
+    if new_segments:
+        time.sleep(SEGMENT_GRACE_S)
+        new_segments &= our_segments()
+    return new_segments
 
 
 @pytest.fixture(autouse=True)
@@ -125,10 +171,7 @@ def _nothing_left_behind(paddle_ranks: PaddleRanks) -> Iterator[None]:
     yield
     leftovers = stray_processes(paddle_ranks.live_pids)
     assert not leftovers, f"rank processes outlived the test: {leftovers}"
-    new_segments = our_segments() - segments_before
-    if new_segments:
-        time.sleep(SEGMENT_GRACE_S)
-        new_segments &= our_segments()
+    new_segments = leaked_segments(segments_before)
     assert not new_segments, f"shared-memory segments leaked: {sorted(new_segments)}"
 
 

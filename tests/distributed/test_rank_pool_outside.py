@@ -33,3 +33,35 @@ def test_the_readme_example_passes_from_a_directory_outside_the_repository(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"{name}.py", timeout=300)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["paddle_ranks: 1 pool start, 3 calls served, 0 recycles"])
+
+
+OTHER_FILE = """
+import json
+import os
+from pathlib import Path
+
+from test_allreduce import sum_of_ranks
+
+
+def test_another_file_on_whichever_worker_gets_it(paddle_ranks):
+    results = paddle_ranks.run(sum_of_ranks, 2, kwargs={"scale": 3})
+    assert [r["sum"] for r in results] == [3, 3]
+    Path("worker-" + os.environ["PYTEST_XDIST_WORKER"]).write_text(json.dumps([r["pid"] for r in results]))
+"""
+
+
+def test_the_plugin_under_xdist_keeps_pools_per_worker_and_sums_their_summary(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    name, source = readme_example()
+    pytester.makepyfile(**{name: source, "test_other": OTHER_FILE})
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--rootdir", str(pytester.path), timeout=300
+    )
+    result.assert_outcomes(passed=3)
+    workers = sorted(p.name for p in pytester.path.glob("worker-*"))
+    assert workers in (["worker-gw0"], ["worker-gw1"]), workers
+    # Each worker started the pool its file used, and served its file's calls (3 in the README's, 1 in the other):
+    # the controller's one line adds them up.
+    result.stdout.fnmatch_lines(["paddle_ranks: 2 pool starts, 4 calls served, 0 recycles"])

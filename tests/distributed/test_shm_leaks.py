@@ -10,7 +10,7 @@ import pytest
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
 from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
-from tests.distributed.conftest import our_segments
+from tests.distributed.conftest import leaked_segments, our_segments
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
@@ -25,4 +25,4 @@ def test_every_rank_killed_mid_run_leaves_nothing_in_dev_shm(paddle_ranks: Paddl
     assert maps, failed.reports
     for tail in maps:
         assert f"{SHM_DIR}/{SEGMENT_PREFIX}" in tail and "(deleted)" in tail, tail
-    assert our_segments() - before == set()
+    assert leaked_segments(before) == set()

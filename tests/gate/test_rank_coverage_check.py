@@ -16,6 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_PID = 4242
+WORKER_PID = 4244
 RANK_PID = 4343
 
 RENDEZVOUS = """
@@ -60,7 +61,7 @@ def test_lines_run_in_a_rank_process_pass(fake_root: Path, tmp_path: Path) -> No
     write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == []
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == []
 
 
 def test_lines_run_only_in_the_test_process_fail(fake_root: Path, tmp_path: Path) -> None:
@@ -69,11 +70,59 @@ def test_lines_run_only_in_the_test_process_fail(fake_root: Path, tmp_path: Path
     write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == [
         "fastdeploy_patch/signal_group/rendezvous.py:6 (gloo_store) did not run in any rank",
         "fastdeploy_patch/signal_group/rendezvous.py:7 (gloo_store) did not run in any rank",
         "fastdeploy_patch/signal_group/rendezvous.py: branch 3->6 (not the first member) was never taken in a rank",
     ]
+
+
+def test_lines_run_only_in_an_xdist_worker_fail_like_the_test_process(fake_root: Path, tmp_path: Path) -> None:
+    # Under pytest-xdist the tests run in worker processes: a worker that ran the lines is a test process, not a rank.
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, WORKER_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+
+    assert check.missing_in_ranks(data_file, {TEST_PID, WORKER_PID}, fake_root) == [
+        "fastdeploy_patch/signal_group/rendezvous.py:6 (gloo_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py:7 (gloo_store) did not run in any rank",
+        "fastdeploy_patch/signal_group/rendezvous.py: branch 3->6 (not the first member) was never taken in a rank",
+    ]
+    # The same files, had the worker not been recorded: it would pass for a rank.
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == []
+
+
+def test_a_workers_file_alone_counts_as_test_process_data(fake_root: Path, tmp_path: Path) -> None:
+    data_file = tmp_path / "d.coverage"
+    write_process_data(data_file, WORKER_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+    write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
+
+    assert check.missing_in_ranks(data_file, {TEST_PID, WORKER_PID}, fake_root) == []
+
+
+def test_the_writer_pid_comes_from_coverages_file_name() -> None:
+    assert check.writer_pid(Path("d.coverage.vm.pid4343.X4343")) == 4343
+    assert check.writer_pid(Path("d.coverage.host.pid12.abc.H1h")) == 12
+    assert check.writer_pid(Path("d.coverage.host.xpid12.abc")) is None
+    assert check.writer_pid(Path("d.coverage.pid12")) is None
+
+
+def test_as_a_plugin_it_records_each_test_processs_pid_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids_file = tmp_path / "pids"
+    monkeypatch.delenv(check.TEST_PIDS_VAR, raising=False)
+    check.pytest_configure(None)
+    assert not pids_file.exists()
+
+    monkeypatch.setenv(check.TEST_PIDS_VAR, str(pids_file))
+    check.pytest_configure(None)
+    pids_file.write_text(pids_file.read_text() + "99\n")
+    check.pytest_configure(None)
+
+    assert pids_file.read_text() == f"{os.getpid()}\n99\n{os.getpid()}\n"
+    assert check.recorded_test_pids(pids_file) == {os.getpid(), 99}
 
 
 def test_lines_reached_without_the_branch_fail(fake_root: Path, tmp_path: Path) -> None:
@@ -81,7 +130,7 @@ def test_lines_reached_without_the_branch_fail(fake_root: Path, tmp_path: Path) 
     write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, [(-1, 6), (6, 7), (7, -1)], "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == [
         "fastdeploy_patch/signal_group/rendezvous.py: branch 3->6 (not the first member) was never taken in a rank"
     ]
 
@@ -91,7 +140,7 @@ def test_ranks_measured_in_another_file_do_not_count(fake_root: Path, tmp_path: 
     write_process_data(data_file, TEST_PID, [], "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/other.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == [
         "fastdeploy_patch/signal_group/rendezvous.py:6 (gloo_store) did not run in any rank",
         "fastdeploy_patch/signal_group/rendezvous.py:7 (gloo_store) did not run in any rank",
     ]
@@ -101,8 +150,8 @@ def test_no_rank_data_fails(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
     write_process_data(data_file, TEST_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
-        f"no process other than the test process wrote coverage data next to {data_file}: no rank was measured"
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == [
+        f"no process other than the test processes wrote coverage data next to {data_file}: no rank was measured"
     ]
 
 
@@ -110,8 +159,8 @@ def test_no_test_process_data_fails(fake_root: Path, tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.missing_in_ranks(data_file, TEST_PID, fake_root) == [
-        f"no coverage data from the test process (pid {TEST_PID}) next to {data_file}: was it measured?"
+    assert check.missing_in_ranks(data_file, {TEST_PID}, fake_root) == [
+        f"no coverage data from the test processes (pids [{TEST_PID}]) next to {data_file}: were they measured?"
     ]
 
 
@@ -162,13 +211,15 @@ def test_a_run_that_collects_no_test_fails_with_pytests_exit_code(tmp_path: Path
     assert not data_file.exists()
 
 
-def test_fails_on_the_unit_suites_data(tmp_path: Path) -> None:
-    # The unit tests of the signal group run the non-first-member side with mocks, in the test process: the data
-    # covers the lines, yet no rank ran them. The check must fail there and leave no combined data for the gate.
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist-workers"])
+def test_fails_on_the_unit_suites_data(tmp_path: Path, workers: list[str]) -> None:
+    # The unit tests of the signal group run the non-first-member side with mocks, in the test process (or in xdist's
+    # workers): the data covers the lines, yet no rank ran them. The check must fail there and leave no combined data
+    # for the gate.
     unit_tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/unit/test_signal_group*.py"))
     data_file = tmp_path / "unit.coverage"
 
-    result = run_check(data_file, *unit_tests, "-q", "-p", "no:cacheprovider")
+    result = run_check(data_file, *unit_tests, "-q", "-p", "no:cacheprovider", *workers)
 
     assert unit_tests
     assert result.returncode == 1, result.stdout + result.stderr
@@ -198,7 +249,7 @@ def test_a_truncated_file_next_to_good_ones_is_skipped_and_named_and_the_rest_is
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
     truncated = plant_truncated(data_file, 4444)
 
-    code = check.check_and_combine(data_file, TEST_PID, fake_root)
+    code = check.check_and_combine(data_file, {TEST_PID}, fake_root)
 
     out = capsys.readouterr().out.splitlines()
     assert code == 0
@@ -224,7 +275,7 @@ def test_when_the_only_rank_file_is_truncated_the_check_still_fails(
     write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
     truncated = plant_truncated(data_file, RANK_PID)
 
-    code = check.check_and_combine(data_file, TEST_PID, fake_root)
+    code = check.check_and_combine(data_file, {TEST_PID}, fake_root)
 
     out = capsys.readouterr().out.splitlines()
     assert code == 1
@@ -233,7 +284,7 @@ def test_when_the_only_rank_file_is_truncated_the_check_still_fails(
     assert out[2:] == [
         "FAIL: fastdeploy_patch/signal_group/rendezvous.py:gloo_store: the lines only non-zero ranks run were not "
         "measured in a rank:",
-        f"  no process other than the test process wrote coverage data next to {data_file}: no rank was measured",
+        f"  no process other than the test processes wrote coverage data next to {data_file}: no rank was measured",
     ]
     assert not data_file.exists()
 
@@ -260,7 +311,7 @@ def test_a_clean_run_prints_nothing_about_skipped_files(
     write_process_data(data_file, TEST_PID, FIRST_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
     write_process_data(data_file, RANK_PID, OTHER_MEMBER_ARCS, "fastdeploy_patch/signal_group/rendezvous.py")
 
-    assert check.check_and_combine(data_file, TEST_PID, fake_root) == 0
+    assert check.check_and_combine(data_file, {TEST_PID}, fake_root) == 0
     assert capsys.readouterr().out.startswith("OK: ")
     assert check.process_files(data_file) == []
 

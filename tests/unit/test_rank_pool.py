@@ -72,6 +72,25 @@ def test_a_warm_pool_serves_calls_on_the_same_ranks(pools: RankPools) -> None:
     assert pools.summary() == "paddle_ranks: 1 pool start, 2 calls served, 0 recycles"
 
 
+def test_stats_are_json_and_another_processs_stats_add_up_in_the_summary() -> None:
+    # What an xdist worker's pools did reaches the controller as JSON, and adds to what the controller counted.
+    worker = RankPools()
+    worker.starts, worker.calls = 3, 7
+    worker.recycles.update({"fresh world": 2, "rank died": 1})
+    stats = json.loads(json.dumps(worker.stats()))
+    assert stats == {"starts": 3, "calls": 7, "recycles": {"fresh world": 2, "rank died": 1}}
+
+    controller = RankPools()
+    controller.recycles["rank died"] = 1
+    controller.add_stats(stats)
+    controller.add_stats({"starts": 1, "calls": 2, "recycles": {"rank hung": 1}})
+    assert (controller.starts, controller.calls) == (4, 9)
+    assert controller.recycles == {"fresh world": 2, "rank died": 2, "rank hung": 1}
+    assert controller.summary() == (
+        "paddle_ranks: 4 pool starts, 9 calls served, 5 recycles (fresh world: 2, rank died: 2, rank hung: 1)"
+    )
+
+
 def test_a_raise_is_reported_by_rank_and_the_next_call_gets_new_ranks(pools: RankPools) -> None:
     before = pools.run(rank_id, 2, timeout=30)
     with pytest.raises(RankCallFailed) as failed:

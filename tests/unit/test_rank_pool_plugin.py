@@ -89,6 +89,42 @@ def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
     assert isinstance(plugin.paddle_ranks.__wrapped__(request, {"A": "b"}), plugin.PaddleRanks)
 
 
+def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_up(handle: plugin.PaddleRanks) -> None:
+    # A worker: its pools, with a started call nobody collected, close at the end of its session, and what they did
+    # goes into the workeroutput that xdist sends to the controller.
+    worker = SimpleNamespace(stash=pytest.Stash(), workeroutput={"exitstatus": 0})
+    worker.stash[plugin._POOLS] = handle._pools
+    handle.run(rank_id, 1)
+    forgotten = handle.start(sleep_long, 1)
+    plugin.pytest_sessionfinish(SimpleNamespace(config=worker))
+    assert forgotten._started.ended and handle.live_pids() == []
+    assert worker.workeroutput == {
+        "exitstatus": 0,
+        "paddle_ranks": {"starts": 2, "calls": 2, "recycles": {"never collected": 1}},
+    }
+
+    # The controller: each finished worker's statistics add up; a worker that crashed sent none.
+    controller = SimpleNamespace(stash=pytest.Stash())
+    plugin.pytest_configure(controller)
+    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
+    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
+    plugin.pytest_testnodedown(SimpleNamespace(config=controller), "crashed")
+    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput={"exitstatus": 0}), None)
+    lines: list[str] = []
+    plugin.pytest_terminal_summary(SimpleNamespace(write_line=lines.append), controller)
+    assert lines == ["paddle_ranks: 4 pool starts, 4 calls served, 2 recycles (never collected: 2)"]
+
+
+def test_without_xdist_the_session_end_leaves_the_pools_to_unconfigure(handle: plugin.PaddleRanks) -> None:
+    config = SimpleNamespace(stash=pytest.Stash())
+    config.stash[plugin._POOLS] = handle._pools
+    first = handle.run(rank_id, 1)
+    plugin.pytest_sessionfinish(SimpleNamespace(config=config))
+    assert not hasattr(config, "workeroutput")
+    assert handle._pools.recycles == {}
+    assert handle.live_pids() == [first[0]["pid"]]
+
+
 class FakeConn:
     def __init__(self) -> None:
         self.sent: list[dict] = []
