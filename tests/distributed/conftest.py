@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,9 +44,19 @@ def is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+_DIST_MODE = "fdp_dist_mode"
+"""The key of the controller's ``--dist`` mode in a worker's ``workerinput`` (xdist sets the worker's own to "no")."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller, for each worker it starts: tell the worker how tests are handed out."""
+    node.workerinput[_DIST_MODE] = node.config.getoption("dist")
+
+
 def runs_whole_files(config: pytest.Config) -> bool:
     """Whether this xdist worker gets every test of a file once it gets one (``--dist loadfile`` or ``loadscope``)."""
-    return is_xdist_worker(config) and config.getoption("dist", "no") in ("loadfile", "loadscope")
+    return is_xdist_worker(config) and config.workerinput.get(_DIST_MODE) in ("loadfile", "loadscope")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
