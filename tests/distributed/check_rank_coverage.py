@@ -220,7 +220,8 @@ def main(argv: Sequence[str]) -> int:
         run = [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}", "-m", "pytest", "-p", MODULE]
         suite = subprocess.Popen([*run, *argv[2:]], env={**os.environ, TEST_PIDS_VAR: str(pids_file)})
         code = suite.wait()
-        test_pids = recorded_test_pids(pids_file) | {suite.pid}
+        # The pytest process this script started records its own pid too (coverage runs pytest in it).
+        test_pids = recorded_test_pids(pids_file)
     if code != 0:
         return code
     return check_and_combine(data_file, test_pids)
