@@ -98,11 +98,11 @@ def wait_until(
             os.sched_yield()
             continue
         if park is not None:
-            wake_by = min(next_check, deadline)
+            seconds = min(next_check, deadline) - now
             if first_park:
-                wake_by = min(wake_by, now + FUTEX_FIRST_WAIT_S)
+                seconds = min(seconds, FUTEX_FIRST_WAIT_S)
                 first_park = False
-            park(wake_by - now)
+            park(seconds)
             continue
         time.sleep(min(sleep, deadline - now))
         sleep = min(2 * sleep, SLEEP_CAP_S)
