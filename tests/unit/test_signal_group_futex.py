@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,6 +187,10 @@ def test_a_real_wait_on_an_unchanged_word_times_out_and_a_stale_one_returns_at_o
     assert real.wait(ctypes.addressof(word), 4, 5.0) == "changed"
 
 
-def test_libc_syscall_is_loaded_with_a_long_result() -> None:
+def test_libc_syscall_is_loaded_with_a_long_result_and_its_errno() -> None:
     syscall = futex._libc_syscall()
     assert syscall.restype is ctypes.c_long
+    # Loaded afresh (available() is probed once per process): a refused wait must report its own errno.
+    word = ctypes.c_uint32(3)
+    fresh = Futex(syscall, SYS_FUTEX[platform.machine()], ctypes.get_errno)
+    assert fresh.wait(ctypes.addressof(word), 4, 5.0) == "changed"

@@ -4,6 +4,7 @@ in-memory global store (its ``get`` blocks until the key is set, as Paddle's doe
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from unittest import mock
@@ -264,3 +265,10 @@ def test_an_attacher_unmaps_but_never_removes_the_segment_when_the_handshake_fai
         assert ring._region.closed and os.path.exists(creator.path)
     finally:
         creator.close()
+
+
+def test_a_free_port_is_an_ephemeral_tcp_port_nobody_holds() -> None:
+    port = rendezvous._free_port("127.0.0.1")
+    assert 1024 <= port <= 65535
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))

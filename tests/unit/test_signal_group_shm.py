@@ -340,6 +340,8 @@ def test_leftovers_are_our_segments_whose_creator_is_gone(tmp_path: Path) -> Non
     _segment_file(tmp_path / f"{SEGMENT_PREFIX}new", liveness.ProcessIdentity(0, 0, 0))
     _segment_file(tmp_path / f"{SEGMENT_PREFIX}notours", gone, magic=7)
     _segment_file(tmp_path / "psm_someone_elses", gone)
+    # Listed first: a name of someone else's does not end the scan.
+    _segment_file(tmp_path / "a_first_name", gone)
     assert leftover_segments(str(tmp_path)) == [
         Leftover(str(also_left), second, f"process {second.pid} is gone"),
         Leftover(str(left), gone, f"process {gone.pid} is gone"),
@@ -362,6 +364,11 @@ def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
         check_shm_usable()
     (ring,) = made
     assert not os.path.exists(ring.path)
+
+
+def test_check_shm_usable_works_in_the_directory_given_and_leaves_nothing_there(tmp_path: Path) -> None:
+    check_shm_usable(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_check_shm_usable_says_when_the_directory_is_missing(tmp_path: os.PathLike) -> None:
