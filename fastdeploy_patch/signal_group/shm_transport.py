@@ -475,11 +475,6 @@ class ShmTransport:
         for at in self._parked:
             if words[at] == n + 1:
                 self._futex.wake(self._sequence_address(slot))
-                # The reader just woken may be queued on this very CPU, where the scheduler (EEVDF) lets this
-                # process run on to the end of its slice: through the reader check that follows (up to hundreds of
-                # microseconds of /proc after an idle spell). Measured after 300 ms idle, 2 ranks, loaded host: the
-                # wake-up took 250 us from FUTEX_WAKE without the yield, 81 us with it (the bare futex: about 90).
-                os.sched_yield()
                 break
 
     def _take(self, m: int, src: int) -> int:
