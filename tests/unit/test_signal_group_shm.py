@@ -192,9 +192,20 @@ def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.P
 
 
 def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
-    before = set(os.listdir(SHM_DIR))
-    check_shm_usable()
-    assert set(os.listdir(SHM_DIR)) == before
+    # Only the segment this check made is looked for: other tests create and remove theirs in SHM_DIR meanwhile.
+    made: list[str] = []
+    create = ShmRing.create
+
+    def recording_create(*args, **kwargs) -> ShmRing:
+        ring = create(*args, **kwargs)
+        made.append(ring.path)
+        return ring
+
+    with mock.patch.object(ShmRing, "create", side_effect=recording_create):
+        check_shm_usable()
+    assert len(made) == 1 and os.path.dirname(made[0]) == SHM_DIR
+    assert os.path.basename(made[0]).startswith(SEGMENT_PREFIX)
+    assert not os.path.exists(made[0])
 
 
 def test_check_shm_usable_says_when_the_directory_is_missing(tmp_path: os.PathLike) -> None:
