@@ -170,7 +170,11 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    config.stash[_POOLS].close()
+    # pytest unconfigures every plugin even when a configure hook raised before ours ran: a KeyError here would
+    # replace that error with one about our stash.
+    pools = config.stash.get(_POOLS, None)
+    if pools is not None:
+        pools.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

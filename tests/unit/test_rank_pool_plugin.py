@@ -89,6 +89,13 @@ def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
     assert isinstance(plugin.paddle_ranks.__wrapped__(request, {"A": "b"}), plugin.PaddleRanks)
 
 
+def test_unconfigure_after_a_configure_that_never_ran_does_nothing() -> None:
+    # Another plugin's configure hook raised before ours ran: pytest still unconfigures every plugin.
+    config = SimpleNamespace(stash=pytest.Stash())
+    assert plugin.pytest_unconfigure(config) is None
+    assert plugin._POOLS not in config.stash
+
+
 def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_up(handle: plugin.PaddleRanks) -> None:
     # A worker: its pools, with a started call nobody collected, close at the end of its session, and what they did
     # goes into the workeroutput that xdist sends to the controller.
