@@ -60,9 +60,8 @@ def compare_options(ref: str, cwd: Path) -> tuple[list[str], str]:
             raise CheckError(f"compare ref {ref!r} cannot be resolved: {fetch_hint}.")
         if len(_git(["rev-list", "--max-count=2", "HEAD"], cwd).stdout.split()) == 1:
             print(f"gate: note: compare ref {ref!r} does not exist and HEAD is the only commit.", file=sys.stderr)
-            return _compare(
-                _git(["hash-object", "-t", "tree", os.devnull], cwd).stdout.strip(), ".."
-            ), "the empty tree"
+            empty_tree = _git(["hash-object", "-t", "tree", os.devnull], cwd).stdout.strip()
+            return _compare(empty_tree, ".."), "the empty tree"
         fetch = f" (`git fetch origin {ref.removeprefix('origin/')}`)" if ref.startswith("origin/") else ""
         raise CheckError(
             f"compare ref {ref!r} does not exist in this repository: fetch it first{fetch}, or set COMPARE_REF or "
@@ -135,19 +134,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line, taking defaults from COMPARE_REF and GATE_FAIL_UNDER; exit 2 on a bad value."""
     parser = argparse.ArgumentParser(
         prog="gate",
-        description="Fail when the lines a change adds are covered less than a threshold (diff-cover).",
+        description="Fail when the lines a change adds are covered less than a threshold (diff-cover). COMPARE_REF "
+        "and GATE_FAIL_UNDER in the environment set the defaults; --suite-data is given once per test suite.",
         epilog="Exit codes: 0 pass or nothing to gate, 1 below the threshold, 2 usage or precondition error.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     env = os.environ
-    parser.add_argument("--compare-ref", default=env.get("COMPARE_REF") or "origin/main", help="env COMPARE_REF")
+    parser.add_argument("--compare-ref", default=env.get("COMPARE_REF") or "origin/main", help="git ref")
     parser.add_argument("--fail-under", type=threshold, default=env.get("GATE_FAIL_UNDER") or "80", help="percent")
     parser.add_argument("--coverage-xml", type=Path, default=Path("coverage.xml"), help="written from --suite-data")
-    parser.add_argument("--report-dir", type=Path, default=Path("ci-reports"), help="diff-cover's reports")
-    parser.add_argument(
-        "--suite-data", type=_suite_data, action="append", default=[], metavar="NAME=DATA_FILE", help="per suite"
-    )
-    parser.add_argument("--source-dir", type=Path, default=Path("fastdeploy_patch"), help="data older is stale")
+    parser.add_argument("--report-dir", type=Path, default=Path("ci-reports"), help="diff-cover's reports go here")
+    parser.add_argument("--suite-data", type=_suite_data, action="append", default=[], metavar="NAME=DATA_FILE")
+    parser.add_argument("--source-dir", type=Path, default=Path("fastdeploy_patch"), help="suite data must be newer")
     return parser.parse_args(argv)
 
 
