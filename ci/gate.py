@@ -98,7 +98,8 @@ def run_diff_cover(
     command = [*DIFF_COVER_COMMAND, str(xml_path), *compare, f"--fail-under={fail_under}", "--total-percent-float"]
     command.append(f"--format=markdown:{markdown},html:{html},json:{report}")
     # diff-cover's exit codes are the gate's: 0 at or above --fail-under, 1 below it, but also 1 on an error.
-    code = subprocess.run(command, cwd=cwd, timeout=TIMEOUT_S).returncode
+    # Unbuffered: in a log, as on a terminal, its report then comes before its "Failure." line on stderr.
+    code = subprocess.run(command, cwd=cwd, timeout=TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
     if code not in (0, 1) or not report.is_file():
         raise CheckError(f"diff-cover failed (exit {code}) without a verdict; its output is above.")
     totals = json.loads(report.read_text(encoding="utf-8"))

@@ -45,6 +45,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(f"GIT_{role}_NAME", "Gate Test")
         monkeypatch.setenv(f"GIT_{role}_EMAIL", "gate-test@example.invalid")
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    # What the gate prints must come out in order without it, as in tox, which does not pass it on.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
 
 
 @pytest.fixture

@@ -576,22 +576,31 @@ def test_diff_cover_failure_is_an_error_not_a_low_score(
     assert run.err == f"gate: error: diff-cover failed (exit {exit_code}) without a verdict; its output is above.\n"
 
 
-def test_command_line_exit_code_and_report(repo: Repo) -> None:
+def test_command_line_prints_diff_cover_report_then_its_failure_line_then_the_verdict(repo: Repo) -> None:
     quarter_covered_change(repo)
 
+    # One stream, as a CI log gets it: nothing is printed out of order by buffering.
     result = subprocess.run(
         [sys.executable, str(GATE_PATH), "--compare-ref", "HEAD~1"],
         cwd=repo.path,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=CHILD_TIMEOUT_S,
         check=False,
     )
 
-    assert result.returncode == 1, result.stderr
-    assert "\npkg/calc.py (25.0%): Missing lines 6-8\n" in result.stdout
-    assert verdict(result.stdout) == (
-        "gate: FAIL: patch coverage 25.0% is below the 80% threshold (HEAD against HEAD~1)"
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.endswith(
+        "pkg/calc.py (25.0%): Missing lines 6-8\n"
+        "-------------\n"
+        "Total:   4 lines\n"
+        "Missing: 3 lines\n"
+        "Coverage: 25.0%\n"
+        "-------------\n"
+        "\n"
+        "Failure. Coverage is below 80%.\n"
+        "gate: FAIL: patch coverage 25.0% is below the 80% threshold (HEAD against HEAD~1)\n"
     )
 
 
