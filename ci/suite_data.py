@@ -31,10 +31,10 @@ class CheckError(Exception):
 def check_suite_data(suites: Sequence[tuple[str, Path]], source_dir: Path, cwd: Path) -> None:
     """Raise CheckError, naming the tox env to run, unless every ``(name, data file)`` in ``suites`` is present,
     readable by coverage, not empty, and not older than the newest file under ``source_dir``."""
-    if not source_dir.is_dir():
-        raise CheckError(f"source directory {shown(source_dir, cwd)} not found: pass --source-dir.")
     sources = [path for path in source_dir.rglob("*") if path.is_file() and "__pycache__" not in path.parts]
-    newest = max(sources, key=lambda path: path.stat().st_mtime, default=None)
+    if not sources:
+        raise CheckError(f"no file under the source directory {shown(source_dir, cwd)}: pass --source-dir.")
+    newest = max(sources, key=lambda path: path.stat().st_mtime)
     for name, data in suites:
         problem = _problem(data, newest, cwd)
         if problem:
@@ -43,10 +43,10 @@ def check_suite_data(suites: Sequence[tuple[str, Path]], source_dir: Path, cwd: 
             )
 
 
-def _problem(data: Path, newest_source: Path | None, cwd: Path) -> str | None:
+def _problem(data: Path, newest_source: Path, cwd: Path) -> str | None:
     if not data.is_file():
         return "not found"
-    if newest_source is not None and data.stat().st_mtime < newest_source.stat().st_mtime:
+    if data.stat().st_mtime < newest_source.stat().st_mtime:
         return f"is older than {shown(newest_source, cwd)}"
     measured = CoverageData(basename=str(data))
     try:

@@ -692,13 +692,18 @@ def test_suite_data_written_after_the_last_source_change_is_fresh(repo: Repo, ru
     assert run.code == 0, run.err
 
 
-def test_missing_source_directory_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+@pytest.mark.parametrize("contents", ["missing", "empty", "only bytecode"])
+def test_source_directory_without_a_file_is_an_error(repo: Repo, run_gate: RunGate, contents: str) -> None:
     two_function_change(repo)
+    if contents != "missing":
+        (repo.path / "src" / "__pycache__").mkdir(parents=True)
+    if contents == "only bytecode":
+        (repo.path / "src" / "__pycache__" / "calc.cpython.pyc").write_bytes(b"")
 
-    run = run_gate(repo, "--compare-ref", "HEAD~1", *SUITES)
+    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "src", *SUITES)
 
     assert run.code == 2
-    assert run.err == "gate: error: source directory fastdeploy_patch not found: pass --source-dir.\n"
+    assert run.err == "gate: error: no file under the source directory src: pass --source-dir.\n"
 
 
 def test_unreadable_suite_data_is_an_error_though_coverage_combine_only_warns(repo: Repo, run_gate: RunGate) -> None:
