@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, Repo
+from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, Repo, run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,6 +135,14 @@ def run_ci(
     return result, calls
 
 
+ALL_PASSED = [
+    "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
+    "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
+    "ci: unit coverage 100% (tox -e unit-coverage): passed (exit 0)",
+    "ci: passed",
+]
+
+
 def summary(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("ci: ")]
 
@@ -191,12 +199,7 @@ def test_a_fully_covered_change_passes_both(repo: Repo, tmp_path: Path) -> None:
     assert "\ngate: PASS: patch coverage 100.0% meets the 80% threshold (HEAD against HEAD~1)\n" in result.stdout
     assert "\n2 files skipped due to complete coverage.\n" in result.stdout
     assert "Coverage failure" not in result.stdout
-    assert summary(result.stdout) == [
-        "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
-        "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
-        "ci: unit coverage 100% (tox -e unit-coverage): passed (exit 0)",
-        "ci: passed",
-    ]
+    assert summary(result.stdout) == ALL_PASSED
 
 
 def test_a_docs_only_commit_passes_and_the_gate_says_there_is_nothing_to_gate(repo: Repo, tmp_path: Path) -> None:
@@ -210,12 +213,7 @@ def test_a_docs_only_commit_passes_and_the_gate_says_there_is_nothing_to_gate(re
     assert calls == ["(all)", "-e gate", "-e unit-coverage"]
     assert "\nNo lines with coverage information in this diff.\n" in result.stdout
     assert "\ngate: PASS: nothing to gate, no coverable line changed (HEAD against HEAD~1)\n" in result.stdout
-    assert summary(result.stdout) == [
-        "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
-        "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
-        "ci: unit coverage 100% (tox -e unit-coverage): passed (exit 0)",
-        "ci: passed",
-    ]
+    assert summary(result.stdout) == ALL_PASSED
 
 
 def test_a_failed_distributed_suite_skips_the_gate_and_still_judges_the_unit_coverage(
@@ -286,14 +284,7 @@ def test_passing_suites_whose_data_is_missing_still_reach_the_gate_which_says_so
 
 
 def run_unit_coverage(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(UNIT_COVERAGE_PATH), *args],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=False,
-    )
+    return run_python(repo.path, str(UNIT_COVERAGE_PATH), *args)
 
 
 def unit_data(repo: Repo, calls: str) -> None:

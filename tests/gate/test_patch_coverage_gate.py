@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, GateRun, Repo
+from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, GateRun, Repo, run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -709,14 +709,7 @@ def test_source_directory_without_a_file_is_an_error(repo: Repo, run_gate: RunGa
 def test_unreadable_suite_data_is_an_error_though_coverage_combine_only_warns(repo: Repo, run_gate: RunGate) -> None:
     two_function_change(repo)
     (repo.path / "cov" / "unit.coverage").write_text("not a coverage data file", encoding="utf-8")
-    combine = subprocess.run(
-        [sys.executable, "-m", "coverage", "combine", "--keep", "--data-file=combined", *SUITE_FILES],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=False,
-    )
+    combine = run_python(repo.path, "-m", "coverage", "combine", "--keep", "--data-file=combined", *SUITE_FILES)
     assert combine.returncode == 0
     assert combine.stderr.endswith("Combined 1 file, 1 file errored\n")
 
@@ -730,28 +723,21 @@ def test_unreadable_suite_data_is_an_error_though_coverage_combine_only_warns(re
     assert run.err.endswith("run `tox -e unit`.\n")
 
 
-def test_suite_data_that_measured_nothing_is_an_error(repo: Repo, run_gate: RunGate) -> None:
+@pytest.mark.parametrize(("suite", "data"), [("distributed", "a run that measured nothing"), ("unit", "0 bytes")])
+def test_suite_data_that_measured_no_line_is_an_error(repo: Repo, run_gate: RunGate, suite: str, data: str) -> None:
     two_function_change(repo)
-    repo.measure("pass", data_file="cov/distributed.coverage", xml=False)
+    if data == "0 bytes":
+        (repo.path / "cov" / f"{suite}.coverage").write_bytes(b"")
+    else:
+        repo.measure("pass", data_file=f"cov/{suite}.coverage", xml=False)
 
     run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
 
     assert run.code == 2
     assert run.err == (
-        "gate: error: coverage data from the distributed suite (cov/distributed.coverage) measured no line: "
-        "run `tox -e distributed`.\n"
+        f"gate: error: coverage data from the {suite} suite (cov/{suite}.coverage) measured no line: "
+        f"run `tox -e {suite}`.\n"
     )
-
-
-def test_empty_suite_data_file_is_an_error(repo: Repo, run_gate: RunGate) -> None:
-    two_function_change(repo)
-    (repo.path / "cov" / "unit.coverage").write_bytes(b"")
-
-    run = run_gate(repo, "--compare-ref", "HEAD~1", "--source-dir", "pkg", *SUITES)
-
-    assert run.code == 2
-    assert run.err.startswith("gate: error: coverage data from the unit suite (cov/unit.coverage) ")
-    assert run.err.endswith(": run `tox -e unit`.\n")
 
 
 def test_failed_coverage_command_is_an_error(
@@ -767,14 +753,7 @@ def test_failed_coverage_command_is_an_error(
 
 
 def test_usage_errors_are_printed_as_gate_error(repo: Repo) -> None:
-    result = subprocess.run(
-        [sys.executable, str(GATE_PATH), "--suite-data", "unit"],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=False,
-    )
+    result = run_python(repo.path, str(GATE_PATH), "--suite-data", "unit")
 
     assert result.returncode == 2
     assert result.stderr.startswith("usage: gate ")
