@@ -30,6 +30,8 @@ class FakeProcess:
     instances: ClassVar[list[FakeProcess]] = []
     signals: ClassVar[list[tuple[int, int]]] = []
     scripts: ClassVar[dict[int, list[int | None]]] = {}
+    joins = True
+    """Whether each rank says it is ready (joined, target imported) as soon as it starts."""
 
     def __init__(self, argv, *, env, stdout, **kwargs):
         self.argv, self.env, self.kwargs = argv, env, kwargs
@@ -40,6 +42,8 @@ class FakeProcess:
         self.spec = json.loads(Path(argv[3]).read_text())
         self.wait_timeouts: list[float | None] = []
         stdout.write(f"log of rank {self.rank}\n".encode())
+        if FakeProcess.joins:
+            Path(argv[-1] + ".ready").touch()
         FakeProcess.instances.append(self)
 
     def poll(self):
@@ -66,6 +70,7 @@ def fake_popen(monkeypatch):
     FakeProcess.instances = []
     FakeProcess.signals = []
     FakeProcess.scripts = {}
+    FakeProcess.joins = True
     killpg_calls: list[tuple[int, int]] = []
 
     def killpg(pid, sig):
@@ -84,7 +89,7 @@ def fake_popen(monkeypatch):
 def fake_ranks(fake_popen, monkeypatch):
     """FakeProcess ranks, and no real waiting for their stacks or their exit."""
     monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
-    monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
+    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
     return fake_popen
 
 
@@ -140,6 +145,7 @@ def test_success_returns_results_in_rank_order_and_reaps_every_rank(fake_ranks):
     assert first.spec == {"target": "pkg.mod:fn", "kwargs": {"x": 1}}
     assert first.env["EXTRA"] == "yes"
     assert first.env["PYTHONUNBUFFERED"] == "1"
+    assert first.env[launcher.PARENT_VAR] == str(os.getpid())
     assert first.kwargs["start_new_session"] is True
     assert first.kwargs["stdin"] is subprocess.DEVNULL
     # Every rank's session is signalled, even after a clean exit, so no grandchild survives.
@@ -173,6 +179,29 @@ def test_timeout_asks_each_live_rank_for_its_stack_then_kills_all(fake_ranks):
     assert all(process.killed for process in FakeProcess.instances)
 
 
+def test_the_timeout_counts_from_the_moment_every_rank_is_ready_with_a_start_bound_before(fake_ranks):
+    FakeProcess.scripts = {0: [None], 1: [None]}
+    FakeProcess.joins = False
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 2, timeout=30, start_timeout=0.05, poll_interval=0.01)
+    assert (caught.value.timeout, caught.value.during) == (0.05, " while the ranks started")
+    assert str(caught.value).startswith("ranks [0, 1] did not finish within 0.05 s while the ranks started; their")
+    # Ready: a rank that finished counts as ready too; only then does the call's timeout start.
+    FakeProcess.instances = []
+    FakeProcess.scripts = {0: [None], 1: [0]}
+    ready = []
+
+    def join_late(seconds: float) -> None:
+        ready.append(launcher.time.monotonic())
+        if len(ready) == 3:
+            Path(FakeProcess.instances[0].argv[-1] + ".ready").touch()
+
+    with mock.patch.object(launcher.time, "sleep", join_late), pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 2, timeout=0.2, start_timeout=30, poll_interval=0.01)
+    assert (caught.value.timeout, caught.value.during) == (0.2, "")
+    assert caught.value.reports == {0: "log of rank 0\n"}
+
+
 def test_a_rank_ignoring_sigterm_is_sigkilled_after_the_grace(fake_ranks):
     FakeProcess.scripts = {0: [None, 0]}
     FakeProcess.scripts[0][-1] = None  # never exits by itself
@@ -201,6 +230,7 @@ def test_the_documented_waits_are_120_s_for_the_ranks_1_s_for_their_stacks_and_3
     with pytest.raises(RankTimeout) as caught:
         run_ranks("pkg.mod:fn", 1, poll_interval=10.0)
     assert caught.value.timeout == 120.0
+    assert launcher.START_TIMEOUT_S == 180.0
     assert sleeps == [10.0] * 12 + [1.0]
     (process,) = FakeProcess.instances
     assert process.wait_timeouts[0] == 3.0
@@ -264,11 +294,13 @@ def test_exit_description_names_the_signal_that_killed_a_process(returncode, exp
     assert launcher.exit_description(returncode) == expected
 
 
-def test_the_bootstrap_starts_with_the_prelude_that_arms_faulthandler():
+def test_the_bootstrap_starts_with_the_prelude_that_ties_the_rank_to_its_parent_and_arms_faulthandler():
     assert launcher.RANK_BOOTSTRAP.startswith(launcher.RANK_PRELUDE)
     statements = [part.strip() for part in launcher.RANK_PRELUDE.split(";") if part.strip()]
     assert statements == [
-        "import faulthandler, signal, sys",
+        "import ctypes, faulthandler, os, signal, sys",
+        "ctypes.CDLL(None).prctl(1, signal.SIGKILL)",
+        "os.getppid() == int(os.environ['FDP_RANK_PARENT']) or os._exit(1)",
         "faulthandler.enable(all_threads=True)",
         "faulthandler.register(signal.SIGUSR1, all_threads=True)",
     ]
@@ -341,7 +373,11 @@ def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the launcher's deadline pass the moment the child creates ``ready``, however long it took to get there
     on a loaded machine."""
     real_clock = launcher.time.monotonic
-    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
+    jumps = iter(range(1, 1 << 30))
+    # Each look after that is an hour later than the last: a deadline set meanwhile passes at the next look too.
+    monkeypatch.setattr(
+        launcher.time, "monotonic", lambda: real_clock() + (3600 * next(jumps) if ready.exists() else 0)
+    )
 
 
 def _children_named(text: str) -> list[str]:

@@ -57,7 +57,7 @@ def popen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     signalled: list[tuple[int, int]] = []
     monkeypatch.setattr(launcher.subprocess, "Popen", RecordingPopen)
     monkeypatch.setattr(launcher.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
-    monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
+    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
     return signalled
 
 

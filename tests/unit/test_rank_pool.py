@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,9 +17,7 @@ from fastdeploy_patch.testing import pool_rank, rank_calls, rank_pool
 from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
 
 # A rank that serves calls on its connection without importing Paddle or joining a world.
-FAKE_BOOTSTRAP = (
-    "import faulthandler, signal, sys; faulthandler.enable(all_threads=True); "
-    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+FAKE_BOOTSTRAP = rank_pool.launcher.RANK_PRELUDE + (
     "from multiprocessing.connection import Connection; from fastdeploy_patch.testing import pool_rank; "
     "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))"
 )
@@ -51,8 +50,8 @@ def leave_after_reply() -> int:
     return 1
 
 
-def not_json() -> object:
-    return {1, 2}
+def not_picklable() -> object:
+    return threading.Lock()
 
 
 @pytest.fixture
@@ -130,9 +129,14 @@ def test_exit_after_reply_counts_the_reply_then_retires_the_pool(pools: RankPool
     assert pools.recycles == {"rank exited": 1}
 
 
-def test_a_result_that_is_not_json_fails_the_call(pools: RankPools) -> None:
-    with pytest.raises(RankCallFailed, match=re.escape("returned {1, 2}, which is not JSON-serialisable")):
-        pools.run(not_json, 1, timeout=30)
+def test_a_result_that_cannot_be_pickled_fails_the_call_naming_the_rank_and_the_type(pools: RankPools) -> None:
+    with pytest.raises(RankCallFailed) as failed:
+        pools.run(not_picklable, 1, timeout=30)
+    assert failed.value.reason == "rank raised"
+    assert (
+        "TypeError: rank 0 cannot send what tests.unit.test_rank_pool:not_picklable returned to the test process: a "
+        "lock that cannot be pickled (TypeError: cannot pickle '_thread.lock' object)"
+    ) in failed.value.error
 
 
 def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: RankPools) -> None:
@@ -173,14 +177,34 @@ def test_a_started_call_that_fails_or_overstays_raises_when_collected(pools: Ran
     with pytest.raises(RankCallFailed) as failed:
         failing.result()
     assert (failed.value.rank, failed.value.reason) == (1, "rank raised")
-    # The timeout counts from start(): the ranks' start is part of it.
     slow = pools.start(sleep_long, 1, timeout=1.5)
-    started_at = time.monotonic()
     with pytest.raises(RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long"):
         slow.result()
-    assert time.monotonic() - started_at < 1.5 + 2
     assert pools.recycles == {"rank raised": 1, "rank hung": 1}
     assert pools.live_pids() == []
+
+
+def sleep_briefly(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+# Ranks that take 3 s to join the world, longer than the calls' timeouts below.
+SLOW_JOIN_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing", "import time; time.sleep(3); from multiprocessing"
+)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_calls_timeout_counts_from_the_moment_every_rank_joined(started: bool) -> None:
+    pools = RankPools(bootstrap=SLOW_JOIN_BOOTSTRAP)
+    try:
+        if started:
+            assert pools.start(sleep_briefly, 2, kwargs={"seconds": 0.5}, timeout=2.0).result() == [0.5, 0.5]
+        else:
+            assert pools.run(sleep_briefly, 2, kwargs={"seconds": 0.5}, timeout=2.0, fresh=True) == [0.5, 0.5]
+    finally:
+        pools.close()
 
 
 def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools) -> None:
@@ -210,8 +234,8 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
     monkeypatch.setattr(rank_pool.RankPool, "send", lambda self, target, kwargs: (_ for _ in ()).throw(OSError("x")))
     with pytest.raises(OSError, match="x"):
         pools.start(rank_id, 1, timeout=5.0)
-    assert (pools.starts, pools.recycles) == (1, {"interrupted": 1})
-    assert pools.live_pids() == []
+    assert (pools.starts, pools.recycles) == (1, {"error in the test process": 1})
+    assert pools.live_pids() == [] and pools._alive == []
 
 
 @pytest.mark.parametrize(
@@ -222,7 +246,12 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
         ((2, None, 0, None), ValueError, "timeout must be a finite number of seconds > 0, got 0"),
         ((2, None, float("inf"), None), ValueError, "timeout must be a finite number of seconds > 0, got inf"),
         ((2, [1], 1.0, None), TypeError, "kwargs must be a mapping of argument names to values, got [1]"),
-        ((2, {"x": {1}}, 1.0, None), TypeError, "kwargs must be JSON-serialisable"),
+        (
+            (2, {"x": 1, "gen": (i for i in ())}, 1.0, None),
+            TypeError,
+            "the test process cannot send kwargs['gen'] to the ranks: a generator that cannot be pickled (TypeError: "
+            "cannot pickle 'generator' object)",
+        ),
         ((2, None, 1.0, {"A": 1}), TypeError, "env must map variable names to strings, got {'A': 1}"),
     ],
 )
@@ -302,7 +331,7 @@ def test_closing_a_pool_twice_or_one_never_started_does_nothing() -> None:
     (pid,) = pool.pids()
     pool.close()
     pool.close()
-    pool._kill()
+    pool.kill()
     assert not os.path.exists(f"/proc/{pid}")
     assert pool._workdir is None
 

@@ -3,7 +3,6 @@ world), a fake connection, and real SignalGroup objects with no transport behind
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastdeploy_patch.signal_group import SignalGroup
-from fastdeploy_patch.testing import plugin, pool_rank, rank_calls
+from fastdeploy_patch.testing import pickles, plugin, pool_rank, rank_calls, rank_state
 from fastdeploy_patch.testing.rank_pool import RankPools
 from tests.unit.test_rank_pool import FAKE_BOOTSTRAP, die_on_one, rank_id, sleep_long
 
@@ -130,7 +129,15 @@ class FakeConn:
         self.sent: list[dict] = []
 
     def send_bytes(self, data: bytes) -> None:
-        self.sent.append(json.loads(data))
+        self.sent.append(pickles.loads(data))
+
+
+def run_call(call: dict, conn: FakeConn) -> dict:
+    """``pool_rank.run_call`` in this process, its state put back as it is now, the result unpickled."""
+    reply = pool_rank.run_call(call, conn, rank_state.Baseline.take())
+    if "result" in reply:
+        reply["result"] = pickles.loads(reply["result"])
+    return reply
 
 
 def _call(qualname: str, module: str = __name__, file: str | None = __file__, **kwargs: object) -> dict:
@@ -161,22 +168,22 @@ def skip_it() -> None:
 
 def test_a_call_that_leaves_a_group_open_fails_unless_it_keeps_it() -> None:
     conn = FakeConn()
-    reply = pool_rank.run_call(_call("leave_open"), conn)
+    reply = run_call(_call("leave_open"), conn)
     assert reply["status"] == "leftovers"
     assert reply["error"].startswith(f"{__name__}:leave_open left 1 signal group(s) open:\n  SignalGroup(")
     LEFT.pop().close()
-    assert pool_rank.run_call(_call("keep_it"), conn) == {"status": "ok", "result": 2, "exit_code": None}
+    assert run_call(_call("keep_it"), conn) == {"status": "ok", "result": 2, "exit_code": None, "left_behind": []}
     assert LEFT[-1] in rank_calls.kept_groups() and not LEFT[-1].closed
-    assert pool_rank.run_call(_call("close_it"), conn)["result"] == 3
+    assert run_call(_call("close_it"), conn)["result"] == 3
     assert pool_rank.open_groups() == []
 
 
 def test_a_skip_and_a_missing_function_are_replies_not_crashes() -> None:
-    skipped = pool_rank.run_call(_call("skip_it"), FakeConn())
+    skipped = run_call(_call("skip_it"), FakeConn())
     assert skipped["status"] == "skipped" and skipped["error"].endswith(pool_rank.SKIP_IN_RANK)
-    missing = pool_rank.run_call(_call("no_such_function"), FakeConn())
+    missing = run_call(_call("no_such_function"), FakeConn())
     assert missing["status"] == "raised" and "AttributeError" in missing["error"]
-    unknown = pool_rank.run_call(_call("f", module="fdp_no_such_module", file=None), FakeConn())
+    unknown = run_call(_call("f", module="fdp_no_such_module", file=None), FakeConn())
     assert "ModuleNotFoundError: No module named 'fdp_no_such_module'" in unknown["error"]
 
 
