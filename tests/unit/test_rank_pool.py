@@ -372,3 +372,189 @@ def test_saving_coverage_where_nothing_is_measured_does_nothing(monkeypatch: pyt
 
     monkeypatch.setattr(coverage.Coverage, "current", staticmethod(lambda: None))
     assert rank_calls.save_coverage() is None
+
+
+def echo(value: object) -> object:
+    return value
+
+
+def test_values_cross_as_pickles_both_ways_even_64_mib_at_once(pools: RankPools) -> None:
+    import numpy as np
+
+    value = {1: (2, 3), (4,): {5, 6}, "b": b"\x00\xff", "a": np.arange(6, dtype=np.float16).reshape(3, 2)}
+    first, second = pools.run(echo, 2, kwargs={"value": value}, timeout=30)
+    assert first.keys() == value.keys() and first[1] == (2, 3) and first[(4,)] == {5, 6} and first["b"] == b"\x00\xff"
+    assert (first["a"].dtype, first["a"].shape, first["a"].tolist()) == (np.float16, (3, 2), value["a"].tolist())
+    big = np.arange(64 << 20, dtype=np.uint8)
+    results = pools.run(echo, 2, kwargs={"value": big}, timeout=60)
+    assert all(result.nbytes == 64 << 20 and np.array_equal(result, big) for result in results)
+
+
+def change_everything(seed: int) -> dict:
+    import random
+    import signal
+    import warnings
+
+    import numpy as np
+
+    drawn = {"random": random.random(), "numpy": float(np.random.rand()), "env": os.environ.get("FDP_LEAK")}
+    drawn.update(cwd=os.getcwd(), first_path=sys.path[0], filters=len(warnings.filters))
+    drawn["sigint"] = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    os.environ["FDP_LEAK"] = "left"
+    os.chdir("/")
+    sys.path.insert(0, "/fdp-leak")
+    warnings.simplefilter("error")
+    random.seed(seed)
+    np.random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return drawn
+
+
+def test_each_call_starts_from_the_state_the_rank_joined_with(pools: RankPools) -> None:
+    first = pools.run(change_everything, 2, kwargs={"seed": 1}, timeout=30)
+    pids = pools.live_pids()
+    again = pools.run(change_everything, 2, kwargs={"seed": 2}, timeout=30)
+    assert again == first
+    assert first[0]["env"] is None and first[0]["first_path"] != "/fdp-leak" and first[0]["sigint"]
+    assert first[0]["cwd"] == os.getcwd()
+    assert pools.live_pids() == pids and pools.recycles == {}
+
+
+def leave_a_thread() -> int:
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    return os.getpid()
+
+
+def leave_a_child() -> int:
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=False)
+    return os.getpid()
+
+
+def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_says_why(pools: RankPools) -> None:
+    pids = pools.run(leave_a_thread, 2, timeout=30)
+    assert pools.live_pids() == [] and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    pools.run(leave_a_child, 1, timeout=30)
+    assert pools.live_pids() == []
+    assert pools.summary() == (
+        "paddle_ranks: 2 pool starts, 2 calls served, 2 recycles (state left behind: 1 child process: 1, "
+        "state left behind: 1 thread: 1)"
+    )
+
+
+def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """The next wait for replies gives the ranks a moment to get into their call, then raises ``exc``, as a signal
+    handler would."""
+    real_wait = rank_pool.wait
+
+    def wait(objects, timeout):
+        real_wait(objects, 0.3)
+        raise exc
+
+    monkeypatch.setattr(rank_pool, "wait", wait)
+
+
+def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        pools.run(sleep_long, 2, timeout=30)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert pools.recycles == {"interrupted": 1} and pools._alive == []
+
+
+def test_an_outcome_raised_in_a_call_fails_it_with_every_ranks_stack(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, pytest.fail.Exception("Timeout >5.0s"))
+    with pytest.raises(rank_pool.RankCallInterrupted) as interrupted:
+        pools.run(sleep_long, 2, timeout=30)
+    text = str(interrupted.value)
+    assert text.startswith("Failed: Timeout >5.0s, while 2 rank(s) ran tests.unit.test_rank_pool:sleep_long; their")
+    for rank in (0, 1):
+        assert "in sleep_long" in interrupted.value.reports[rank]
+    assert isinstance(interrupted.value.__cause__, pytest.fail.Exception)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert pools.recycles == {"interrupted": 1}
+
+
+def test_a_second_ctrl_c_while_the_ranks_are_killed_cannot_spare_one(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, KeyboardInterrupt("first"))
+    real_wait = subprocess.Popen.wait
+
+    def interrupted_grace(self, timeout=None):
+        if timeout is not None:
+            raise KeyboardInterrupt("second")
+        return real_wait(self)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_grace)
+    with pytest.raises(KeyboardInterrupt, match="second"):
+        pools.run(sleep_long, 2, timeout=30)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_closing_the_session_kills_every_pool_whatever_interrupts_it(pools: RankPools) -> None:
+    pooled = [r["pid"] for r in pools.run(rank_id, 1, timeout=30)]
+    started = pools.start(sleep_long, 1, timeout=30)
+
+    def interrupted(self, reason="cancelled"):
+        raise KeyboardInterrupt
+
+    # Undone before the fixture closes the pools again (the autouse fixtures' monkeypatch outlives it).
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(rank_pool.StartedCall, "cancel", interrupted)
+        pools.close()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pooled + started.pids())
+    assert pools._alive == []
+
+
+def test_a_failed_pidfd_open_leaves_no_rank_running(pools: RankPools, monkeypatch) -> None:
+    started: list[int] = []
+
+    def refuse(pid: int) -> int:
+        started.append(pid)
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(rank_pool.os, "pidfd_open", refuse)
+    with pytest.raises(OSError, match="Function not implemented"):
+        pools.run(rank_id, 2, timeout=30)
+    assert len(started) == 1 and not os.path.exists(f"/proc/{started[0]}")
+    assert pools.recycles == {"error in the test process": 1}
+
+
+# Rank 0 exits as a rank 0 whose master port was taken, the first FDP_TEST_TAKEN times it starts.
+PORT_TAKEN_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing",
+    "import os, pathlib; mark = pathlib.Path(os.environ['FDP_TEST_MARK'] + os.environ['PADDLE_TRAINER_ID']); "
+    "starts = int(mark.read_text()) + 1 if mark.exists() else 1; mark.write_text(str(starts)); "
+    "os.environ['PADDLE_TRAINER_ID'] == '0' and starts <= int(os.environ['FDP_TEST_TAKEN']) and sys.exit(75); "
+    "from multiprocessing",
+)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_world_whose_master_port_was_taken_starts_again_on_other_ports(tmp_path, started: bool) -> None:
+    pools = RankPools(bootstrap=PORT_TAKEN_BOOTSTRAP)
+    env = {"FDP_TEST_MARK": str(tmp_path / "starts"), "FDP_TEST_TAKEN": "2"}
+    try:
+        if started:
+            results = pools.start(rank_id, 2, timeout=30, env=env).result()
+        else:
+            results = pools.run(rank_id, 2, timeout=30, env=env)
+        assert [r["rank"] for r in results] == [0, 1]
+        assert (tmp_path / "starts0").read_text() == "3"
+        assert pools.recycles == ({"fresh world": 1} if started else {})
+    finally:
+        pools.close()
+
+
+def test_a_master_port_taken_every_time_fails_the_call_after_the_last_attempt(tmp_path) -> None:
+    pools = RankPools(bootstrap=PORT_TAKEN_BOOTSTRAP)
+    env = {"FDP_TEST_MARK": str(tmp_path / "starts"), "FDP_TEST_TAKEN": "99"}
+    try:
+        with pytest.raises(RankCallFailed) as failed:
+            pools.run(rank_id, 2, timeout=30, env=env)
+    finally:
+        pools.close()
+    assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (0, 75, "port taken")
+    assert (tmp_path / "starts0").read_text() == str(rank_pool.PORT_ATTEMPTS)
+    assert pools.recycles == {"port taken": 1}

@@ -251,6 +251,10 @@ def test_main_reports_a_failed_join_and_serves_after_a_good_one(monkeypatch: pyt
     monkeypatch.setattr(pool_rank, "join_world", lambda: (_ for _ in ()).throw(RuntimeError("no world")))
     assert pool_rank.main([str(write)]) == 1
     assert "RuntimeError: no world" in capsys.readouterr().err
+    monkeypatch.setattr(pool_rank, "join_world", lambda: (_ for _ in ()).throw(pool_rank.rank_entry.PortTaken("p")))
+    _, other_write = os.pipe()
+    assert pool_rank.main([str(other_write)]) == pool_rank.rank_entry.PORT_TAKEN_EXIT == 75
+    assert capsys.readouterr().err == "p\n"
     served: list[object] = []
     monkeypatch.setattr(pool_rank, "join_world", lambda: None)
     monkeypatch.setattr(pool_rank, "serve", lambda conn: served.append(conn) or 0)
