@@ -383,6 +383,7 @@ def test_values_cross_as_pickles_both_ways_even_64_mib_at_once(pools: RankPools)
 
     value = {1: (2, 3), (4,): {5, 6}, "b": b"\x00\xff", "a": np.arange(6, dtype=np.float16).reshape(3, 2)}
     first, second = pools.run(echo, 2, kwargs={"value": value}, timeout=30)
+    assert second.keys() == value.keys()
     assert first.keys() == value.keys() and first[1] == (2, 3) and first[(4,)] == {5, 6} and first["b"] == b"\x00\xff"
     assert (first["a"].dtype, first["a"].shape, first["a"].tolist()) == (np.float16, (3, 2), value["a"].tolist())
     big = np.arange(64 << 20, dtype=np.uint8)
