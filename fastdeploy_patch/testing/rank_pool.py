@@ -331,14 +331,18 @@ class RankPool:
         """Hang up on every rank, give them ``CLOSE_GRACE_S`` to leave, then kill what is left; idempotent. An
         exception meanwhile (a second Ctrl-C) cuts the grace short, never the kill."""
         try:
-            for r in self._ranks:
-                r.conn.close()
+            self.hang_up()
             deadline = time.monotonic() + CLOSE_GRACE_S
             for r in self._ranks:
                 with contextlib.suppress(TimeoutExpired):
                     r.process.wait(max(0.0, deadline - time.monotonic()))
         finally:
             self.kill()
+
+    def hang_up(self) -> None:
+        """Close the connection to every rank: an idle rank leaves on its own (``close()`` waits for that)."""
+        for r in self._ranks:
+            r.conn.close()
 
     def kill(self, grace: float = KILL_GRACE_S) -> None:
         """Kill every rank's session (SIGTERM, ``grace`` seconds, SIGKILL) and free what the pool holds;
@@ -543,6 +547,9 @@ class RankPools:
         """Close every pool and cancel every started call nobody collected (at the end of the session);
         idempotent. Whatever interrupts that, every pool's ranks are killed before it goes on."""
         try:
+            # Idle ranks leave side by side (a Paddle rank takes a while to exit) while the busy ones are killed.
+            for pool in self._pools.values():
+                pool.hang_up()
             while self._started:
                 self._started[0].cancel("never collected")
             while self._pools:
