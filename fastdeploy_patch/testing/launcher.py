@@ -28,11 +28,12 @@ from fastdeploy_patch.testing.rank_entry import READY_SUFFIX
 LOG_TAIL_CHARS = 4000
 
 PARENT_VAR = "FDP_RANK_PARENT"
-"""The pid of the process that started a rank, in the rank's environment: the rank leaves at once if it is gone."""
+"""The pid of the process that started a rank, in the rank's environment: the rank leaves at once if it is gone (a
+rank started by hand, without it, skips that check)."""
 
 RANK_PRELUDE = (
     "import ctypes, faulthandler, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGKILL); "
-    f"os.getppid() == int(os.environ['{PARENT_VAR}']) or os._exit(1); "
+    f"os.getppid() == int(os.environ.get('{PARENT_VAR}', os.getppid())) or os._exit(1); "
     "faulthandler.enable(all_threads=True); faulthandler.register(signal.SIGUSR1, all_threads=True); "
 )
 """The first statements of every rank's interpreter, before it imports the package (and so Paddle, which takes

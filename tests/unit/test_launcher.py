@@ -263,6 +263,19 @@ def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_a_rank_whose_parent_is_already_gone_leaves_at_once():
+    # The pid named is not this process's (the rank's parent): as if the parent had died before the prelude ran.
+    done = subprocess.run(
+        [sys.executable, "-c", launcher.RANK_PRELUDE + "print('still here')"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, launcher.PARENT_VAR: str(os.getpid() + 1)},
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+
+
+@pytest.mark.timeout(60)
 def test_real_child_returns_its_result():
     assert run_ranks("tests.unit.rank_targets:echo", 1, kwargs={"value": 41}, env=CHILD_ENV, timeout=30) == [
         {"value": 41, "rank": 0}
@@ -300,7 +313,7 @@ def test_the_bootstrap_starts_with_the_prelude_that_ties_the_rank_to_its_parent_
     assert statements == [
         "import ctypes, faulthandler, os, signal, sys",
         "ctypes.CDLL(None).prctl(1, signal.SIGKILL)",
-        "os.getppid() == int(os.environ['FDP_RANK_PARENT']) or os._exit(1)",
+        "os.getppid() == int(os.environ.get('FDP_RANK_PARENT', os.getppid())) or os._exit(1)",
         "faulthandler.enable(all_threads=True)",
         "faulthandler.register(signal.SIGUSR1, all_threads=True)",
     ]
