@@ -559,3 +559,9 @@ def test_a_master_port_taken_every_time_fails_the_call_after_the_last_attempt(tm
     assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (0, 75, "port taken")
     assert (tmp_path / "starts0").read_text() == str(rank_pool.PORT_ATTEMPTS)
     assert pools.recycles == {"port taken": 1}
+
+
+def test_the_documented_bounds_of_a_pool() -> None:
+    # Literals on purpose: how long a user waits, and how often a start is tried, are decisions this test shows.
+    assert (rank_pool.START_TIMEOUT_S, rank_pool.CLOSE_GRACE_S, rank_pool.KILL_GRACE_S) == (180.0, 5.0, 1.0)
+    assert (rank_pool.PORT_ATTEMPTS, rank_pool.PORT_TAKEN_EXIT) == (3, 75)
