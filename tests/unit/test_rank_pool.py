@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,11 @@ def die_on_one() -> int:
 
 
 def sleep_long() -> None:
+    time.sleep(60)
+
+
+def sleep_ignoring_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(60)
 
 
@@ -457,8 +463,11 @@ def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> N
 def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPools, monkeypatch) -> None:
     pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
     interrupt_the_wait(monkeypatch, KeyboardInterrupt())
+    started_at = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         pools.run(sleep_long, 2, timeout=30)
+    # Killed at once, not given the grace of ranks that are asked to leave (they are busy in the call).
+    assert time.monotonic() - started_at < rank_pool.CLOSE_GRACE_S
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert pools.recycles == {"interrupted": 1} and pools._alive == []
 
@@ -489,7 +498,8 @@ def test_a_second_ctrl_c_while_the_ranks_are_killed_cannot_spare_one(pools: Rank
 
     monkeypatch.setattr(subprocess.Popen, "wait", interrupted_grace)
     with pytest.raises(KeyboardInterrupt, match="second"):
-        pools.run(sleep_long, 2, timeout=30)
+        # Ranks that ignore SIGTERM: only the SIGKILL the second interrupt must not skip ends them.
+        pools.run(sleep_ignoring_sigterm, 2, timeout=30)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
 
