@@ -75,7 +75,8 @@ _DIED_REAP_S = 1.0
 
 
 class RankCallFailed(launcher.RankFailed):
-    """A rank of a pool raised, skipped, left signal groups open, or died before replying; the pool is dead.
+    """A rank of a pool raised, skipped, left signal groups open, or died before replying (a rank 0 that found its
+    port taken on every attempt: reason "port taken"); the pool is dead.
 
     ``rank``: that rank; ``returncode``: its exit code, or ``None`` when it replied with an error; ``error``: what
     it replied (its traceback) or ``""``; ``reports``: every rank's log tail; ``reason``: why the pool was recycled.
