@@ -129,13 +129,33 @@ class _Rank:
         return self.result_path.with_name(self.result_path.name + READY_SUFFIX).exists() or self.result_path.exists()
 
 
-def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
-    """Return ``count`` distinct TCP ports that were free a moment ago (held together, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
+PORT_CLAIM_PREFIX = "fdp-port-"
+"""Abstract Unix socket names (``\\0fdp-port-<port>``) through which test processes claim the ports they hand
+their ranks."""
+
+
+def free_ports(count: int, claims: contextlib.ExitStack, host: str = LOOPBACK) -> list[int]:
+    """Return ``count`` distinct TCP ports that were free a moment ago, each claimed for as long as ``claims`` stays
+    open: the claim is an abstract Unix socket named after the port, which every process choosing ports here tries
+    to bind first, so test processes side by side (xdist workers, a CLI a test started) never hand their ranks the
+    same port, however the kernel hands ports out. A claim ends with its process, however that dies, and leaves no
+    file behind."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as probes:
+        while len(ports) < count:
+            probe = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            # Held until every port is chosen: the kernel hands out another port each time.
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+            claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                claim.bind(f"\0{PORT_CLAIM_PREFIX}{port}")
+            except OSError:
+                claim.close()  # another test process's ranks have this port
+                continue
+            claims.enter_context(claim)
+            ports.append(port)
+    return ports
 
 
 def rank_env(
@@ -196,11 +216,11 @@ def run_ranks(
     placements = list(placements) if placements is not None else [RankPlacement()] * nranks
     if len(placements) != nranks:
         raise ValueError(f"placements must hold one RankPlacement per rank ({nranks}), got {len(placements)}")
-    with tempfile.TemporaryDirectory(prefix="fdp-ranks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fdp-ranks-") as tmp, contextlib.ExitStack() as claims:
         workdir = Path(tmp)
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps({"target": target, "kwargs": dict(kwargs or {})}))
-        ports = free_ports(nranks + 1)
+        ports = free_ports(nranks + 1, claims)
         ranks: list[_Rank] = []
         try:
             for rank in range(nranks):

@@ -229,6 +229,8 @@ class RankPool:
         self._ranks: list[_PoolRank] = []
         self._workdir: TemporaryDirectory | None = None
         self._sent: bytes | None = None
+        self._claims = contextlib.ExitStack()
+        """The claims on the ports its ranks were given, held while they live (``launcher.free_ports``)."""
 
     def start(self, target: CallTarget, timeout: float = START_TIMEOUT_S) -> None:
         """Start every rank and wait until each joined the world; the call ``target`` is named in errors."""
@@ -239,7 +241,7 @@ class RankPool:
         """Start every rank without waiting for them: ``wait_joined`` does that. Calls sent meanwhile wait in the
         ranks' pipes until they joined. A rank is listed (and so killed with the pool) as soon as it runs."""
         self._workdir = self._workdir or TemporaryDirectory(prefix="fdp-pool-")
-        ports = launcher.free_ports(self.nranks + 1)
+        ports = launcher.free_ports(self.nranks + 1, self._claims)
         base = {**os.environ, **self.env}
         for rank in range(self.nranks):
             ours, theirs = Pipe()
@@ -356,6 +358,7 @@ class RankPool:
                 if r.pidfd >= 0:
                     os.close(r.pidfd)
                     r.pidfd = -1
+            self._claims.close()
             if self._workdir is not None:
                 self._workdir.cleanup()
                 self._workdir = None

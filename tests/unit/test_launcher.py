@@ -5,10 +5,12 @@ Multi-rank control flow runs against fake processes; one-rank runs start real ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -110,9 +112,46 @@ def test_bad_arguments_raise_value_error_before_starting_anything(kwargs, messag
 
 
 def test_free_ports_are_distinct_and_bindable():
-    ports = free_ports(5)
+    with contextlib.ExitStack() as claims:
+        ports = free_ports(5, claims)
     assert len(set(ports)) == 5
     assert all(1024 <= port < 65536 for port in ports)
+
+
+def test_a_port_another_test_process_claimed_is_never_handed_out_until_its_claim_ends(monkeypatch):
+    real_socket = socket.socket
+    handed: list[int] = []
+
+    class Probe:
+        """A TCP socket bound to port 0 that the kernel gives the ports of ``offers`` in turn."""
+
+        offers: ClassVar[list[int]] = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def bind(self, address):
+            handed.append(Probe.offers.pop(0))
+
+        def getsockname(self):
+            return ("127.0.0.1", handed[-1])
+
+    def sockets(family, kind):
+        return real_socket(family, kind) if family == socket.AF_UNIX else Probe()
+
+    with contextlib.ExitStack() as theirs:
+        (taken,) = free_ports(1, theirs)
+        monkeypatch.setattr(launcher.socket, "socket", sockets)
+        Probe.offers = [taken, taken + 1]
+        with contextlib.ExitStack() as ours:
+            assert free_ports(1, ours) == [taken + 1]
+    # Their process closed its claims (or died): the port can be handed out again.
+    Probe.offers = [taken]
+    with contextlib.ExitStack() as ours:
+        assert free_ports(1, ours) == [taken]
 
 
 def test_rank_env_for_gloo_hides_gpus_and_names_every_endpoint():
