@@ -87,7 +87,7 @@ def run_call(call: dict[str, Any], conn: Connection, baseline: rank_state.Baseli
     reply is."""
     where = f"{call['module']}:{call['qualname']}"
     rank_calls.set_reply_delivery(lambda result, code: _send(conn, _ok(result, code, where)))
-    running = rank_state.Running.now()
+    running, kept = rank_state.Running.now(), set(rank_calls.kept_groups())
     try:
         fn = resolve(call["module"], call["qualname"], call["file"], call["sys_path"])
         reply = _ok(fn(**call["kwargs"]), None, where)
@@ -103,7 +103,7 @@ def run_call(call: dict[str, Any], conn: Connection, baseline: rank_state.Baseli
         rank_calls.set_reply_delivery(None)
         baseline.restore()
     if reply["status"] == "ok":
-        reply["left_behind"] = running.left_behind()
+        reply["left_behind"] = running.left_behind(threads=set(rank_calls.kept_groups()) <= kept)
     left = open_groups()
     if left and reply["status"] == "ok":
         names = "\n".join(f"  {group!r}" for group in left)

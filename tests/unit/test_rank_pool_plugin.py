@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +161,30 @@ def keep_it() -> int:
 def close_it() -> int:
     LEFT.pop().close()
     return 3
+
+
+STOP = threading.Event()
+
+
+def start_a_thread(keep: bool) -> int:
+    group = a_group()
+    threading.Thread(target=STOP.wait, daemon=True).start()
+    if keep:
+        LEFT.append(group)
+        return rank_calls.keep_open(4, group)
+    group.close()
+    return 4
+
+
+def test_a_call_that_keeps_groups_keeps_its_threads_and_any_other_call_leaves_none() -> None:
+    try:
+        kept = run_call(_call("start_a_thread", keep=True), FakeConn())
+        assert (kept["status"], kept["result"], kept["left_behind"]) == ("ok", 4, [])
+        LEFT.pop().close()
+        left = run_call(_call("start_a_thread", keep=False), FakeConn())
+        assert (left["status"], left["result"], left["left_behind"]) == ("ok", 4, ["1 thread"])
+    finally:
+        STOP.set()
 
 
 def skip_it() -> None:
