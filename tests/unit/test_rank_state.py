@@ -142,6 +142,11 @@ def test_threads_and_child_processes_left_running_are_named() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert running.left_behind() == ["2 threads", "1 child process"]
+        assert running.left_behind(threads=False) == ["1 child process"]
+        # The resource tracker a shared-memory segment starts, once per process, is not the call's to leave.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rank_state.resource_tracker._resource_tracker, "_pid", child.pid)
+            assert running.left_behind() == ["2 threads"]
         stop.set()
         child.kill()
         child.wait()
