@@ -1,6 +1,7 @@
 """The multi-rank harness: ``launcher`` starts N real Paddle ranks as subprocesses and never leaves one behind,
 ``rank_entry`` is what each of those ranks runs, and ``gpu_profile`` reads a Paddle profile for device events.
-``rank_pool`` keeps ranks alive across calls (each runs ``pool_rank``), ``plugin`` is its pytest side (the
+``rank_pool`` keeps ranks alive across calls (each runs ``pool_rank``, which puts back after every call the state
+``rank_state`` recorded when the rank joined), ``pickles`` is how values cross, ``plugin`` is its pytest side (the
 ``paddle_ranks`` fixture), and ``rank_calls`` holds what a rank function may call about its own call
 (``exit_after_reply``, ``keep_open``, exported here).
 

@@ -45,12 +45,13 @@ class PaddleRanks:
         env: Mapping[str, str] | None = None,
     ) -> list[Any]:
         """Run module-level ``fn(**kwargs)`` on ``nranks`` ranks (each already ran ``init_parallel_env()``) and
-        return every rank's JSON-serialisable return value, by rank.
+        return every rank's return value (pickled across), by rank.
 
         ``fresh``: on a world of its own, thrown away after the call. ``env``: more environment for the ranks (ranks
         with another environment are another pool). ``timeout``: seconds for the call, ``PADDLE_RANKS_TIMEOUT_S`` by
-        default. A rank that raises, skips, leaves a signal group open or dies, and a call past its timeout, fail the
-        test with every rank's report; the next call runs on a fresh pool.
+        default, counted once every rank joined the world. A rank that raises, skips, leaves a signal group open or
+        dies, a call past its timeout, and a call interrupted by pytest-timeout's signal method, fail the test with
+        every rank's report; the next call runs on a fresh pool.
         """
         try:
             return self._run(fn, nranks, kwargs, timeout, fresh, env)
@@ -94,7 +95,7 @@ class PaddleRanks:
         ``.result()`` on what it returns waits for the ranks' results and fails the test as ``run`` does.
 
         For calls that mostly wait (a peer kept stuck for half a minute): the session's other calls run meanwhile.
-        ``timeout`` counts from this call, the ranks' start included. A started call nobody collects is killed at
+        ``timeout`` counts from the moment every rank joined the world. A started call nobody collects is killed at
         the end of the session.
         """
         return StartedRanks(self._pools.start(fn, nranks, kwargs=kwargs, **self._options(timeout, env)))
@@ -170,7 +171,11 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    config.stash[_POOLS].close()
+    # pytest unconfigures every plugin even when a configure hook raised before ours ran: a KeyError here would
+    # replace that error with one about our stash.
+    pools = config.stash.get(_POOLS, None)
+    if pools is not None:
+        pools.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -1,11 +1,13 @@
 """What each rank of a rank pool (``rank_pool``) runs, through ``rank_pool.POOL_RANK_BOOTSTRAP``: join the world
 once, then serve calls from the controller until it hangs up.
 
-Messages are JSON, one per ``Connection.send_bytes``. The controller sends a call
-``{"module", "qualname", "file", "kwargs", "sys_path"}``; the rank answers ``{"status": "ready"}`` once after
-joining, then one reply per call: ``{"status": "ok", "result": R, "exit_code": None | int}`` (``exit_code`` set
-when the function left through ``exit_after_reply``), or ``{"status": "raised" | "skipped" | "leftovers", "error":
-TEXT}``. Between calls the rank collects garbage and looks for signal groups the call left open.
+Messages are pickles (``pickles``), one per ``Connection.send_bytes``. The controller sends a call
+``{"module", "qualname", "file", "kwargs", "sys_path"}``; the rank answers ``{"status": "ready", "at": T}`` once
+after joining (``T``: its ``time.monotonic()``, the same clock as the controller's), then one reply per call:
+``{"status": "ok", "result": PICKLE, "exit_code": None | int, "left_behind": [...]}`` (``exit_code`` set when the
+function left through ``exit_after_reply``; ``left_behind`` names the threads and child processes the call left
+running), or ``{"status": "raised" | "skipped" | "leftovers", "error": TEXT}``. After every call the rank puts back
+the state it had when it joined (``rank_state``), collects garbage and looks for signal groups the call left open.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
-import json
 import os
 import sys
+import time
 import traceback
 from multiprocessing.connection import Connection
 from types import ModuleType
@@ -23,7 +25,7 @@ from typing import Any
 
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.signal_group import store_without_delay
-from fastdeploy_patch.testing import rank_calls, rank_entry
+from fastdeploy_patch.testing import pickles, rank_calls, rank_entry, rank_state
 
 _SIGNAL_GROUP_MODULE = "fastdeploy_patch.signal_group.group"
 SKIP_IN_RANK = (
@@ -34,10 +36,14 @@ SKIP_IN_RANK = (
 
 def main(argv: list[str]) -> int:
     """Join the world (``init_parallel_env`` when it has more than one rank) on the connection's file descriptor
-    ``argv[0]``, then serve calls. Returns the exit code: 0 when the controller hung up, 1 when joining failed."""
+    ``argv[0]``, then serve calls. Returns the exit code: 0 when the controller hung up, 1 when joining failed,
+    ``rank_entry.PORT_TAKEN_EXIT`` when another process holds the master's port (the pool starts again elsewhere)."""
     conn = Connection(int(argv[0]))
     try:
         join_world()
+    except rank_entry.PortTaken as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return rank_entry.PORT_TAKEN_EXIT
     except BaseException:  # noqa: BLE001 - any failure to join is this rank's exit, reported through its log
         traceback.print_exc()
         return 1
@@ -64,20 +70,24 @@ def join_world() -> None:
 
 
 def serve(conn: Connection) -> int:
-    """Answer ``{"status": "ready"}``, then one reply per call until the controller hangs up (returns 0)."""
-    _send(conn, {"status": "ready"})
+    """Record the rank's state (``rank_state.Baseline``), answer ``{"status": "ready"}``, then one reply per call
+    until the controller hangs up (returns 0)."""
+    baseline = rank_state.Baseline.take()
+    _send(conn, {"status": "ready", "at": time.monotonic()})
     while True:
         try:
             raw = conn.recv_bytes()
         except EOFError:
             return 0
-        _send(conn, run_call(json.loads(raw), conn))
+        _send(conn, run_call(pickles.loads(raw), conn, baseline))
 
 
-def run_call(call: dict[str, Any], conn: Connection) -> dict[str, Any]:
-    """Run one call and return its reply; the call's coverage is saved before the reply is."""
+def run_call(call: dict[str, Any], conn: Connection, baseline: rank_state.Baseline) -> dict[str, Any]:
+    """Run one call, put ``baseline`` back, and return the call's reply; the call's coverage is saved before the
+    reply is."""
     where = f"{call['module']}:{call['qualname']}"
     rank_calls.set_reply_delivery(lambda result, code: _send(conn, _ok(result, code, where)))
+    running, kept = rank_state.Running.now(), set(rank_calls.kept_groups())
     try:
         fn = resolve(call["module"], call["qualname"], call["file"], call["sys_path"])
         reply = _ok(fn(**call["kwargs"]), None, where)
@@ -91,6 +101,9 @@ def run_call(call: dict[str, Any], conn: Connection) -> dict[str, Any]:
             reply = {"status": "raised", "error": text}
     finally:
         rank_calls.set_reply_delivery(None)
+        baseline.restore()
+    if reply["status"] == "ok":
+        reply["left_behind"] = running.left_behind(threads=set(rank_calls.kept_groups()) <= kept)
     left = open_groups()
     if left and reply["status"] == "ok":
         names = "\n".join(f"  {group!r}" for group in left)
@@ -152,11 +165,9 @@ def open_groups() -> list[Any]:
 
 
 def _ok(result: object, exit_code: int | None, where: str) -> dict[str, Any]:
-    try:
-        json.dumps(result)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{where} returned {result!r}, which is not JSON-serialisable ({exc})") from None
-    return {"status": "ok", "result": result, "exit_code": exit_code}
+    rank = os.environ.get("PADDLE_TRAINER_ID", "0")
+    pickled = pickles.dumps(result, f"rank {rank} cannot send what {where} returned to the test process")
+    return {"status": "ok", "result": pickled, "exit_code": exit_code, "left_behind": []}
 
 
 def _is_skip(exc: BaseException) -> bool:
@@ -166,4 +177,4 @@ def _is_skip(exc: BaseException) -> bool:
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> None:
-    conn.send_bytes(json.dumps(message).encode())
+    conn.send_bytes(pickles.dumps(message, "a pool rank's reply"))

@@ -16,10 +16,19 @@ from pathlib import Path
 from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.testing import rank_calls
 
+READY_SUFFIX = ".ready"
+"""Beside its result file, the file a launched rank creates once it joined the world and imported its target."""
 MASTER_WAIT_S = 60.0
 """How long a rank other than 0 waits for rank 0's rendezvous store to listen before it joins anyway (Paddle's
 own connect timeout then applies)."""
 MASTER_POLL_S = 0.01
+PORT_TAKEN_EXIT = 75
+"""The exit code of a rank 0 that found its master port taken before joining: the rank pool starts the world again
+on other ports (test processes side by side pick ports that were free a moment before, not reserved)."""
+
+
+class PortTaken(RuntimeError):
+    """Another process listens on the port this rank 0 was told to serve the world's store on."""
 
 
 def join_world() -> None:
@@ -32,6 +41,8 @@ def join_world() -> None:
     master = os.environ.get("PADDLE_MASTER")
     if master and os.environ.get("PADDLE_TRAINER_ID", "0") != "0":
         wait_for_master(master)
+    elif master:
+        check_port_free(master)
     import paddle.distributed as dist
 
     dist.init_parallel_env()
@@ -50,6 +61,18 @@ def wait_for_master(endpoint: str, wait_s: float = MASTER_WAIT_S) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(MASTER_POLL_S)
+
+
+def check_port_free(endpoint: str) -> None:
+    """Raise ``PortTaken`` unless this process could bind ``endpoint`` (``host:port``) as the store does (with
+    ``SO_REUSEADDR``): Paddle's store aborts the process, with no Python error, when its port is taken."""
+    host, port = endpoint.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(port)))
+        except OSError as exc:
+            raise PortTaken(f"the master port {endpoint} is taken by another process: {exc}") from None
 
 
 def reclaim_signal_handlers() -> None:
@@ -78,6 +101,8 @@ def main(argv: list[str]) -> int:
         join_world()
         target = getattr(importlib.import_module(module_name), func_name)
         reclaim_signal_handlers()
+        # The launcher counts the call's timeout from the moment every rank is here.
+        Path(result_path + READY_SUFFIX).touch()
         rank_calls.set_reply_delivery(lambda result, code: write_result(result_path, result))
         result = target(**spec["kwargs"])
     except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is reported to the launcher

@@ -71,6 +71,7 @@ def run_ranks_or_fail(
     except RankTimeout as exc:
         stacks = "".join(f"\n----- rank {rank} -----\n{tail}" for rank, tail in sorted(exc.reports.items()))
         message = (
-            f"ranks {sorted(exc.reports)} of {nranks} hung in {target} for {exc.timeout:g} s; their stacks:{stacks}"
+            f"ranks {sorted(exc.reports)} of {nranks} hung in {target}{exc.during} for {exc.timeout:g} s; their "
+            f"stacks:{stacks}"
         )
     pytest.fail(message, pytrace=False)

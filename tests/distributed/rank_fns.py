@@ -530,9 +530,12 @@ def fail_on(*, rank: int, message: str) -> dict:
     return {}
 
 
-def hang_on(*, rank: int) -> dict:
-    """``rank`` hangs in a function whose name its stack shows; every other rank returns at once."""
+def hang_on(*, rank: int, entered: str | None = None) -> dict:
+    """``rank`` hangs in a function whose name its stack shows, after creating the file ``entered`` (when given) to
+    say it is there; every other rank returns at once."""
     if dist.get_rank() == rank:
+        if entered is not None:
+            Path(entered).touch()
         _hanging_here()
     return {"rank": dist.get_rank()}
 

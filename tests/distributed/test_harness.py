@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +27,12 @@ def test_a_failing_rank_is_named_with_its_traceback_and_the_others_are_killed() 
     assert time.monotonic() - started < 120
 
 
-def test_a_hanging_rank_is_named_with_its_stack_and_killed() -> None:
+def test_a_hanging_rank_is_named_with_its_stack_and_killed(tmp_path: Path) -> None:
+    entered = tmp_path / "rank1-in-the-hang"
     with pytest.raises(pytest.fail.Exception) as failure:
-        # Long enough for both ranks to start (about 2 s here, more under coverage on a busy host) and reach the hang.
-        run_ranks_or_fail(rank_fns.hang_on, 2, kwargs={"rank": 1}, timeout=HANG_TIMEOUT_S)
+        # The launcher counts the timeout from the moment both ranks joined the world and imported their target, so
+        # however long their start took on a busy host, rank 1 is in the hang and rank 0 has returned when it fires.
+        run_ranks_or_fail(rank_fns.hang_on, 2, kwargs={"rank": 1, "entered": str(entered)}, timeout=HANG_TIMEOUT_S)
 
     text = str(failure.value)
     assert text.startswith(
@@ -37,3 +40,5 @@ def test_a_hanging_rank_is_named_with_its_stack_and_killed() -> None:
     )
     assert "----- rank 1 -----" in text and "----- rank 0 -----" not in text
     assert "_hanging_here" in text
+    # The rank said it was in the hang: the stack shown is the hang's, not one of a rank still starting.
+    assert entered.exists()

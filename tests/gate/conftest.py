@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -20,9 +19,10 @@ def gate() -> ModuleType:
     spec = importlib.util.spec_from_file_location("ci_gate", GATE_PATH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the module body runs.
-    sys.modules["ci_gate"] = module
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        # As `python ci/gate.py` does, so that the gate imports suite_data.py from beside it.
+        patch.syspath_prepend(str(GATE_PATH.parent))
+        spec.loader.exec_module(module)
     return module
 
 
@@ -36,6 +36,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The gate reads these; a developer's shell must not change what a test sees.
     monkeypatch.delenv("COMPARE_REF", raising=False)
     monkeypatch.delenv("GATE_FAIL_UNDER", raising=False)
+    # Run under GitHub Actions, the gate would append the tests' reports to the real job summary.
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
     # A user's git config (diff.renames=false, commit signing, a default branch name) must not change the diffs.
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
@@ -43,6 +45,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(f"GIT_{role}_NAME", "Gate Test")
         monkeypatch.setenv(f"GIT_{role}_EMAIL", "gate-test@example.invalid")
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    # What the gate prints must come out in order without it, as in tox, which does not pass it on.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
 
 
 @pytest.fixture
@@ -56,13 +60,14 @@ def repo(tmp_path: Path) -> Repo:
 
 
 @pytest.fixture
-def run_gate(gate: ModuleType, capsys: pytest.CaptureFixture[str]) -> Callable[..., GateRun]:
-    """Run the gate's main() in a repository, as `python ci/gate.py ARGS` would from its root."""
+def run_gate(gate: ModuleType, capfd: pytest.CaptureFixture[str]) -> Callable[..., GateRun]:
+    """Run the gate's main() in a repository, as `python ci/gate.py ARGS` would from its root; what it prints
+    includes diff-cover's report, which the gate lets diff-cover print itself."""
 
     def run(repo: Repo, *args: str) -> GateRun:
-        capsys.readouterr()
+        capfd.readouterr()
         code = gate.main(list(args), cwd=repo.path)
-        captured = capsys.readouterr()
+        captured = capfd.readouterr()
         return GateRun(code, captured.out, captured.err)
 
     return run

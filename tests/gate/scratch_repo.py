@@ -28,6 +28,14 @@ if {xml}:
 """
 
 
+def run_python(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run this interpreter with ``args`` in ``cwd``; return its exit code and what it printed, stdout and stderr
+    apart."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False
+    )
+
+
 @dataclass
 class Repo:
     """A git work tree in a temporary directory, with helpers to change it, commit and measure coverage."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, Repo
+from .scratch_repo import CHILD_TIMEOUT_S, GATE_PATH, Repo, run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,7 +77,7 @@ FULLY_COVERED = COVERED_AT_90 + "; calc.describe(None)"
 
 def copy_ci_files(repo: Repo) -> None:
     """The project's CI scripts and configuration (pyproject.toml for coverage's: relative paths, branches)."""
-    for relpath in (".ci/run", "ci/gate.py", "ci/unit_coverage.py", "tox.ini", "pyproject.toml"):
+    for relpath in (".ci/run", "ci/gate.py", "ci/suite_data.py", "ci/unit_coverage.py", "tox.ini", "pyproject.toml"):
         (repo.path / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relpath, repo.path / relpath)
 
@@ -135,6 +135,14 @@ def run_ci(
     return result, calls
 
 
+ALL_PASSED = [
+    "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
+    "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
+    "ci: unit coverage 100% (tox -e unit-coverage): passed (exit 0)",
+    "ci: passed",
+]
+
+
 def summary(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("ci: ")]
 
@@ -148,9 +156,9 @@ def test_a_change_covered_below_80_percent_fails_at_the_gate_naming_the_file_and
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert calls == ["(all)", "-e gate", "-e unit-coverage"]
-    assert "  fastdeploy_patch/calc.py: 10.0% (uncovered lines: 6-14)" in result.stdout
-    assert "FAIL: patch coverage 10.0% is below the 80% threshold" in result.stdout
-    assert "FAIL: the unit tests cover" in result.stdout
+    assert "\nfastdeploy_patch/calc.py (10.0%): Missing lines 6-14\n" in result.stdout
+    assert "\ngate: FAIL: patch coverage 10.0% is below the 80% threshold (HEAD against HEAD~1)\n" in result.stdout
+    assert "\nCoverage failure: total of 21 is less than fail-under=100\n" in result.stdout
     assert summary(result.stdout) == [
         "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
         "ci: patch-coverage gate (tox -e gate): FAILED (exit 1)",
@@ -168,15 +176,11 @@ def test_a_change_covered_at_90_percent_passes_the_gate_then_fails_the_100_perce
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert calls == ["(all)", "-e gate", "-e unit-coverage"]
-    assert "  fastdeploy_patch/calc.py: 90.0% (uncovered lines: 10)" in result.stdout
-    assert "PASS: patch coverage 90.0% meets the 80% threshold" in result.stdout
+    assert "\nfastdeploy_patch/calc.py (90.0%): Missing lines 10\n" in result.stdout
+    assert "\ngate: PASS: patch coverage 90.0% meets the 80% threshold (HEAD against HEAD~1)\n" in result.stdout
     # coverage's own table: the file, then its missing line among the columns.
-    [row] = [line for line in result.stdout.splitlines() if line.startswith("fastdeploy_patch/calc.py ")]
-    assert row.split()[-1] == "10"
-    assert (
-        "FAIL: the unit tests cover 86% of the lines and branches of fastdeploy_patch/, below the 100% the project "
-        "requires; the table above lists what they miss"
-    ) in result.stdout
+    assert "\nfastdeploy_patch/calc.py      12      1      2      1    86%   10\n" in result.stdout
+    assert "\nCoverage failure: total of 86 is less than fail-under=100\n" in result.stdout
     assert summary(result.stdout) == [
         "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
         "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
@@ -192,14 +196,24 @@ def test_a_fully_covered_change_passes_both(repo: Repo, tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert calls == ["(all)", "-e gate", "-e unit-coverage"]
-    assert "PASS: patch coverage 100.0% meets the 80% threshold" in result.stdout
-    assert "PASS: the unit tests cover 100% of the lines and branches of fastdeploy_patch/" in result.stdout
-    assert summary(result.stdout) == [
-        "ci: tests (tox: lint, workflow-lint, unit, distributed): passed (exit 0)",
-        "ci: patch-coverage gate (tox -e gate): passed (exit 0)",
-        "ci: unit coverage 100% (tox -e unit-coverage): passed (exit 0)",
-        "ci: passed",
-    ]
+    assert "\ngate: PASS: patch coverage 100.0% meets the 80% threshold (HEAD against HEAD~1)\n" in result.stdout
+    assert "\n2 files skipped due to complete coverage.\n" in result.stdout
+    assert "Coverage failure" not in result.stdout
+    assert summary(result.stdout) == ALL_PASSED
+
+
+def test_a_docs_only_commit_passes_and_the_gate_says_there_is_nothing_to_gate(repo: Repo, tmp_path: Path) -> None:
+    prepared = ci_repo(repo, tmp_path, FULLY_COVERED)
+    repo.write("README.md", "# calc\n\nAdds numbers.\n")
+    repo.commit("docs only")
+
+    result, calls = run_ci(repo, tmp_path, prepared)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert calls == ["(all)", "-e gate", "-e unit-coverage"]
+    assert "\nNo lines with coverage information in this diff.\n" in result.stdout
+    assert "\ngate: PASS: nothing to gate, no coverable line changed (HEAD against HEAD~1)\n" in result.stdout
+    assert summary(result.stdout) == ALL_PASSED
 
 
 def test_a_failed_distributed_suite_skips_the_gate_and_still_judges_the_unit_coverage(
@@ -263,20 +277,14 @@ def test_passing_suites_whose_data_is_missing_still_reach_the_gate_which_says_so
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert calls == ["(all)", "-e gate", "-e unit-coverage"]
-    assert "gate: error: no coverage data from the unit suite" in result.stderr
-    assert "unit-coverage: error: no coverage data from the unit suite" in result.stderr
+    missing = "coverage data from the unit suite (coverage-data/unit.coverage) not found: run `tox -e unit`."
+    assert f"gate: error: {missing}\n" in result.stderr
+    assert f"unit-coverage: error: {missing}\n" in result.stderr
     assert summary(result.stdout)[-1] == "ci: FAILED (exit 2)"
 
 
 def run_unit_coverage(repo: Repo, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(UNIT_COVERAGE_PATH), *args],
-        cwd=repo.path,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-        check=False,
-    )
+    return run_python(repo.path, str(UNIT_COVERAGE_PATH), *args)
 
 
 def unit_data(repo: Repo, calls: str) -> None:
@@ -295,7 +303,7 @@ def test_unit_coverage_lists_only_the_files_that_miss_something(repo: Repo) -> N
     assert result.returncode == 1, result.stdout + result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("fastdeploy_patch/")]
     assert rows == ["fastdeploy_patch/calc.py"]
-    assert result.stdout.rstrip().endswith("the table above lists what they miss")
+    assert result.stdout.endswith("\nCoverage failure: total of 88 is less than fail-under=100\n")
 
 
 def test_unit_coverage_counts_a_file_no_test_imported(repo: Repo) -> None:
@@ -323,8 +331,8 @@ def test_unit_coverage_without_data_names_the_env_to_run(repo: Repo) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == (
-        "unit-coverage: error: no coverage data from the unit suite (coverage-data/unit.coverage not found): "
-        "run `tox -e unit` first.\n"
+        "unit-coverage: error: coverage data from the unit suite (coverage-data/unit.coverage) not found: "
+        "run `tox -e unit`.\n"
     )
 
 
@@ -337,8 +345,12 @@ def test_unit_coverage_refuses_data_older_than_the_source(repo: Repo) -> None:
     result = run_unit_coverage(repo)
 
     assert result.returncode == 2
-    assert result.stderr.startswith("unit-coverage: error: coverage data from the unit suite (coverage-data/unit.")
-    assert result.stderr.endswith("run `tox -e unit` first.\n")
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        "unit-coverage: error: coverage data from the unit suite (coverage-data/unit.coverage) is older than "
+        "fastdeploy_patch/"
+    )
+    assert result.stderr.endswith(".py: run `tox -e unit`.\n")
 
 
 def test_unit_coverage_rejects_a_bad_threshold(repo: Repo) -> None:
@@ -346,3 +358,27 @@ def test_unit_coverage_rejects_a_bad_threshold(repo: Repo) -> None:
 
     assert result.returncode == 2
     assert "unit-coverage: error: argument --fail-under: must be between 0 and 100, got '101'" in result.stderr
+
+
+def test_unit_coverage_refuses_data_coverage_cannot_read(repo: Repo) -> None:
+    unit_data(repo, FULLY_COVERED)
+    (repo.path / "coverage-data" / "unit.coverage").write_text("not a coverage data file", encoding="utf-8")
+
+    result = run_unit_coverage(repo)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        "unit-coverage: error: coverage data from the unit suite (coverage-data/unit.coverage) is unreadable ("
+    )
+
+
+def test_unit_coverage_reports_coverage_failing_on_its_own_as_an_error(repo: Repo) -> None:
+    unit_data(repo, FULLY_COVERED)
+
+    # No file under the source directory matches: coverage has nothing to report and exits 1, its error code.
+    result = run_unit_coverage(repo, "--source-dir", "coverage-data")
+
+    assert result.returncode == 2
+    assert "No data to report." in result.stdout
+    assert result.stderr == "unit-coverage: error: `coverage report` failed (exit 1); its output is above.\n"

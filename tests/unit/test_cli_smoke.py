@@ -6,10 +6,12 @@ import runpy
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
 
+import fastdeploy_patch
 from fastdeploy_patch import cli
 from fastdeploy_patch.testing.launcher import RankFailed
 
@@ -76,9 +78,10 @@ def test_module_entry_point_exits_with_the_cli_code():
 
 def test_running_the_package_as_main_exits_with_the_cli_code(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["fastdeploy_patch", "smoke", "--nranks", "0"])
-    # runpy runs a fresh copy of the module; one imported earlier would make it warn.
-    monkeypatch.delitem(sys.modules, "fastdeploy_patch.__main__", raising=False)
+    # run_path compiles the file itself: run_module would load it through whichever import hook finds the package
+    # first, and under `python -m pytest` that is pytest's assertion rewriter, which runpy cannot load from.
+    main_file = Path(fastdeploy_patch.__file__).with_name("__main__.py")
     with pytest.raises(SystemExit) as exited:
-        runpy.run_module("fastdeploy_patch", run_name="__main__")
+        runpy.run_path(str(main_file), run_name="__main__")
     assert exited.value.code == 2
     assert "argument --nranks: expected a positive integer, got '0'" in capsys.readouterr().err

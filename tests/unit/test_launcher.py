@@ -5,10 +5,12 @@ Multi-rank control flow runs against fake processes; one-rank runs start real ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,8 @@ class FakeProcess:
     instances: ClassVar[list[FakeProcess]] = []
     signals: ClassVar[list[tuple[int, int]]] = []
     scripts: ClassVar[dict[int, list[int | None]]] = {}
+    joins = True
+    """Whether each rank says it is ready (joined, target imported) as soon as it starts."""
 
     def __init__(self, argv, *, env, stdout, **kwargs):
         self.argv, self.env, self.kwargs = argv, env, kwargs
@@ -40,6 +44,8 @@ class FakeProcess:
         self.spec = json.loads(Path(argv[3]).read_text())
         self.wait_timeouts: list[float | None] = []
         stdout.write(f"log of rank {self.rank}\n".encode())
+        if FakeProcess.joins:
+            Path(argv[-1] + ".ready").touch()
         FakeProcess.instances.append(self)
 
     def poll(self):
@@ -66,6 +72,7 @@ def fake_popen(monkeypatch):
     FakeProcess.instances = []
     FakeProcess.signals = []
     FakeProcess.scripts = {}
+    FakeProcess.joins = True
     killpg_calls: list[tuple[int, int]] = []
 
     def killpg(pid, sig):
@@ -84,7 +91,7 @@ def fake_popen(monkeypatch):
 def fake_ranks(fake_popen, monkeypatch):
     """FakeProcess ranks, and no real waiting for their stacks or their exit."""
     monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
-    monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
+    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
     return fake_popen
 
 
@@ -105,9 +112,46 @@ def test_bad_arguments_raise_value_error_before_starting_anything(kwargs, messag
 
 
 def test_free_ports_are_distinct_and_bindable():
-    ports = free_ports(5)
+    with contextlib.ExitStack() as claims:
+        ports = free_ports(5, claims)
     assert len(set(ports)) == 5
     assert all(1024 <= port < 65536 for port in ports)
+
+
+def test_a_port_another_test_process_claimed_is_never_handed_out_until_its_claim_ends(monkeypatch):
+    real_socket = socket.socket
+    handed: list[int] = []
+
+    class Probe:
+        """A TCP socket bound to port 0 that the kernel gives the ports of ``offers`` in turn."""
+
+        offers: ClassVar[list[int]] = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def bind(self, address):
+            handed.append(Probe.offers.pop(0))
+
+        def getsockname(self):
+            return ("127.0.0.1", handed[-1])
+
+    def sockets(family, kind):
+        return real_socket(family, kind) if family == socket.AF_UNIX else Probe()
+
+    with contextlib.ExitStack() as theirs:
+        (taken,) = free_ports(1, theirs)
+        monkeypatch.setattr(launcher.socket, "socket", sockets)
+        Probe.offers = [taken, taken + 1]
+        with contextlib.ExitStack() as ours:
+            assert free_ports(1, ours) == [taken + 1]
+    # Their process closed its claims (or died): the port can be handed out again.
+    Probe.offers = [taken]
+    with contextlib.ExitStack() as ours:
+        assert free_ports(1, ours) == [taken]
 
 
 def test_rank_env_for_gloo_hides_gpus_and_names_every_endpoint():
@@ -140,6 +184,7 @@ def test_success_returns_results_in_rank_order_and_reaps_every_rank(fake_ranks):
     assert first.spec == {"target": "pkg.mod:fn", "kwargs": {"x": 1}}
     assert first.env["EXTRA"] == "yes"
     assert first.env["PYTHONUNBUFFERED"] == "1"
+    assert first.env[launcher.PARENT_VAR] == str(os.getpid())
     assert first.kwargs["start_new_session"] is True
     assert first.kwargs["stdin"] is subprocess.DEVNULL
     # Every rank's session is signalled, even after a clean exit, so no grandchild survives.
@@ -173,6 +218,29 @@ def test_timeout_asks_each_live_rank_for_its_stack_then_kills_all(fake_ranks):
     assert all(process.killed for process in FakeProcess.instances)
 
 
+def test_the_timeout_counts_from_the_moment_every_rank_is_ready_with_a_start_bound_before(fake_ranks):
+    FakeProcess.scripts = {0: [None], 1: [None]}
+    FakeProcess.joins = False
+    with pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 2, timeout=30, start_timeout=0.05, poll_interval=0.01)
+    assert (caught.value.timeout, caught.value.during) == (0.05, " while the ranks started")
+    assert str(caught.value).startswith("ranks [0, 1] did not finish within 0.05 s while the ranks started; their")
+    # Ready: a rank that finished counts as ready too; only then does the call's timeout start.
+    FakeProcess.instances = []
+    FakeProcess.scripts = {0: [None], 1: [0]}
+    ready = []
+
+    def join_late(seconds: float) -> None:
+        ready.append(launcher.time.monotonic())
+        if len(ready) == 3:
+            Path(FakeProcess.instances[0].argv[-1] + ".ready").touch()
+
+    with mock.patch.object(launcher.time, "sleep", join_late), pytest.raises(RankTimeout) as caught:
+        run_ranks("pkg.mod:fn", 2, timeout=0.2, start_timeout=30, poll_interval=0.01)
+    assert (caught.value.timeout, caught.value.during) == (0.2, "")
+    assert caught.value.reports == {0: "log of rank 0\n"}
+
+
 def test_a_rank_ignoring_sigterm_is_sigkilled_after_the_grace(fake_ranks):
     FakeProcess.scripts = {0: [None, 0]}
     FakeProcess.scripts[0][-1] = None  # never exits by itself
@@ -201,6 +269,7 @@ def test_the_documented_waits_are_120_s_for_the_ranks_1_s_for_their_stacks_and_3
     with pytest.raises(RankTimeout) as caught:
         run_ranks("pkg.mod:fn", 1, poll_interval=10.0)
     assert caught.value.timeout == 120.0
+    assert launcher.START_TIMEOUT_S == 180.0
     assert sleeps == [10.0] * 12 + [1.0]
     (process,) = FakeProcess.instances
     assert process.wait_timeouts[0] == 3.0
@@ -230,6 +299,19 @@ def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
     assert rank.log_tail() == ""
     rank.log_path.write_text("x" * 4010 + "END")
     assert rank.log_tail() == "x" * 3997 + "END"
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_whose_parent_is_already_gone_leaves_at_once():
+    # The pid named is not this process's (the rank's parent): as if the parent had died before the prelude ran.
+    done = subprocess.run(
+        [sys.executable, "-c", launcher.RANK_PRELUDE + "print('still here')"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, launcher.PARENT_VAR: str(os.getpid() + 1)},
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
 
 
 @pytest.mark.timeout(60)
@@ -264,11 +346,13 @@ def test_exit_description_names_the_signal_that_killed_a_process(returncode, exp
     assert launcher.exit_description(returncode) == expected
 
 
-def test_the_bootstrap_starts_with_the_prelude_that_arms_faulthandler():
+def test_the_bootstrap_starts_with_the_prelude_that_ties_the_rank_to_its_parent_and_arms_faulthandler():
     assert launcher.RANK_BOOTSTRAP.startswith(launcher.RANK_PRELUDE)
     statements = [part.strip() for part in launcher.RANK_PRELUDE.split(";") if part.strip()]
     assert statements == [
-        "import faulthandler, signal, sys",
+        "import ctypes, faulthandler, os, signal, sys",
+        "ctypes.CDLL(None).prctl(1, signal.SIGKILL)",
+        "os.getppid() == int(os.environ.get('FDP_RANK_PARENT', os.getppid())) or os._exit(1)",
         "faulthandler.enable(all_threads=True)",
         "faulthandler.register(signal.SIGUSR1, all_threads=True)",
     ]
@@ -341,7 +425,11 @@ def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the launcher's deadline pass the moment the child creates ``ready``, however long it took to get there
     on a loaded machine."""
     real_clock = launcher.time.monotonic
-    monkeypatch.setattr(launcher.time, "monotonic", lambda: real_clock() + (3600 if ready.exists() else 0))
+    jumps = iter(range(1, 1 << 30))
+    # Each look after that is an hour later than the last: a deadline set meanwhile passes at the next look too.
+    monkeypatch.setattr(
+        launcher.time, "monotonic", lambda: real_clock() + (3600 * next(jumps) if ready.exists() else 0)
+    )
 
 
 def _children_named(text: str) -> list[str]:

@@ -57,12 +57,12 @@ def popen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     signalled: list[tuple[int, int]] = []
     monkeypatch.setattr(launcher.subprocess, "Popen", RecordingPopen)
     monkeypatch.setattr(launcher.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
-    monkeypatch.setattr(launcher, "_KILL_GRACE_S", 0.01)
+    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
     return signalled
 
 
 def test_each_rank_gets_its_host_prefix_and_environment(popen, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher, "free_ports", lambda count: [7001, 7002, 7003])
+    monkeypatch.setattr(launcher, "free_ports", lambda count, claims: [7001, 7002, 7003])
     placements = [
         RankPlacement("10.231.0.1", ("nsenter", "--target=11", "--"), {"GLOO_SOCKET_IFNAME": "vetha", "X": "a"}),
         RankPlacement("10.231.0.2", ("nsenter", "--target=22", "--"), {"GLOO_SOCKET_IFNAME": "vethb"}),

@@ -94,8 +94,13 @@ def test_a_failing_world_join_is_reported_like_a_target_failure(spec, monkeypatc
 
 @pytest.mark.parametrize(
     ("trainer_id", "master", "waited"),
-    [("1", "127.0.0.1:6170", ["127.0.0.1:6170"]), ("0", "127.0.0.1:6170", []), ("1", None, [])],
-    ids=["a-later-rank-waits-for-the-master", "rank-0-is-the-master", "no-master-named"],
+    [
+        ("1", "127.0.0.1:6170", ["127.0.0.1:6170"]),
+        ("0", "127.0.0.1:6170", ["free 127.0.0.1:6170"]),
+        ("1", None, []),
+        ("0", None, []),
+    ],
+    ids=["a-later-rank-waits-for-the-master", "rank-0-checks-its-port-is-free", "no-master-named", "no-master-0"],
 )
 def test_only_a_later_rank_with_a_master_named_waits_for_it_before_joining(monkeypatch, trainer_id, master, waited):
     events: list[str] = []
@@ -106,9 +111,18 @@ def test_only_a_later_rank_with_a_master_named_waits_for_it_before_joining(monke
     else:
         monkeypatch.setenv("PADDLE_MASTER", master)
     monkeypatch.setattr(rank_entry, "wait_for_master", lambda endpoint: events.append(endpoint))
+    monkeypatch.setattr(rank_entry, "check_port_free", lambda endpoint: events.append(f"free {endpoint}"))
     with mock.patch("paddle.distributed.init_parallel_env", side_effect=lambda: events.append("init")):
         rank_entry.join_world()
     assert events == [*waited, "init"]
+
+
+def test_a_master_port_another_process_listens_on_is_refused_before_paddle_binds_it():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with pytest.raises(rank_entry.PortTaken, match=rf"^the master port 127.0.0.1:{port} is taken by another"):
+            rank_entry.check_port_free(f"127.0.0.1:{port}")
+    rank_entry.check_port_free(f"127.0.0.1:{port}")
 
 
 def test_a_world_of_one_joins_nothing(monkeypatch):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,9 +18,7 @@ from fastdeploy_patch.testing import pool_rank, rank_calls, rank_pool
 from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
 
 # A rank that serves calls on its connection without importing Paddle or joining a world.
-FAKE_BOOTSTRAP = (
-    "import faulthandler, signal, sys; faulthandler.enable(all_threads=True); "
-    "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+FAKE_BOOTSTRAP = rank_pool.launcher.RANK_PRELUDE + (
     "from multiprocessing.connection import Connection; from fastdeploy_patch.testing import pool_rank; "
     "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))"
 )
@@ -45,14 +45,19 @@ def sleep_long() -> None:
     time.sleep(60)
 
 
+def sleep_ignoring_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
 def leave_after_reply() -> int:
     if os.environ["PADDLE_TRAINER_ID"] == "0":
         rank_calls.exit_after_reply("gone", 0)
     return 1
 
 
-def not_json() -> object:
-    return {1, 2}
+def not_picklable() -> object:
+    return threading.Lock()
 
 
 @pytest.fixture
@@ -130,9 +135,14 @@ def test_exit_after_reply_counts_the_reply_then_retires_the_pool(pools: RankPool
     assert pools.recycles == {"rank exited": 1}
 
 
-def test_a_result_that_is_not_json_fails_the_call(pools: RankPools) -> None:
-    with pytest.raises(RankCallFailed, match=re.escape("returned {1, 2}, which is not JSON-serialisable")):
-        pools.run(not_json, 1, timeout=30)
+def test_a_result_that_cannot_be_pickled_fails_the_call_naming_the_rank_and_the_type(pools: RankPools) -> None:
+    with pytest.raises(RankCallFailed) as failed:
+        pools.run(not_picklable, 1, timeout=30)
+    assert failed.value.reason == "rank raised"
+    assert (
+        "TypeError: rank 0 cannot send what tests.unit.test_rank_pool:not_picklable returned to the test process: a "
+        "lock that cannot be pickled (TypeError: cannot pickle '_thread.lock' object)"
+    ) in failed.value.error
 
 
 def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: RankPools) -> None:
@@ -173,14 +183,34 @@ def test_a_started_call_that_fails_or_overstays_raises_when_collected(pools: Ran
     with pytest.raises(RankCallFailed) as failed:
         failing.result()
     assert (failed.value.rank, failed.value.reason) == (1, "rank raised")
-    # The timeout counts from start(): the ranks' start is part of it.
     slow = pools.start(sleep_long, 1, timeout=1.5)
-    started_at = time.monotonic()
     with pytest.raises(RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long"):
         slow.result()
-    assert time.monotonic() - started_at < 1.5 + 2
     assert pools.recycles == {"rank raised": 1, "rank hung": 1}
     assert pools.live_pids() == []
+
+
+def sleep_briefly(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+# Ranks that take 3 s to join the world, longer than the calls' timeouts below.
+SLOW_JOIN_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing", "import time; time.sleep(3); from multiprocessing"
+)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_calls_timeout_counts_from_the_moment_every_rank_joined(started: bool) -> None:
+    pools = RankPools(bootstrap=SLOW_JOIN_BOOTSTRAP)
+    try:
+        if started:
+            assert pools.start(sleep_briefly, 2, kwargs={"seconds": 0.5}, timeout=2.0).result() == [0.5, 0.5]
+        else:
+            assert pools.run(sleep_briefly, 2, kwargs={"seconds": 0.5}, timeout=2.0, fresh=True) == [0.5, 0.5]
+    finally:
+        pools.close()
 
 
 def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools) -> None:
@@ -210,8 +240,8 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
     monkeypatch.setattr(rank_pool.RankPool, "send", lambda self, target, kwargs: (_ for _ in ()).throw(OSError("x")))
     with pytest.raises(OSError, match="x"):
         pools.start(rank_id, 1, timeout=5.0)
-    assert (pools.starts, pools.recycles) == (1, {"interrupted": 1})
-    assert pools.live_pids() == []
+    assert (pools.starts, pools.recycles) == (1, {"error in the test process": 1})
+    assert pools.live_pids() == [] and pools._alive == []
 
 
 @pytest.mark.parametrize(
@@ -222,7 +252,12 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
         ((2, None, 0, None), ValueError, "timeout must be a finite number of seconds > 0, got 0"),
         ((2, None, float("inf"), None), ValueError, "timeout must be a finite number of seconds > 0, got inf"),
         ((2, [1], 1.0, None), TypeError, "kwargs must be a mapping of argument names to values, got [1]"),
-        ((2, {"x": {1}}, 1.0, None), TypeError, "kwargs must be JSON-serialisable"),
+        (
+            (2, {"x": 1, "gen": (i for i in ())}, 1.0, None),
+            TypeError,
+            "the test process cannot send kwargs['gen'] to the ranks: a generator that cannot be pickled (TypeError: "
+            "cannot pickle 'generator' object)",
+        ),
         ((2, None, 1.0, {"A": 1}), TypeError, "env must map variable names to strings, got {'A': 1}"),
     ],
 )
@@ -302,7 +337,7 @@ def test_closing_a_pool_twice_or_one_never_started_does_nothing() -> None:
     (pid,) = pool.pids()
     pool.close()
     pool.close()
-    pool._kill()
+    pool.kill()
     assert not os.path.exists(f"/proc/{pid}")
     assert pool._workdir is None
 
@@ -343,3 +378,200 @@ def test_saving_coverage_where_nothing_is_measured_does_nothing(monkeypatch: pyt
 
     monkeypatch.setattr(coverage.Coverage, "current", staticmethod(lambda: None))
     assert rank_calls.save_coverage() is None
+
+
+def echo(value: object) -> object:
+    return value
+
+
+def test_values_cross_as_pickles_both_ways_even_64_mib_at_once(pools: RankPools) -> None:
+    import numpy as np
+
+    value = {1: (2, 3), (4,): {5, 6}, "b": b"\x00\xff", "a": np.arange(6, dtype=np.float16).reshape(3, 2)}
+    first, second = pools.run(echo, 2, kwargs={"value": value}, timeout=30)
+    assert second.keys() == value.keys()
+    assert first.keys() == value.keys() and first[1] == (2, 3) and first[(4,)] == {5, 6} and first["b"] == b"\x00\xff"
+    assert (first["a"].dtype, first["a"].shape, first["a"].tolist()) == (np.float16, (3, 2), value["a"].tolist())
+    big = np.arange(64 << 20, dtype=np.uint8)
+    results = pools.run(echo, 2, kwargs={"value": big}, timeout=60)
+    assert all(result.nbytes == 64 << 20 and np.array_equal(result, big) for result in results)
+
+
+def change_everything(seed: int) -> dict:
+    import random
+    import signal
+    import warnings
+
+    import numpy as np
+
+    drawn = {"random": random.random(), "numpy": float(np.random.rand()), "env": os.environ.get("FDP_LEAK")}
+    drawn.update(cwd=os.getcwd(), first_path=sys.path[0], filters=len(warnings.filters))
+    drawn["sigint"] = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    os.environ["FDP_LEAK"] = "left"
+    os.chdir("/")
+    sys.path.insert(0, "/fdp-leak")
+    warnings.simplefilter("error")
+    random.seed(seed)
+    np.random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return drawn
+
+
+def test_each_call_starts_from_the_state_the_rank_joined_with(pools: RankPools) -> None:
+    first = pools.run(change_everything, 2, kwargs={"seed": 1}, timeout=30)
+    pids = pools.live_pids()
+    again = pools.run(change_everything, 2, kwargs={"seed": 2}, timeout=30)
+    assert again == first
+    assert first[0]["env"] is None and first[0]["first_path"] != "/fdp-leak" and first[0]["sigint"]
+    assert first[0]["cwd"] == os.getcwd()
+    assert pools.live_pids() == pids and pools.recycles == {}
+
+
+def leave_a_thread() -> int:
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    return os.getpid()
+
+
+def leave_a_child() -> int:
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=False)
+    return os.getpid()
+
+
+def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_says_why(pools: RankPools) -> None:
+    pids = pools.run(leave_a_thread, 2, timeout=30)
+    assert pools.live_pids() == [] and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    pools.run(leave_a_child, 1, timeout=30)
+    assert pools.live_pids() == []
+    assert pools.summary() == (
+        "paddle_ranks: 2 pool starts, 2 calls served, 2 recycles (state left behind: 1 child process: 1, "
+        "state left behind: 1 thread: 1)"
+    )
+
+
+def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """The next wait for replies gives the ranks a moment to get into their call, then raises ``exc``, as a signal
+    handler would."""
+    real_wait = rank_pool.wait
+
+    def wait(objects, timeout):
+        real_wait(objects, 0.3)
+        raise exc
+
+    monkeypatch.setattr(rank_pool, "wait", wait)
+
+
+def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, KeyboardInterrupt())
+    started_at = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pools.run(sleep_long, 2, timeout=30)
+    # Killed at once, not given the grace of ranks that are asked to leave (they are busy in the call).
+    assert time.monotonic() - started_at < rank_pool.CLOSE_GRACE_S
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert pools.recycles == {"interrupted": 1} and pools._alive == []
+
+
+def test_an_outcome_raised_in_a_call_fails_it_with_every_ranks_stack(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, pytest.fail.Exception("Timeout >5.0s"))
+    with pytest.raises(rank_pool.RankCallInterrupted) as interrupted:
+        pools.run(sleep_long, 2, timeout=30)
+    text = str(interrupted.value)
+    assert text.startswith("Failed: Timeout >5.0s, while 2 rank(s) ran tests.unit.test_rank_pool:sleep_long; their")
+    for rank in (0, 1):
+        assert "in sleep_long" in interrupted.value.reports[rank]
+    assert isinstance(interrupted.value.__cause__, pytest.fail.Exception)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+    assert pools.recycles == {"interrupted": 1}
+
+
+def test_a_second_ctrl_c_while_the_ranks_are_killed_cannot_spare_one(pools: RankPools, monkeypatch) -> None:
+    pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
+    interrupt_the_wait(monkeypatch, KeyboardInterrupt("first"))
+    real_wait = subprocess.Popen.wait
+
+    def interrupted_grace(self, timeout=None):
+        if timeout is not None:
+            raise KeyboardInterrupt("second")
+        return real_wait(self)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_grace)
+    with pytest.raises(KeyboardInterrupt, match="second"):
+        # Ranks that ignore SIGTERM: only the SIGKILL the second interrupt must not skip ends them.
+        pools.run(sleep_ignoring_sigterm, 2, timeout=30)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_closing_the_session_kills_every_pool_whatever_interrupts_it(pools: RankPools) -> None:
+    pooled = [r["pid"] for r in pools.run(rank_id, 1, timeout=30)]
+    started = pools.start(sleep_long, 1, timeout=30)
+
+    def interrupted(self, reason="cancelled"):
+        raise KeyboardInterrupt
+
+    # Undone before the fixture closes the pools again (the autouse fixtures' monkeypatch outlives it).
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(rank_pool.StartedCall, "cancel", interrupted)
+        pools.close()
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pooled + started.pids())
+    assert pools._alive == []
+
+
+def test_a_failed_pidfd_open_leaves_no_rank_running(pools: RankPools, monkeypatch) -> None:
+    started: list[int] = []
+
+    def refuse(pid: int) -> int:
+        started.append(pid)
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(rank_pool.os, "pidfd_open", refuse)
+    with pytest.raises(OSError, match="Function not implemented"):
+        pools.run(rank_id, 2, timeout=30)
+    assert len(started) == 1 and not os.path.exists(f"/proc/{started[0]}")
+    assert pools.recycles == {"error in the test process": 1}
+
+
+# Rank 0 exits as a rank 0 whose master port was taken, the first FDP_TEST_TAKEN times it starts.
+PORT_TAKEN_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing",
+    "import os, pathlib; mark = pathlib.Path(os.environ['FDP_TEST_MARK'] + os.environ['PADDLE_TRAINER_ID']); "
+    "starts = int(mark.read_text()) + 1 if mark.exists() else 1; mark.write_text(str(starts)); "
+    "os.environ['PADDLE_TRAINER_ID'] == '0' and starts <= int(os.environ['FDP_TEST_TAKEN']) and sys.exit(75); "
+    "from multiprocessing",
+)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_world_whose_master_port_was_taken_starts_again_on_other_ports(tmp_path, started: bool) -> None:
+    pools = RankPools(bootstrap=PORT_TAKEN_BOOTSTRAP)
+    env = {"FDP_TEST_MARK": str(tmp_path / "starts"), "FDP_TEST_TAKEN": "2"}
+    try:
+        if started:
+            results = pools.start(rank_id, 2, timeout=30, env=env).result()
+        else:
+            results = pools.run(rank_id, 2, timeout=30, env=env)
+        assert [r["rank"] for r in results] == [0, 1]
+        assert (tmp_path / "starts0").read_text() == "3"
+        assert pools.recycles == ({"fresh world": 1} if started else {})
+    finally:
+        pools.close()
+
+
+def test_a_master_port_taken_every_time_fails_the_call_after_the_last_attempt(tmp_path) -> None:
+    pools = RankPools(bootstrap=PORT_TAKEN_BOOTSTRAP)
+    env = {"FDP_TEST_MARK": str(tmp_path / "starts"), "FDP_TEST_TAKEN": "99"}
+    try:
+        with pytest.raises(RankCallFailed) as failed:
+            pools.run(rank_id, 2, timeout=30, env=env)
+    finally:
+        pools.close()
+    assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (0, 75, "port taken")
+    assert (tmp_path / "starts0").read_text() == str(rank_pool.PORT_ATTEMPTS)
+    assert pools.recycles == {"port taken": 1}
+
+
+def test_the_documented_bounds_of_a_pool() -> None:
+    # Literals on purpose: how long a user waits, and how often a start is tried, are decisions this test shows.
+    assert (rank_pool.START_TIMEOUT_S, rank_pool.CLOSE_GRACE_S, rank_pool.KILL_GRACE_S) == (180.0, 5.0, 1.0)
+    assert (rank_pool.PORT_ATTEMPTS, rank_pool.PORT_TAKEN_EXIT) == (3, 75)

@@ -3,16 +3,16 @@ world), a fake connection, and real SignalGroup objects with no transport behind
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
 
 from fastdeploy_patch.signal_group import SignalGroup
-from fastdeploy_patch.testing import plugin, pool_rank, rank_calls
+from fastdeploy_patch.testing import pickles, plugin, pool_rank, rank_calls, rank_state
 from fastdeploy_patch.testing.rank_pool import RankPools
 from tests.unit.test_rank_pool import FAKE_BOOTSTRAP, die_on_one, rank_id, sleep_long
 
@@ -89,6 +89,13 @@ def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
     assert isinstance(plugin.paddle_ranks.__wrapped__(request, {"A": "b"}), plugin.PaddleRanks)
 
 
+def test_unconfigure_after_a_configure_that_never_ran_does_nothing() -> None:
+    # Another plugin's configure hook raised before ours ran: pytest still unconfigures every plugin.
+    config = SimpleNamespace(stash=pytest.Stash())
+    assert plugin.pytest_unconfigure(config) is None
+    assert plugin._POOLS not in config.stash
+
+
 def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_up(handle: plugin.PaddleRanks) -> None:
     # A worker: its pools, with a started call nobody collected, close at the end of its session, and what they did
     # goes into the workeroutput that xdist sends to the controller.
@@ -130,7 +137,15 @@ class FakeConn:
         self.sent: list[dict] = []
 
     def send_bytes(self, data: bytes) -> None:
-        self.sent.append(json.loads(data))
+        self.sent.append(pickles.loads(data))
+
+
+def run_call(call: dict, conn: FakeConn) -> dict:
+    """``pool_rank.run_call`` in this process, its state put back as it is now, the result unpickled."""
+    reply = pool_rank.run_call(call, conn, rank_state.Baseline.take())
+    if "result" in reply:
+        reply["result"] = pickles.loads(reply["result"])
+    return reply
 
 
 def _call(qualname: str, module: str = __name__, file: str | None = __file__, **kwargs: object) -> dict:
@@ -155,28 +170,56 @@ def close_it() -> int:
     return 3
 
 
+STOP = threading.Event()
+
+
+def start_a_thread(keep: bool) -> int:
+    group = a_group()
+    threading.Thread(target=STOP.wait, daemon=True).start()
+    if keep:
+        LEFT.append(group)
+        return rank_calls.keep_open(4, group)
+    group.close()
+    return 4
+
+
+def test_a_call_that_keeps_groups_keeps_its_threads_and_any_other_call_leaves_none() -> None:
+    try:
+        kept = run_call(_call("start_a_thread", keep=True), FakeConn())
+        assert (kept["status"], kept["result"], kept["left_behind"]) == ("ok", 4, [])
+        LEFT.pop().close()
+        left = run_call(_call("start_a_thread", keep=False), FakeConn())
+        assert (left["status"], left["result"], left["left_behind"]) == ("ok", 4, ["1 thread"])
+    finally:
+        STOP.set()
+
+
 def skip_it() -> None:
     pytest.skip("not here")
 
 
 def test_a_call_that_leaves_a_group_open_fails_unless_it_keeps_it() -> None:
     conn = FakeConn()
-    reply = pool_rank.run_call(_call("leave_open"), conn)
+    # This is a test process, not a rank: groups that earlier tests here left to the collector may still be alive,
+    # depending on which tests ran before (mutmut runs a subset).
+    before = pool_rank.open_groups()
+    reply = run_call(_call("leave_open"), conn)
     assert reply["status"] == "leftovers"
-    assert reply["error"].startswith(f"{__name__}:leave_open left 1 signal group(s) open:\n  SignalGroup(")
+    assert reply["error"].startswith(f"{__name__}:leave_open left {len(before) + 1} signal group(s) open:\n")
+    assert f"\n  {LEFT[-1]!r}\n" in reply["error"]
     LEFT.pop().close()
-    assert pool_rank.run_call(_call("keep_it"), conn) == {"status": "ok", "result": 2, "exit_code": None}
+    assert run_call(_call("keep_it"), conn) == {"status": "ok", "result": 2, "exit_code": None, "left_behind": []}
     assert LEFT[-1] in rank_calls.kept_groups() and not LEFT[-1].closed
-    assert pool_rank.run_call(_call("close_it"), conn)["result"] == 3
-    assert pool_rank.open_groups() == []
+    assert run_call(_call("close_it"), conn)["result"] == 3
+    assert pool_rank.open_groups() == before
 
 
 def test_a_skip_and_a_missing_function_are_replies_not_crashes() -> None:
-    skipped = pool_rank.run_call(_call("skip_it"), FakeConn())
+    skipped = run_call(_call("skip_it"), FakeConn())
     assert skipped["status"] == "skipped" and skipped["error"].endswith(pool_rank.SKIP_IN_RANK)
-    missing = pool_rank.run_call(_call("no_such_function"), FakeConn())
+    missing = run_call(_call("no_such_function"), FakeConn())
     assert missing["status"] == "raised" and "AttributeError" in missing["error"]
-    unknown = pool_rank.run_call(_call("f", module="fdp_no_such_module", file=None), FakeConn())
+    unknown = run_call(_call("f", module="fdp_no_such_module", file=None), FakeConn())
     assert "ModuleNotFoundError: No module named 'fdp_no_such_module'" in unknown["error"]
 
 
@@ -244,6 +287,10 @@ def test_main_reports_a_failed_join_and_serves_after_a_good_one(monkeypatch: pyt
     monkeypatch.setattr(pool_rank, "join_world", lambda: (_ for _ in ()).throw(RuntimeError("no world")))
     assert pool_rank.main([str(write)]) == 1
     assert "RuntimeError: no world" in capsys.readouterr().err
+    monkeypatch.setattr(pool_rank, "join_world", lambda: (_ for _ in ()).throw(pool_rank.rank_entry.PortTaken("p")))
+    _, other_write = os.pipe()
+    assert pool_rank.main([str(other_write)]) == pool_rank.rank_entry.PORT_TAKEN_EXIT == 75
+    assert capsys.readouterr().err == "p\n"
     served: list[object] = []
     monkeypatch.setattr(pool_rank, "join_world", lambda: None)
     monkeypatch.setattr(pool_rank, "serve", lambda conn: served.append(conn) or 0)

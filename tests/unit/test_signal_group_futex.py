@@ -37,6 +37,12 @@ class FakeSyscall:
     errnos: list[int] = field(default_factory=list)
     calls: list[tuple] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Answers are popped: copies keep a parametrized list intact for a second run in the same process (mutmut
+        # runs every test once to map it, then again).
+        self.results = list(self.results)
+        self.errnos = list(self.errnos)
+
     def __call__(self, *args: object) -> int:
         plain = []
         for arg in args:

@@ -353,17 +353,20 @@ def test_no_leftovers_without_the_directory(tmp_path: Path) -> None:
 
 
 def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
-    made: list[ShmRing] = []
+    # Only the segment this check made is looked for: other tests create and remove theirs in SHM_DIR meanwhile.
+    made: list[str] = []
     create = ShmRing.create
 
-    def recording(*args: object, **kwargs: object) -> ShmRing:
-        made.append(create(*args, **kwargs))
-        return made[-1]
+    def recording_create(*args, **kwargs) -> ShmRing:
+        ring = create(*args, **kwargs)
+        made.append(ring.path)
+        return ring
 
-    with mock.patch.object(ShmRing, "create", side_effect=recording):
+    with mock.patch.object(ShmRing, "create", side_effect=recording_create):
         check_shm_usable()
-    (ring,) = made
-    assert not os.path.exists(ring.path)
+    assert len(made) == 1 and os.path.dirname(made[0]) == SHM_DIR
+    assert os.path.basename(made[0]).startswith(SEGMENT_PREFIX)
+    assert not os.path.exists(made[0])
 
 
 def test_check_shm_usable_works_in_the_directory_given_and_leaves_nothing_there(tmp_path: Path) -> None:
