@@ -10,10 +10,11 @@ Jitter (``--jitter``): every rank runs a loop whose steps each do their own CPU 
 the loop time per step is compared with no sync, with lockstep syncs (gloo, shm) and with shm and a lookahead,
 which lets a rank run a few steps ahead instead of paying the slowest rank's jitter every step.
 
-Late src (``--src-late MS``, 2 ranks): the src sleeps MS milliseconds before each publish while the reader already
-waits, on a shared-memory and on a gloo signal group. The report gives the reader's wake latency (from the src's
-call to the reader's return, on the host's one monotonic clock) at p50/p90/p99, its CPU share meanwhile, and what
-the publishing call cost the src (on shm, a futex wake when the reader sleeps).
+Late src (``--src-late MS``, 2 ranks): the src sleeps MS milliseconds before each timed publish while the reader
+already waits, on a shared-memory and on a gloo signal group, and, as the floor under both, on one bare futex word
+(``FutexFloor``). The report gives the reader's wake latency (from the src's call to the reader's return, on the
+host's one monotonic clock) at p50/p90/p99, its CPU share meanwhile, what the publishing call cost the src (on shm,
+a futex wake when the reader sleeps) at p50 and p99, and the shm wake over the floor's.
 
 In all three, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that rotate through
 the paths, so that slow spells on a noisy machine spread over every path; the ranks meet at a barrier before
@@ -22,6 +23,9 @@ each round of each path.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -77,8 +81,15 @@ JITTER_LABELS = {
 LATE_LABELS = {
     "shm": "shm: broadcast_signal, shared memory",
     "gloo": "gloo: broadcast_signal (paddle.distributed.broadcast)",
+    "futex_floor": "floor: bare futex wake on one shared word",
 }
-"""The transports the late-src benchmark runs, in report order."""
+"""What the late-src benchmark runs, in report order: the transports, then the floor (where futex works)."""
+
+FLOOR_PARK_S = 1.0
+"""How long the floor's reader sleeps in one ``FUTEX_WAIT`` before it looks again; a publish wakes it at once."""
+
+FLOOR_TIMEOUT_S = 60.0
+"""How long the floor's reader waits for one step before it gives up: far beyond any ``--src-late``."""
 
 _SIGNAL_VALUE = int(ModelWeightsStatus.NORMAL)
 
@@ -264,46 +275,112 @@ def jitter_rank(iters: int, warmup: int = DEFAULT_WARMUP) -> dict:
     return {"rank": rank, "samples_ns": samples, "work_us_mean": float(np.mean(draws))}
 
 
-def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) -> dict:
-    """On one of 2 ranks: ``iters`` broadcasts (after ``warmup``) per transport, rank 0 sleeping ``late_ms``
-    before each publish. Returns ``{"rank", "stamps_ns", "publish_ns", "cpu_s", "wall_s", "wait"}``: per transport
-    when rank 0 called (rank 0) or the reader returned (the others), on ``time.perf_counter_ns`` (the host's
-    monotonic clock, the same in every process), what each publish cost rank 0, and this rank's CPU and wall time
-    over the timed steps."""
+class FutexFloor:
+    """The bare futex wake between 2 ranks, the floor under the shm transport's: one 32-bit word in a page both
+    ranks map; the src stores the step's number there and calls ``FUTEX_WAKE``, the reader sleeps in ``FUTEX_WAIT``
+    on it at once. It uses the transport's own futex calls (``futex``) and nothing else of it."""
+
+    def __init__(self, futex: Any, page: mmap.mmap, *, src: bool) -> None:
+        self._futex = futex
+        self._page = page
+        self._word = ctypes.c_uint32.from_buffer(page)
+        self._address = ctypes.addressof(self._word)
+        self._src = src
+        self._step = 0
+
+    def call(self) -> None:
+        """On the src: publish the next step and wake the reader. On the reader: return once the next step (or a
+        later one) is published; ``TimeoutError`` after ``FLOOR_TIMEOUT_S``."""
+        self._step += 1
+        step = self._step
+        if self._src:
+            self._word.value = step
+            self._futex.wake(self._address)
+            return
+        deadline = time.monotonic() + FLOOR_TIMEOUT_S
+        while (seen := self._word.value) < step:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the floor's src did not publish step {step} within {FLOOR_TIMEOUT_S:g} s")
+            self._futex.wait(self._address, seen, FLOOR_PARK_S)
+
+    def close(self) -> None:
+        """Unmap the page."""
+        del self._word
+        self._page.close()
+
+
+def shared_page(rank: int) -> mmap.mmap:
+    """Collective over the world: one page of memory that every rank maps. It has no name anywhere (a memfd of
+    rank 0, which the others open through ``/proc``), so no rank's death can leave it behind."""
     import paddle.distributed as dist
 
-    from fastdeploy_patch.signal_group import broadcast_signal, new_signal_group, shm_reader_sleep
+    box: list[str | None] = [None]
+    if rank == 0:
+        fd = os.memfd_create("fdp-bench-floor")
+        os.ftruncate(fd, mmap.PAGESIZE)
+        box[0] = f"/proc/{os.getpid()}/fd/{fd}"
+    dist.broadcast_object_list(box, src=0)
+    if rank != 0:
+        fd = os.open(box[0], os.O_RDWR)
+    try:
+        return mmap.mmap(fd, mmap.PAGESIZE)
+    finally:
+        # Rank 0's descriptor is the others' way in: it stays open until every rank has its mapping.
+        dist.barrier()
+        os.close(fd)
+
+
+def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) -> dict:
+    """On one of 2 ranks: ``iters`` broadcasts (after ``warmup`` back to back) per transport and on the futex floor,
+    rank 0 sleeping ``late_ms`` before each timed publish. Returns ``{"rank", "stamps_ns", "publish_ns", "cpu_s",
+    "wall_s", "wait", "floor"}``: per path when rank 0 called (rank 0) or the reader returned (the others), on
+    ``time.perf_counter_ns`` (the host's monotonic clock, the same in every process), what each publish cost
+    rank 0, this rank's CPU and wall time over the timed steps, how a shm reader sleeps, and why the floor could
+    not run (None when it ran)."""
+    import paddle.distributed as dist
+
+    from fastdeploy_patch.signal_group import broadcast_signal, futex_support, new_signal_group, shm_reader_sleep
 
     rank = dist.get_rank()
     late_s = late_ms / 1000.0
-    groups = {name: new_signal_group(transport=name) for name in LATE_LABELS}
-    stamps: dict[str, list[int]] = {name: [] for name in groups}
-    publish: dict[str, list[int]] = {name: [] for name in groups}
-    cpu = dict.fromkeys(groups, 0.0)
-    wall = dict.fromkeys(groups, 0.0)
+    groups = {name: new_signal_group(transport=name) for name in ("shm", "gloo")}
+    calls: dict[str, Callable[[], object]] = {
+        name: lambda group=group: broadcast_signal(_SIGNAL_VALUE, src=0, group=group) for name, group in groups.items()
+    }
+    support = futex_support()
+    floor = None
+    if support.futex is not None:
+        floor = FutexFloor(support.futex, shared_page(rank), src=rank == 0)
+        calls["futex_floor"] = floor.call
+    stamps: dict[str, list[int]] = {name: [] for name in calls}
+    publish: dict[str, list[int]] = {name: [] for name in calls}
+    cpu = dict.fromkeys(calls, 0.0)
+    wall = dict.fromkeys(calls, 0.0)
 
     def steps(name: str, count: int, timed: bool) -> None:
-        group = groups[name]
+        call = calls[name]
         for _ in range(count):
             if rank == 0:
-                time.sleep(late_s)
+                # Warm-up steps run back to back: a long gap costs only the timed steps.
+                if timed:
+                    time.sleep(late_s)
                 called = time.perf_counter_ns()
-                broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
+                call()
                 if timed:
                     stamps[name].append(called)
                     publish[name].append(time.perf_counter_ns() - called)
             else:
-                broadcast_signal(_SIGNAL_VALUE, src=0, group=group)
+                call()
                 if timed:
                     stamps[name].append(time.perf_counter_ns())
 
     try:
-        for name in groups:
+        for name in calls:
             dist.barrier()
             steps(name, warmup, timed=False)
         for turn in range(ROUNDS):
             count = iters // ROUNDS + (1 if turn < iters % ROUNDS else 0)
-            for name in groups:
+            for name in calls:
                 dist.barrier()
                 cpu_started, wall_started = time.process_time(), time.perf_counter()
                 steps(name, count, timed=True)
@@ -312,6 +389,8 @@ def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) ->
     finally:
         for group in groups.values():
             group.close()
+        if floor is not None:
+            floor.close()
     return {
         "rank": rank,
         "stamps_ns": stamps,
@@ -319,19 +398,23 @@ def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) ->
         "cpu_s": cpu,
         "wall_s": wall,
         "wait": list(shm_reader_sleep()),
+        "floor": None if floor is not None else support.reason,
     }
 
 
 def build_late_report(
     results: Sequence[dict], *, nranks: int, iters: int, warmup: int, late_ms: float, paddle_version: str
 ) -> dict[str, Any]:
-    """The late-src benchmark's figures per transport: the readers' wake latency (each reader's return minus the
-    src's call, step by step) at p50/p90/p99 and its mean, the readers' CPU share in percent of a core over the
-    timed steps, and the src's publishing call at p50 and p99."""
+    """The late-src benchmark's figures per path (the transports, and the futex floor when it ran): the readers'
+    wake latency (each reader's return minus the src's call, step by step) at p50/p90/p99 and its mean, the readers'
+    CPU share in percent of a core over the timed steps, the src's publishing call at p50 and p99, and the shm wake
+    over the floor's at p50 (None without a floor)."""
     src = next(r for r in results if r["rank"] == 0)
     readers = [r for r in results if r["rank"] != 0]
     paths = {}
     for name, label in LATE_LABELS.items():
+        if name not in src["stamps_ns"]:
+            continue
         wakes = [
             returned - called
             for reader in readers
@@ -350,6 +433,7 @@ def build_late_report(
             "src_publish_p99_us": percentile_us(src["publish_ns"][name], 99),
         }
     kind, detail = src["wait"]
+    floor = paths.get("futex_floor")
     return {
         "mode": "src_late",
         "nranks": nranks,
@@ -359,6 +443,8 @@ def build_late_report(
         "paddle_version": paddle_version,
         "shm_reader_sleep": {"kind": kind, "detail": detail},
         "paths": paths,
+        "shm_wake_over_floor_p50": _ratio(paths["shm"]["wake_p50_us"], floor["wake_p50_us"]) if floor else None,
+        "no_floor_because": src["floor"],
     }
 
 
@@ -368,18 +454,27 @@ _LATE_COLUMNS = (
     ("wake p99", lambda p: f"{p['wake_p99_us']:.1f}"),
     ("reader cpu", lambda p: f"{p['reader_cpu_pct']:.1f}%"),
     ("pub p50", lambda p: f"{p['src_publish_p50_us']:.1f}"),
+    ("pub p99", lambda p: f"{p['src_publish_p99_us']:.1f}"),
 )
 
 
 def format_late_report(report: Mapping[str, Any]) -> str:
-    """The human-readable late-src table: wake latency (us), the readers' CPU share and the src's publish (us)."""
+    """The human-readable late-src table: wake latency (us), the readers' CPU share and the src's publish (us) per
+    path, then the shm wake over the floor's."""
     sleep = report["shm_reader_sleep"]
+    ratio = report["shm_wake_over_floor_p50"]
+    over_floor = (
+        f"shm wake / bare futex wake: {_times(ratio)} at p50"
+        if report["no_floor_because"] is None
+        else f"no bare futex floor: {report['no_floor_because']}"
+    )
     return "\n".join(
         [
-            f"src late by {report['late_ms']:g} ms before each publish, {report['nranks']} ranks, {report['iters']} "
-            f"steps after {report['warmup']} warm-up, Paddle {report['paddle_version']}; wake = the reader's return "
-            "after the src's call, in us",
+            f"src late by {report['late_ms']:g} ms before each timed publish, {report['nranks']} ranks, "
+            f"{report['iters']} steps after {report['warmup']} warm-up, Paddle {report['paddle_version']}; wake = the "
+            "reader's return after the src's call, in us",
             *_table(report["paths"], _LATE_COLUMNS),
+            over_floor,
             f"a waiting shm reader sleeps in: {sleep['kind']} ({sleep['detail']})",
         ]
     )

@@ -12,6 +12,8 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fastdeploy_patch.signal_group import SEGMENT_PREFIX, Leftover
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
 MIB = 2**20
@@ -108,6 +110,41 @@ def shm_findings(facts: ShmFacts) -> list[Finding]:
     return [mounted, sized]
 
 
+@dataclass(frozen=True)
+class LeftoverFacts:
+    found: Sequence[Leftover]
+    """This package's segments whose creator is gone (``leftover_segments()``)."""
+    removed: Mapping[str, str | None] | None
+    """With ``--clean``: each found path, mapped to None once removed, else to why it could not be; None without."""
+
+
+def leftover_finding(facts: LeftoverFacts) -> Finding:
+    """The signal-group segments nobody can use any more, because the process that created them is gone (a
+    creator killed in the handshake whose resource tracker died with it); with ``--clean``, what was removed."""
+    topic = "leftover segments"
+    pattern = f"{SEGMENT_PREFIX}*"
+    if not facts.found:
+        return Finding(OK, topic, f"none: no {pattern} segment whose creator is gone")
+    listed = ", ".join(f"{os.path.basename(found.path)} ({found.reason})" for found in facts.found)
+    count = len(facts.found)
+    if facts.removed is None:
+        return Finding(
+            WARN,
+            topic,
+            f"{count} {pattern} segment(s) whose creator is gone: {listed}. `fastdeploy-patch doctor --clean` "
+            "removes them, and only them",
+        )
+    failed = [f"{path}: {why}" for path, why in facts.removed.items() if why is not None]
+    if not failed:
+        return Finding(OK, topic, f"removed {count} {pattern} segment(s) whose creator was gone: {listed}")
+    return Finding(
+        WARN,
+        topic,
+        f"removed {count - len(failed)} of {count} {pattern} segment(s) whose creator was gone; could not remove "
+        + "; ".join(failed),
+    )
+
+
 def transport_finding(shm_error: OSError | None, has_gloo: bool) -> Finding:
     """Which transport ``new_signal_group(transport="auto")`` picks for ranks on this host; FAIL when neither
     works."""
@@ -178,12 +215,14 @@ def diagnose(
     shm_error: OSError | None,
     reader_sleep: tuple[str, str],
     network: NetworkFacts,
+    leftovers: LeftoverFacts,
 ) -> list[Finding]:
     """Every finding, in report order."""
     return [
         paddle_finding(paddle),
         gpu_finding(paddle, visible),
         *shm_findings(shm),
+        leftover_finding(leftovers),
         transport_finding(shm_error, paddle.has_gloo),
         reader_sleep_finding(*reader_sleep),
         multi_host_finding(network),
@@ -277,9 +316,30 @@ def network_facts(env: Mapping[str, str], list_interfaces: Callable[[], list[str
     return NetworkFacts(env.get("GLOO_SOCKET_IFNAME"), interfaces, hostname, address)
 
 
-def run() -> list[Finding]:
-    """Gather this machine's facts and return the findings."""
-    from fastdeploy_patch.signal_group import SHM_DIR, check_shm_usable, shm_reader_sleep
+def remove_leftovers(found: Sequence[Leftover], unlink: Callable[[str], None]) -> dict[str, str | None]:
+    """Remove each of ``found`` with ``unlink``: path -> None when it is gone (or already was), else why not."""
+    removed: dict[str, str | None] = {}
+    for leftover in found:
+        why = None
+        try:
+            unlink(leftover.path)
+        except FileNotFoundError:
+            pass  # removed meanwhile, by someone else
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        removed[leftover.path] = why
+    return removed
+
+
+def leftover_facts(find: Callable[[], list[Leftover]], clean: bool) -> LeftoverFacts:
+    """The leftover segments ``find`` returns, removed when ``clean``."""
+    found = find()
+    return LeftoverFacts(found, remove_leftovers(found, os.unlink) if clean else None)
+
+
+def run(*, clean: bool = False) -> list[Finding]:
+    """Gather this machine's facts and return the findings; with ``clean``, remove the leftover segments first."""
+    from fastdeploy_patch.signal_group import SHM_DIR, check_shm_usable, leftover_segments, shm_reader_sleep
 
     return diagnose(
         paddle_facts(),
@@ -288,4 +348,5 @@ def run() -> list[Finding]:
         shm_error(check_shm_usable),
         shm_reader_sleep(),
         network_facts(os.environ, lambda: os.listdir(SYS_CLASS_NET)),
+        leftover_facts(lambda: leftover_segments(SHM_DIR), clean),
     )

@@ -27,7 +27,15 @@ from fastdeploy_patch.signal_group.arguments import (
     TRANSPORTS,
 )
 from fastdeploy_patch.signal_group.errors import SignalGroupError
-from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX, SHM_DIR, SHM_RING_SLOTS, check_shm_usable
+from fastdeploy_patch.signal_group.futex import available as futex_support
+from fastdeploy_patch.signal_group.shm_transport import (
+    SEGMENT_PREFIX,
+    SHM_DIR,
+    SHM_RING_SLOTS,
+    Leftover,
+    check_shm_usable,
+    leftover_segments,
+)
 from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 from fastdeploy_patch.signal_group.waiting import shm_reader_sleep
 
@@ -66,10 +74,13 @@ __all__ = [
     "SHM_DIR",
     "SHM_RING_SLOTS",
     "TRANSPORTS",
+    "Leftover",
     "SignalGroup",
     "SignalGroupError",
     "broadcast_signal",
     "check_shm_usable",
+    "futex_support",
+    "leftover_segments",
     "new_signal_group",
     "shm_reader_sleep",
     "store_without_delay",

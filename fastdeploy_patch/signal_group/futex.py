@@ -11,11 +11,13 @@ point before the sleep makes ``FUTEX_WAIT`` return at once (``EAGAIN``). The src
 announcements and calls ``FUTEX_WAKE`` only when a reader announced the call it just published.
 
 **Lost wake-up bound.** One race remains: nothing fences the src's publishing store from its later load of the
-announcement (Python has no fence, and a locked instruction on every publish would cost the fast path), so on
-x86-64 (store-to-load reordering) and AArch64 the src may read "nobody announced" while the reader, whose
-announcement is fenced by the kernel's locks inside ``FUTEX_WAIT``, still sees the old sequence and sleeps. Such
-a wake-up is lost, but every sleep is bounded by ``waiting.FUTEX_WAIT_S`` (10 ms): a lost wake-up costs at most
-10 ms, once. The same bound lets the waiter run its liveness checks and its timeout.
+announcements (Python has no fence, and a locked instruction on every publish would cost the fast path), so on
+x86-64 (store-to-load reordering) and AArch64 the src may read "nobody announced" while the reader, having just
+announced, still sees the old sequence and sleeps. That can happen only to the first sleep after an announcement:
+the kernel's ``FUTEX_WAIT`` runs a full barrier (``smp_mb``) before it reads the word, so from then on the
+announcement is visible to every later load of the src, which then wakes every later sleep of that wait. The
+first sleep of a wait is therefore short, ``waiting.FUTEX_FIRST_WAIT_S`` (1 ms): a lost wake-up costs at most
+that, once. Later sleeps last until the waiter's next liveness check.
 
 Only the shared futex operations are used. ``FUTEX_PRIVATE_FLAG`` keys a futex on the calling process's address
 space, so a waiter and a waker in two processes would never meet, even on the same file mapping.
@@ -32,7 +34,6 @@ import errno
 import functools
 import os
 import platform
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,7 +161,3 @@ def probe(
 def available() -> Support:
     """This process's futex support, probed once."""
     return probe(platform.system(), platform.machine(), _libc_syscall)
-
-
-SEQUENCE_HALF_AT = 4 if sys.byteorder == "little" else 0
-"""Byte offset of the high (sequence) half inside a native 8-byte slot word: the 32-bit word a reader sleeps on."""

@@ -46,45 +46,48 @@ def negotiate_shm(members: list[int], rank: int, world_size: int, key: str) -> t
 
     Returns this rank's mapping (None for a non-member, or when any member failed) and ``{rank: reason}`` for the
     members that could not map the segment (empty when every member did). The creator unlinks the segment once
-    every member has answered, whatever the outcome, so nothing is left in /dev/shm after this returns. The rank
-    that hosts the global store returns only after every rank has read its answers: were it to exit at once (a
-    crash at the first step), the others' reads would fail with a reset connection.
+    every member has answered, whatever the outcome, and on every way out of this function, exceptions included (a
+    store timeout, a connection reset by a peer that died, an interrupt): nothing is left in /dev/shm after this
+    returns or raises, and a member that raises keeps no mapping. (A creator killed meanwhile runs no code; its
+    resource tracker removes the name, see ``shm_transport``.) The rank that hosts the global store returns only
+    after every rank has read its answers: were it to exit at once (a crash at the first step), the others' reads
+    would fail with a reset connection.
     """
     store = paddle_internals.global_store()
     ring: ShmRing | None = None
-    if rank == members[0]:
-        try:
-            ring = ShmRing.create(members, rank)
-        except OSError as exc:
-            store.set(f"{key}/shm/handle", json.dumps({"error": str(exc)}))
-            store.set(f"{key}/shm/{rank}", f"cannot create the segment: {exc}")
-        else:
-            store.set(f"{key}/shm/handle", ring.handle.to_json())
-            store.set(f"{key}/shm/{rank}", ATTACHED)
-    elif rank in members:
-        published = _text(store.get(f"{key}/shm/handle"))
-        if "error" in json.loads(published):
-            answer = f"rank {members[0]} could not create the segment"
-        else:
-            try:
-                ring = ShmRing.attach(ShmHandle.from_json(published), rank)
-                answer = ATTACHED
-            except OSError as exc:
-                answer = str(exc)
-        store.set(f"{key}/shm/{rank}", answer)
-    answers = {member: _text(store.get(f"{key}/shm/{member}")) for member in members}
-    failed = {member: answer for member, answer in answers.items() if answer != ATTACHED}
-    if ring is not None:
-        # Every member has mapped the segment or given up: its name is no longer needed.
-        if rank == members[0]:
-            ring.unlink()
-        if failed:
-            ring.close()
-            ring = None
     try:
-        _all_read(store, f"{key}/shm/read", rank, world_size)
-    except RuntimeError:
+        if rank == members[0]:
+            try:
+                ring = ShmRing.create(members)
+            except OSError as exc:
+                store.set(f"{key}/shm/handle", json.dumps({"error": str(exc)}))
+                store.set(f"{key}/shm/{rank}", f"cannot create the segment: {exc}")
+            else:
+                store.set(f"{key}/shm/handle", ring.handle.to_json())
+                store.set(f"{key}/shm/{rank}", ATTACHED)
+        elif rank in members:
+            published = _text(store.get(f"{key}/shm/handle"))
+            if "error" in json.loads(published):
+                answer = f"rank {members[0]} could not create the segment"
+            else:
+                try:
+                    ring = ShmRing.attach(ShmHandle.from_json(published), rank)
+                    answer = ATTACHED
+                except OSError as exc:
+                    answer = str(exc)
+            store.set(f"{key}/shm/{rank}", answer)
+        answers = {member: _text(store.get(f"{key}/shm/{member}")) for member in members}
+        failed = {member: answer for member, answer in answers.items() if answer != ATTACHED}
         if ring is not None:
+            # Every member has mapped the segment or given up: its name is no longer needed.
+            ring.unlink()
+            if failed:
+                ring.close()
+                ring = None
+        _all_read(store, f"{key}/shm/read", rank, world_size)
+    except BaseException:
+        if ring is not None:
+            # On the creator, close() unlinks first.
             ring.close()
         raise
     return ring, failed

@@ -13,51 +13,65 @@ little-endian on x86-64 and AArch64)::
     HEADER_BYTES (64)     MEMBER i  + CURSOR_AT   values consumed by member i      member i, every call
       + i * MEMBER_BYTES            + PID_AT      pid of member i                  member i, at attach
       (one 64-byte line             + START_AT    its start time (clock ticks)     member i, at attach
-       per member)                  + PIDNS_AT    its PID-namespace inode          member i, at attach
-                                    + PARKED_AT   m + 1 while member i may sleep   member i, when it parks
+       per member; member           + PIDNS_AT    its PID-namespace inode          member i, at attach
+       0 is the creator)            + PARKED_AT   m + 1 while member i may sleep   member i, when it parks
                                                   in FUTEX_WAIT for call m; else 0   and when it returns
-    ring_at(n)            SLOT k    (sequence << 32) | (value & 0xffffffff)        the src of the call
-      + k * SLOT_BYTES              k = call % SHM_RING_SLOTS, sequence = (call + 1) mod 2**32
+    ring_at(n)            SLOT k    pack_slot(call, value):                        the src of the call
+      + k * SLOT_BYTES                sequence_of(call) << SEQUENCE_SHIFT
+                                      | (value & 0xffffffff)
+                                    k = call % SHM_RING_SLOTS, sequence_of(call) = (call + 1) mod 2**32
 
 A slot's word means:
 
-    sequence == (m + 1) mod 2**32   the value of call m is published; a reader of call m takes it
-    anything else (0 at start)      call m is not published yet; its reader waits
+    slot_sequence(word) == sequence_of(m)   the value of call m is published; a reader of call m takes
+                                            slot_value(word)
+    anything else (0 at start)              call m is not published yet; its reader waits
 
-Protocol, for call number n (counted from 0 on every member; every member makes the same calls):
+Protocol, for call number n (counted from 0 on every member; every member makes the same calls). Each call is
+two steps, in this order: the src publishes (``_publish``), then every member takes (``_take``).
 
-- The writer (the call's src) waits for room: every member's cursor >= n - SHM_RING_SLOTS + 1, so the slot it
-  is about to overwrite (call n - SHM_RING_SLOTS) has been consumed by all. It then stores slot n % SLOTS.
-- With lookahead d, every member (the writer too) returns the value of call m = n - d: it waits until slot
-  m % SLOTS holds sequence m + 1, reads the value, and sets its cursor to m + 1. The first d calls return the
+- Publish, on the writer (the call's src) only. Room first: every member's cursor >= n - SHM_RING_SLOTS + 1, so
+  the slot it is about to overwrite (call n - SHM_RING_SLOTS) has been consumed by all (one comparison on the fast
+  path; a wait only when the ring is full). Then the store of slot n % SLOTS, then the wake of its sleepers.
+  Nothing else runs before the store: no clock read, no ``/proc`` read, no bookkeeping, so that a reader waiting
+  for this value gets it as soon as the src calls.
+- Take, with lookahead d, on every member (the writer too): return the value of call m = n - d. Wait until slot
+  m % SLOTS holds sequence_of(m), read the value, and set the cursor to m + 1. The first d calls return the
   group's initial value and consume nothing. A writer never waits for itself: its cursor is n - d and
   d <= SLOTS // 2.
 - A reader that has waited past its spin and yield phases parks (see ``waiting`` and ``futex``): it stores m + 1
-  at its PARKED_AT, looks at slot m once more, and sleeps in ``FUTEX_WAIT`` on the slot's sequence half (the high
-  32 bits) while it still holds the sequence it saw. The writer, after storing slot n, calls ``FUTEX_WAKE`` on it
-  only when some member's PARKED_AT holds n + 1: the fast path, where readers spin or yield, costs a load per
-  member and no syscall. One announcement word per member, not a waiter count per group: each word has a
-  single writer in its own cache line, so plain stores do (a shared count needs an atomic read-modify-write,
-  which Python cannot do on shared memory, and one lost update would wake nobody, or everybody, forever), and it
-  names the call the reader sleeps for, so a writer never wakes for a call nobody waits on.
+  at its PARKED_AT, looks at slot m once more, and sleeps in ``FUTEX_WAIT`` on the slot's sequence half
+  (``SEQUENCE_HALF_AT``) while it still holds the sequence it saw. The writer, after storing slot n, calls
+  ``FUTEX_WAKE`` on it only when some member's PARKED_AT holds n + 1: the fast path, where readers spin or yield,
+  costs a load per member and no syscall. One announcement word per member, not a waiter count per group: each
+  word has a single writer in its own cache line, so plain stores do (a shared count needs an atomic
+  read-modify-write, which Python cannot do on shared memory, and one lost update would wake nobody, or everybody,
+  forever), and it names the call the reader sleeps for, so a writer never wakes for a call nobody waits on.
 - A waiter judges liveness only of the members it waits on (the src of call m, or the readers behind), and only
   while its condition is unmet: a src that published and then exited fails nobody. A member that finds a peer
   gone records it at BROKEN_AT, so that the other members fail fast instead of waiting for their timeout.
-- The writer also looks at its readers before it publishes, at most every ``LIVENESS_INTERVAL_S`` (a clock read
-  per call, ``/proc`` only then), so that a dead reader fails the src within a second instead of a ring (64
-  calls) later. A reader counts as lost only when it is gone and its cursor is not past the writer's own (and
-  the writer has taken a value): it then made no more calls than the writer, so it can never make this one. A
-  reader that made every call and exited (with a lookahead it may finish d calls before the writer) has a cursor
-  past the writer's and fails nobody.
+- Between the two steps, after its publish, the writer looks at its readers, at most every
+  ``LIVENESS_INTERVAL_S`` (a clock read per call, ``/proc`` only then), so that a dead reader fails the src within
+  a second instead of a ring (64 calls) later; the value it just published stays published for the live readers.
+  A reader counts as lost only when it is gone and its cursor is not past the writer's own (and the writer has
+  taken a value): it then made no more calls than the writer, so it can never make this one. A reader that made
+  every call and exited (with a lookahead it may finish d calls before the writer) has a cursor past the
+  writer's and fails nobody.
 
 The segment is a file made with ``os.open(O_CREAT | O_EXCL, 0o600)``, sized with ``posix_fallocate`` and mapped
-with ``mmap``; ``multiprocessing.shared_memory`` is not used. Its resource tracker (a helper process per rank)
-would unlink the segment from a rank that only attached (Python < 3.13 has no ``track=False``), and
-``posix_fallocate`` makes a full /dev/shm fail here with ``ENOSPC`` instead of a SIGBUS at the first store.
-Only the creator unlinks the name, as soon as every member has reported attached (see ``rendezvous``): from then
-on the mapping lives exactly as long as the processes that use it, and a SIGKILL leaves nothing in /dev/shm.
-(Only a creator killed inside ``new_signal_group``, between creating the segment and reading every answer, can
-leave its name behind.)
+with ``mmap``; ``multiprocessing.shared_memory`` is not used: it registers the segment with the resource tracker in
+every process that attaches, and that tracker would unlink it when such a process exits (Python < 3.13 has no
+``track=False``); ``posix_fallocate`` also makes a full /dev/shm fail here with ``ENOSPC`` instead of a SIGBUS at
+the first store.
+
+Who removes the name. The creator unlinks it as soon as every member has reported attached, or on any exception
+or timeout out of the handshake (see ``rendezvous``); from then on the mapping lives exactly as long as the
+processes that use it. Until then, a creator killed at any moment (SIGKILL, the OOM killer) runs no code of its
+own, so the creator alone registers the name with ``multiprocessing.resource_tracker`` (a helper process per
+creator, which unlinks what a dead creator left registered) before the file exists, and unregisters it once the
+name is gone. Attachers never register: they must never unlink. What is still left (a tracker killed with its
+creator, say by a kill of the whole process group) is found by ``leftover_segments``: ``fastdeploy-patch doctor``
+lists it and ``doctor --clean`` removes it.
 """
 
 from __future__ import annotations
@@ -70,9 +84,11 @@ import json
 import mmap
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 
 from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.errors import SignalGroupError, lost_peer_message, stuck_peer_message
@@ -109,10 +125,17 @@ PIDNS_AT = 24
 PARKED_AT = 32
 
 SLOT_BYTES = 8
+SEQUENCE_SHIFT = 32
+"""A slot word holds its sequence in the high 32 bits and the value in the low 32."""
+SEQUENCE_HALF_AT = 4 if sys.byteorder == "little" else 0
+"""Byte offset of the sequence half inside a native slot word: the 32-bit word a reader sleeps on."""
 _SLOT_MASK = SHM_RING_SLOTS - 1
-_SEQUENCE_MASK = 0xFFFFFFFF
-_VALUE_MASK = 0xFFFFFFFF
+_HALF_MASK = 0xFFFFFFFF
 _SIGN_BIT = 0x80000000
+
+_TRACKED_TYPE = "shared_memory"
+"""The resource tracker's name for POSIX shared memory: it removes a name of this type with ``shm_unlink``, which
+reaches only SHM_DIR."""
 
 
 def members_at(member: int) -> int:
@@ -128,6 +151,37 @@ def ring_at(members: int) -> int:
 def segment_bytes(members: int) -> int:
     """The size of a segment for ``members`` members."""
     return ring_at(members) + SHM_RING_SLOTS * SLOT_BYTES
+
+
+def member_word(member: int, field: int) -> int:
+    """The word index of ``field`` (``CURSOR_AT``, ``PID_AT``, ...) in member ``member``'s record."""
+    return (members_at(member) + field) // WORD_BYTES
+
+
+def slot_word(members: int, call: int) -> int:
+    """The word index of the slot that carries call ``call``'s value, in a segment for ``members`` members."""
+    return ring_at(members) // WORD_BYTES + (call & _SLOT_MASK)
+
+
+def sequence_of(call: int) -> int:
+    """The sequence that marks call ``call``'s value as published: call + 1, modulo 2**32 (0 is never published)."""
+    return (call + 1) & _HALF_MASK
+
+
+def pack_slot(call: int, value: int) -> int:
+    """The slot word that publishes int32 ``value`` as call ``call``'s."""
+    return (sequence_of(call) << SEQUENCE_SHIFT) | (value & _HALF_MASK)
+
+
+def slot_sequence(word: int) -> int:
+    """The sequence a slot word holds."""
+    return word >> SEQUENCE_SHIFT
+
+
+def slot_value(word: int) -> int:
+    """The int32 a slot word holds."""
+    value = word & _HALF_MASK
+    return value - (1 << 32) if value & _SIGN_BIT else value
 
 
 @dataclass(frozen=True)
@@ -157,10 +211,29 @@ class ShmHandle:
         return cls(fields["name"], fields["size"], tuple(fields["ranks"]), fields["layout_version"], fields["nonce"])
 
 
+def _tracker_name(name: str) -> str:
+    # shm_unlink's name: SHM_DIR's file name after a slash.
+    return "/" + name
+
+
+def _new_mapping(path: str, size: int) -> mmap.mmap:
+    """Create the file ``path`` (never an existing one), size it and map it; the file is removed again when sizing
+    or mapping fails."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 class ShmRing:
     """One member's mapping of a group's segment. Make it with ``create`` (one member) or ``attach`` (the others)."""
 
-    def __init__(self, handle: ShmHandle, path: str, region: mmap.mmap, *, creator: bool) -> None:
+    def __init__(self, handle: ShmHandle, path: str, region: mmap.mmap, *, creator: bool, tracked: bool) -> None:
         self.handle = handle
         self.path = path
         self._region = region
@@ -170,26 +243,30 @@ class ShmRing:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(region))
         self._creator = creator
         self._linked = creator
+        self._tracked = tracked
 
     @classmethod
-    def create(cls, ranks: list[int], rank: int, *, shm_dir: str = SHM_DIR) -> ShmRing:
-        """Create, size and map a new segment for the sorted ``ranks``, and record ``rank`` (this process) in it.
+    def create(cls, ranks: list[int], *, shm_dir: str = SHM_DIR) -> ShmRing:
+        """Create, size and map a new segment for the sorted ``ranks``, and record this process in it as the first
+        member, its creator. In SHM_DIR the name is registered with the resource tracker until ``unlink``.
 
         Raises ``OSError`` when the segment cannot be made (no /dev/shm, full, not permitted)."""
         name = SEGMENT_PREFIX + secrets.token_hex(8)
         path = os.path.join(shm_dir, name)
         size = segment_bytes(len(ranks))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        tracked = shm_dir == SHM_DIR
+        if tracked:
+            # Before the file exists, so that no moment is left at which a SIGKILL leaves the name behind; the
+            # tracker's shm_unlink of a name never created only warns.
+            resource_tracker.register(_tracker_name(name), _TRACKED_TYPE)
         try:
-            os.posix_fallocate(fd, 0, size)
-            region = mmap.mmap(fd, size)
-        except OSError:
-            os.unlink(path)
+            region = _new_mapping(path, size)
+        except BaseException:
+            if tracked:
+                resource_tracker.unregister(_tracker_name(name), _TRACKED_TYPE)
             raise
-        finally:
-            os.close(fd)
         handle = ShmHandle(name, size, tuple(ranks), LAYOUT_VERSION, secrets.randbits(64))
-        ring = cls(handle, path, region, creator=True)
+        ring = cls(handle, path, region, creator=True, tracked=tracked)
         for at, word in (
             (MAGIC_AT, MAGIC),
             (VERSION_AT, LAYOUT_VERSION),
@@ -198,7 +275,7 @@ class ShmRing:
             (NONCE_AT, handle.nonce),
         ):
             ring.words[at // WORD_BYTES] = word
-        ring._record(rank)
+        ring._record(0)
         return ring
 
     @classmethod
@@ -222,7 +299,7 @@ class ShmRing:
             region = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        ring = cls(handle, path, region, creator=False)
+        ring = cls(handle, path, region, creator=False, tracked=False)
         expected = {
             MAGIC_AT: MAGIC,
             VERSION_AT: handle.layout_version,
@@ -238,33 +315,30 @@ class ShmRing:
                 f"{path} is not the group's segment (its header does not match the handle: another host's file of "
                 f"the same name, or mixed fastdeploy_patch versions; this one speaks layout {LAYOUT_VERSION})",
             )
-        ring._record(rank)
+        ring._record(handle.ranks.index(rank))
         return ring
 
-    def _record(self, rank: int) -> None:
+    def _record(self, member: int) -> None:
         me = liveness.this_process()
-        at = members_at(self.handle.ranks.index(rank)) // WORD_BYTES
-        self.words[at + PID_AT // WORD_BYTES] = me.pid
-        self.words[at + START_AT // WORD_BYTES] = me.start_ticks
-        self.words[at + PIDNS_AT // WORD_BYTES] = me.pid_namespace
+        self.words[member_word(member, PID_AT)] = me.pid
+        self.words[member_word(member, START_AT)] = me.start_ticks
+        self.words[member_word(member, PIDNS_AT)] = me.pid_namespace
 
     def identity(self, member: int) -> liveness.ProcessIdentity:
         """The process recorded for member index ``member``."""
-        at = members_at(member) // WORD_BYTES
-        return liveness.ProcessIdentity(
-            self.words[at + PID_AT // WORD_BYTES],
-            self.words[at + START_AT // WORD_BYTES],
-            self.words[at + PIDNS_AT // WORD_BYTES],
-        )
+        return _identity(self.words, member)
 
     def unlink(self) -> None:
-        """Remove the segment's name (creator only; once). Mappings stay valid until their processes unmap."""
+        """Remove the segment's name (creator only; once) and its tracker registration. Mappings stay valid until
+        their processes unmap."""
         if self._linked:
             self._linked = False
             # Someone else (an operator's clean-up of /dev/shm) may have removed the name already; the mappings
             # do not need it, so closing must still succeed.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+            if self._tracked:
+                resource_tracker.unregister(_tracker_name(self.handle.name), _TRACKED_TYPE)
 
     def close(self) -> None:
         """Unmap (and, on the creator, unlink if that has not happened yet). Idempotent."""
@@ -275,20 +349,26 @@ class ShmRing:
             self._region.close()
 
 
+def _identity(words: memoryview, member: int) -> liveness.ProcessIdentity:
+    return liveness.ProcessIdentity(
+        words[member_word(member, PID_AT)], words[member_word(member, START_AT)], words[member_word(member, PIDNS_AT)]
+    )
+
+
 def check_shm_usable(shm_dir: str = SHM_DIR) -> None:
     """Create, map twice, check and remove a tiny segment in ``shm_dir``; raise ``OSError`` with a readable reason
     when shared memory cannot work here."""
     if not os.path.isdir(shm_dir):
         raise OSError(errno.ENOENT, f"{shm_dir} is not a directory: shared memory needs a tmpfs mounted there")
     try:
-        ring = ShmRing.create([0, 1], 0, shm_dir=shm_dir)
+        ring = ShmRing.create([0, 1], shm_dir=shm_dir)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create a shared-memory segment in {shm_dir}: {exc.strerror}") from exc
     try:
         other = ShmRing.attach(ring.handle, 1, shm_dir=shm_dir)
         try:
-            ring.words[ring_at(2) // WORD_BYTES] = MAGIC
-            if other.words[ring_at(2) // WORD_BYTES] != MAGIC:
+            ring.words[slot_word(2, 0)] = MAGIC
+            if other.words[slot_word(2, 0)] != MAGIC:
                 raise OSError(
                     errno.EIO,
                     f"a word stored through one mapping of a segment in {shm_dir} did not show through another",
@@ -297,6 +377,50 @@ def check_shm_usable(shm_dir: str = SHM_DIR) -> None:
             other.close()
     finally:
         ring.close()
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A segment of this package whose creator is known to have exited: nobody can attach it any more."""
+
+    path: str
+    creator: liveness.ProcessIdentity
+    reason: str
+    """Why the creator is known gone (``liveness.gone_reason``)."""
+
+
+def segment_creator(path: str) -> liveness.ProcessIdentity | None:
+    """The creator recorded in the segment at ``path``; None when that cannot be read there: not this package's
+    segment (its magic), too short, just being created (nothing recorded yet), or unreadable (gone meanwhile,
+    another user's)."""
+    try:
+        with open(path, "rb") as segment:
+            head = segment.read(members_at(1))
+    except OSError:
+        return None
+    if len(head) < members_at(1):
+        return None
+    words = memoryview(head).cast("Q")
+    if words[MAGIC_AT // WORD_BYTES] != MAGIC:
+        return None
+    return _identity(words, 0)
+
+
+def leftover_segments(shm_dir: str = SHM_DIR) -> list[Leftover]:
+    """This package's segments in ``shm_dir`` whose creator is gone (pid and start time, through ``liveness``), by
+    name. A creator that is alive, or that cannot be judged from here (another PID namespace, nothing recorded
+    yet), keeps its segment off the list."""
+    found = []
+    names = sorted(os.listdir(shm_dir)) if os.path.isdir(shm_dir) else []
+    for name in names:
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        path = os.path.join(shm_dir, name)
+        creator = segment_creator(path)
+        reason = None if creator is None else liveness.gone_reason(creator)
+        if reason is not None:
+            found.append(Leftover(path, creator, reason))
+    return found
 
 
 class ShmTransport:
@@ -311,14 +435,14 @@ class ShmTransport:
         self._lookahead = lookahead
         self._initial = initial
         me = self._ranks.index(rank)
-        self._cursors = [(members_at(i) + CURSOR_AT) // WORD_BYTES for i in range(self._members)]
+        self._cursors = [member_word(i, CURSOR_AT) for i in range(self._members)]
         self._my_cursor = self._cursors[me]
         self._others = [i for i in range(self._members) if i != me]
-        self._my_parked = (members_at(me) + PARKED_AT) // WORD_BYTES
+        self._announcements = [member_word(i, PARKED_AT) for i in range(self._members)]
+        self._my_parked = self._announcements[me]
         self._futex = futex.available().futex
         # The announcements a writer reads after each store; none without futex, where nobody parks.
-        self._parked = [(members_at(i) + PARKED_AT) // WORD_BYTES for i in self._others] if self._futex else []
-        self._slot0 = ring_at(self._members) // WORD_BYTES
+        self._parked = [member_word(i, PARKED_AT) for i in self._others] if self._futex else []
         self._calls = 0
         # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
         self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
@@ -329,40 +453,47 @@ class ShmTransport:
     def broadcast(self, value: int | None, src: int) -> int:
         """Publish ``value`` (on src; None elsewhere) as this call's value and return call n - lookahead's."""
         n = self._calls
-        words = self._words
         if value is not None:
-            if n > self._room_until:
-                self._make_room(n, src)
-            now = time.monotonic()
-            if now >= self._next_reader_check:
-                self._check_readers(src, now)
-            slot = self._slot0 + (n & _SLOT_MASK)
-            # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
-            # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
-            # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
-            words[slot] = (((n + 1) & _SEQUENCE_MASK) << 32) | (value & _VALUE_MASK)
-            for at in self._parked:
-                if words[at] == n + 1:
-                    self._futex.wake(self._sequence_address(slot))
-                    break
+            self._publish(n, value, src)
         self._srcs.append(src)
         self._calls = n + 1
-        m = n - self._lookahead
+        if value is not None:
+            self._look_at_readers(n, src)
+        return self._take(n - self._lookahead, src)
+
+    def _publish(self, n: int, value: int, src: int) -> None:
+        """Make ``value`` call ``n``'s, visible to every reader, and wake those asleep on it: room, store, wake,
+        and nothing before them."""
+        if n > self._room_until:
+            self._make_room(n, src)
+        words = self._words
+        slot = slot_word(self._members, n)
+        # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
+        # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
+        # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
+        words[slot] = pack_slot(n, value)
+        for at in self._parked:
+            if words[at] == n + 1:
+                self._futex.wake(self._sequence_address(slot))
+                break
+
+    def _take(self, m: int, src: int) -> int:
+        """Call ``m``'s value, once it is published (the group's initial value for m < 0); consumes it."""
         if m < 0:
             return self._initial
-        slot = self._slot0 + (m & _SLOT_MASK)
-        sequence = (m + 1) & _SEQUENCE_MASK
+        words = self._words
+        slot = slot_word(self._members, m)
+        sequence = sequence_of(m)
         word = words[slot]
-        if word >> 32 != sequence:
+        if slot_sequence(word) != sequence:
             self._wait_for_value(slot, sequence, m, src)
             word = words[slot]
         words[self._my_cursor] = m + 1
-        value = word & _VALUE_MASK
-        return value - (1 << 32) if value & _SIGN_BIT else value
+        return slot_value(word)
 
     def _sequence_address(self, slot: int) -> int:
         """The address of the 32-bit sequence half of slot word ``slot``: the word readers park on."""
-        return self.ring.address + slot * WORD_BYTES + futex.SEQUENCE_HALF_AT
+        return self.ring.address + slot * WORD_BYTES + SEQUENCE_HALF_AT
 
     def _min_cursor(self) -> int:
         return min(self._words[at] for at in self._cursors)
@@ -383,23 +514,29 @@ class ShmTransport:
             )
         self._room_until = self._min_cursor() + SHM_RING_SLOTS - 1
 
-    def _check_readers(self, src: int, now: float) -> None:
-        """On the writer, every ``LIVENESS_INTERVAL_S``: raise ``SignalGroupError`` for a reader that is gone
-        without having made as many calls as this writer has (see the protocol), or that another member found
-        gone."""
-        self._next_reader_check = now + waiting.LIVENESS_INTERVAL_S
-        lost = self._find_lost(self._gone_behind, src, now)
-        if lost is not None:
-            raise lost
+    def _look_at_readers(self, n: int, src: int) -> None:
+        """On the writer, after its publish of call ``n``, at most every ``LIVENESS_INTERVAL_S``: raise
+        ``SignalGroupError`` for a reader that is gone without having made as many calls as this writer has (see
+        the protocol), or that another member found gone."""
+        now = time.monotonic()
+        if now >= self._next_reader_check:
+            self._next_reader_check = now + waiting.LIVENESS_INTERVAL_S
+            lost = self._find_lost(lambda: self._gone_behind(n), src, now)
+            if lost is not None:
+                raise lost
 
-    def _gone_behind(self) -> tuple[int, str] | None:
+    def _gone_behind(self, n: int) -> tuple[int, str] | None:
         words = self._words
         mine = words[self._my_cursor]
         if mine == 0:
             # Before the writer's first value, a reader that made every call so far has a cursor of 0 too.
             return None
+        announced = n + 1
         for member in self._others:
-            if words[self._cursors[member]] <= mine:
+            # A reader that announced it sleeps for this very call was alive after the last publish, and is being
+            # woken right now: its /proc read, up to hundreds of microseconds after an idle spell, would take the
+            # CPU it may be woken on. Were it dead, its announcement is stale at the next call, which judges it.
+            if words[self._cursors[member]] <= mine and words[self._announcements[member]] != announced:
                 found = self._gone([member])
                 # Judged gone first, then the cursor read again: a reader that took one more value before it
                 # exited has stored its cursor before it exited.
@@ -443,13 +580,13 @@ class ShmTransport:
                 # The futex contract: announce, then look once more, then sleep only while the slot still holds
                 # what we saw (the kernel compares it atomically with going to sleep).
                 words[parked] = m + 1
-                seen = words[slot] >> 32
+                seen = slot_sequence(words[slot])
                 if seen != sequence:
                     wait(address, seen, seconds)
 
         try:
             self._wait(
-                lambda: words[slot] >> 32 == sequence,
+                lambda: slot_sequence(words[slot]) == sequence,
                 lambda: [writer],
                 src,
                 lambda late: f" (rank {late[0]} has not published the value of call {m})",

@@ -7,9 +7,9 @@ that a rank left waiting (the engine idle, a slow peer) does not burn a core: th
 vLLM's and SGLang's shared-memory queues (vLLM #19036, SGLang #1730, #3708).
 
 How it sleeps: a waiter given a ``park`` function (a reader, on Linux: a futex wait on the slot it waits for, see
-``futex``) sleeps in it for at most ``FUTEX_WAIT_S`` at a time, and the src's store wakes it. Without one (the
-writer waiting for room, or no futex here) it sleeps with a doubling interval capped at ``SLEEP_CAP_S``, so a
-value is seen up to about 1 ms late.
+``futex``) sleeps in it, and the src's publish wakes it: first for at most ``FUTEX_FIRST_WAIT_S``, the only sleep
+that can miss its wake-up, then until its next liveness check. Without one (the writer waiting for room, or no
+futex here) it sleeps with a doubling interval capped at ``SLEEP_CAP_S``, so a value is seen up to about 1 ms late.
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ SLEEP_CAP_S = 1e-3
 rank wakes about 1,000 times a second, a few microseconds of CPU each (about 1% of a core, measured in the tests'
 idle-CPU check)."""
 
-FUTEX_WAIT_S = 10e-3
-"""The longest single futex sleep. It bounds what a lost wake-up costs (see ``futex``: at most this, once), and
-lets liveness checks and the deadline run; an idle reader wakes 100 times a second: 1.2-2.0% of a core measured
-over 1 s waits (``bench --src-late 1000 --iters 5``, three runs, load 1.6-1.8)."""
+FUTEX_FIRST_WAIT_S = 1e-3
+"""The first futex sleep of a wait. It alone can miss its wake-up: the src may load the reader's announcement before
+its own publishing store is visible, while the reader, having just announced, still sees the old slot and sleeps
+(see ``futex``). It is also the longest a lost wake-up costs: every later sleep of the wait starts after an
+announcement that the kernel's futex barrier has made visible, so the src's publish wakes it. (It was 10 ms for
+every sleep before.) Later sleeps last until the next liveness check, so an idle reader wakes about
+``1 / LIVENESS_INTERVAL_S`` times a second."""
 
 LIVENESS_INTERVAL_S = 0.05
 """How often a waiter looks for dead peers, and a src at most how often it looks at its readers: a peer that
@@ -68,13 +71,15 @@ def wait_until(
     Every ``LIVENESS_INTERVAL_S`` it calls ``find_lost()``, which returns the error to raise when a peer that the
     wait depends on is gone. ``ready()`` is asked once more before that error is raised, so a peer that published
     what we need and then exited never fails the wait. After the spin and yield phases it calls ``park(seconds)``
-    when given, which may sleep up to ``seconds`` (never past the next liveness check or the deadline) and must
-    return early once ``ready()`` may have become true; without it, it sleeps in capped steps.
+    when given, which may sleep up to ``seconds`` (at most ``FUTEX_FIRST_WAIT_S`` the first time, then until the
+    next liveness check; never past the deadline) and must return early once ``ready()`` may have become true;
+    without it, it sleeps in capped steps.
     """
     start = time.monotonic()
     deadline = start + timeout
     next_check = start + LIVENESS_INTERVAL_S
     sleep = SLEEP_FIRST_S
+    first_park = True
     while not ready():
         now = time.monotonic()
         if now >= next_check:
@@ -93,7 +98,11 @@ def wait_until(
             os.sched_yield()
             continue
         if park is not None:
-            park(min(FUTEX_WAIT_S, next_check - now, deadline - now))
+            seconds = min(next_check, deadline) - now
+            if first_park:
+                seconds = min(seconds, FUTEX_FIRST_WAIT_S)
+                first_park = False
+            park(seconds)
             continue
         time.sleep(min(sleep, deadline - now))
         sleep = min(2 * sleep, SLEEP_CAP_S)

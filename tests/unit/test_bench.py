@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ from fastdeploy_patch.cli.bench import (
     summarize,
     work_draws,
 )
+from fastdeploy_patch.signal_group import futex
 
 # --- statistics -----------------------------------------------------------------------------------------
 
@@ -392,6 +396,25 @@ class LateClock:
         return self.now_ns / 1e10
 
 
+@dataclass
+class FakeFutex:
+    """The futex calls for the floor: records wakes, and each wait stands for the src publishing the next step."""
+
+    wakes: list[int] = field(default_factory=list)
+    waits: list[tuple[int, int, float]] = field(default_factory=list)
+    publishes: bool = True
+
+    def wake(self, address: int) -> int:
+        self.wakes.append(address)
+        return 1
+
+    def wait(self, address: int, expected: int, seconds: float) -> str:
+        self.waits.append((address, expected, seconds))
+        if self.publishes:
+            ctypes.c_uint32.from_address(address).value = expected + 1
+        return "woken"
+
+
 @pytest.fixture
 def late_clock(fakes: FakeCollectives) -> Iterator[LateClock]:
     clock = LateClock()
@@ -408,40 +431,73 @@ def late_clock(fakes: FakeCollectives) -> Iterator[LateClock]:
         mock.patch.object(bench.time, "process_time", clock.process_time),
         mock.patch.object(signal_group, "broadcast_signal", side_effect=timed_broadcast),
         mock.patch.object(signal_group, "shm_reader_sleep", return_value=("futex", "SYS_futex 202 on x86_64")),
+        mock.patch.object(signal_group, "futex_support", return_value=futex.Support(None, "futex is Linux-only")),
     ):
         yield clock
 
 
+@pytest.fixture
+def floor_futex(late_clock: LateClock) -> Iterator[FakeFutex]:
+    """Futex works: the floor runs on a private page, through a fake futex."""
+    fake = FakeFutex()
+    pages: list[mmap.mmap] = []
+
+    def page(rank: int) -> mmap.mmap:
+        pages.append(mmap.mmap(-1, mmap.PAGESIZE))
+        return pages[-1]
+
+    with (
+        mock.patch.object(signal_group, "futex_support", return_value=futex.Support(fake, "fake")),
+        mock.patch.object(bench, "shared_page", side_effect=page),
+    ):
+        yield fake
+    assert all(p.closed for p in pages)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
-def test_late_rank_times_each_transport_with_the_src_sleeping_before_each_publish(
-    fakes: FakeCollectives, late_clock: LateClock, rank: int
+def test_late_rank_times_each_transport_and_the_floor_with_the_src_sleeping_before_each_timed_publish(
+    fakes: FakeCollectives, late_clock: LateClock, floor_futex: FakeFutex, rank: int
 ) -> None:
     fakes.rank = rank
     result = bench.late_rank(iters=6, warmup=2, late_ms=2.0)
     assert [g.kwargs for g in fakes.groups] == [{"transport": "shm"}, {"transport": "gloo"}]
     assert all(g.closed for g in fakes.groups)
-    assert fakes.barriers == 2 + 2 * 5
-    # Warm-up per transport, then 6 timed steps over 5 rotating rounds; rank 0 publishes, the reader passes None
+    assert fakes.barriers == 3 + 3 * 5
+    # Warm-up per path, then 6 timed steps over 5 rotating rounds; rank 0 publishes, the reader passes None
     # through the fake as whatever it sends.
     shm, gloo = (0, 0, 1), (0, 0, 2)
     assert fakes.signals == [shm] * 2 + [gloo] * 2 + [shm, shm, gloo, gloo] + [shm, gloo] * 4
-    assert late_clock.sleeps == ([0.002] * 16 if rank == 0 else [])
+    # Warm-up steps run back to back: only the 3 paths' 6 timed steps sleep.
+    assert late_clock.sleeps == ([0.002] * 18 if rank == 0 else [])
     assert result["rank"] == rank and result["wait"] == ["futex", "SYS_futex 202 on x86_64"]
-    assert [len(result["stamps_ns"][name]) for name in ("shm", "gloo")] == [6, 6]
+    assert result["floor"] is None
+    assert [len(result["stamps_ns"][name]) for name in ("shm", "gloo", "futex_floor")] == [6, 6, 6]
     if rank == 0:
-        # The src stamps its call, before the broadcast, and times the broadcast itself.
-        assert result["publish_ns"] == {"shm": [40_000] * 6, "gloo": [40_000] * 6}
+        # The src stamps its call, before the broadcast, and times the broadcast itself; 8 floor publishes, 8 wakes.
+        assert result["publish_ns"] == {"shm": [40_000] * 6, "gloo": [40_000] * 6, "futex_floor": [0] * 6}
         assert np.diff(result["stamps_ns"]["shm"])[0] == 2_000_000 + 40_000
+        assert len(floor_futex.wakes) == 8 and floor_futex.waits == []
     else:
         # A reader stamps its return, after the broadcast, and never sleeps or times a publish.
-        assert result["publish_ns"] == {"shm": [], "gloo": []}
+        assert result["publish_ns"] == {"shm": [], "gloo": [], "futex_floor": []}
         assert result["stamps_ns"]["shm"][0] == 10**9 + 4 * 40_000 + 40_000
+        assert [expected for _, expected, _ in floor_futex.waits] == list(range(8))
+        assert floor_futex.wakes == []
     wall = 6 * (40_000 + (2_000_000 if rank == 0 else 0)) / 1e9
-    assert result["wall_s"] == pytest.approx({"shm": wall, "gloo": wall})
-    assert result["cpu_s"] == pytest.approx({"shm": wall / 10, "gloo": wall / 10})
+    assert result["wall_s"] == pytest.approx({"shm": wall, "gloo": wall, "futex_floor": wall - 6 * 40_000 / 1e9})
+    assert result["cpu_s"]["shm"] == pytest.approx(wall / 10)
 
 
-def test_late_rank_closes_its_groups_when_a_broadcast_fails(fakes: FakeCollectives, late_clock: LateClock) -> None:
+def test_late_rank_without_futex_runs_no_floor_and_says_why(fakes: FakeCollectives, late_clock: LateClock) -> None:
+    result = bench.late_rank(iters=5, warmup=0, late_ms=1.0)
+    assert list(result["stamps_ns"]) == ["shm", "gloo"]
+    assert result["floor"] == "futex is Linux-only"
+    assert fakes.barriers == 2 + 2 * 5
+
+
+def test_late_rank_closes_its_groups_and_the_floor_when_a_broadcast_fails(
+    fakes: FakeCollectives, late_clock: LateClock, floor_futex: FakeFutex
+) -> None:
     with (
         mock.patch.object(signal_group, "broadcast_signal", side_effect=TimeoutError("stuck")),
         pytest.raises(TimeoutError, match="stuck"),
@@ -450,7 +506,76 @@ def test_late_rank_closes_its_groups_when_a_broadcast_fails(fakes: FakeCollectiv
     assert len(fakes.groups) == 2 and all(g.closed for g in fakes.groups)
 
 
-def _late_results() -> list[dict]:
+def test_the_floors_src_stores_the_step_and_wakes_the_word() -> None:
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    fake = FakeFutex()
+    floor = bench.FutexFloor(fake, page, src=True)
+    address = ctypes.addressof(ctypes.c_uint32.from_buffer(page))
+    floor.call()
+    floor.call()
+    assert ctypes.c_uint32.from_address(address).value == 2 and fake.wakes == [address, address]
+    floor.close()
+    assert page.closed
+
+
+def test_the_floors_reader_sleeps_on_the_word_until_its_step_or_a_later_one_is_published() -> None:
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    word = ctypes.c_uint32.from_buffer(page)
+    fake = FakeFutex()
+    floor = bench.FutexFloor(fake, page, src=False)
+    floor.call()
+    assert [(expected, seconds) for _, expected, seconds in fake.waits] == [(0, bench.FLOOR_PARK_S)]
+    # The src ran two steps ahead: the next two calls return without sleeping.
+    word.value = 3
+    floor.call()
+    floor.call()
+    assert len(fake.waits) == 1
+    del word
+    floor.close()
+
+
+def test_the_floors_reader_gives_up_after_its_timeout() -> None:
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    fake = FakeFutex(publishes=False)
+    floor = bench.FutexFloor(fake, page, src=False)
+    clock = mock.Mock(side_effect=[0.0, 1.0, bench.FLOOR_TIMEOUT_S + 0.5])
+    with mock.patch.object(bench.time, "monotonic", clock), pytest.raises(TimeoutError) as err:
+        floor.call()
+    assert str(err.value) == "the floor's src did not publish step 1 within 60 s"
+    assert len(fake.waits) == 1
+    floor.close()
+
+
+def test_a_shared_page_is_one_memory_for_every_rank_and_leaves_no_descriptor() -> None:
+    """Both ranks in this process: rank 0's barrier is where rank 1 maps the page, through rank 0's descriptor."""
+    boxes: list[list] = []
+    pages: dict[int, mmap.mmap] = {}
+
+    def broadcast_object_list(box: list, src: int) -> None:
+        if boxes:
+            box[0] = boxes[0][0]
+        boxes.append(box)
+
+    def barrier() -> None:
+        if 1 not in pages and len(boxes) == 1:
+            pages[1] = bench.shared_page(1)
+
+    fds_before = set(os.listdir("/proc/self/fd"))
+    with (
+        mock.patch("paddle.distributed.broadcast_object_list", side_effect=broadcast_object_list),
+        mock.patch("paddle.distributed.barrier", side_effect=barrier),
+    ):
+        pages[0] = bench.shared_page(0)
+    assert boxes[0][0].startswith(f"/proc/{os.getpid()}/fd/")
+    assert len(pages[0]) == len(pages[1]) == mmap.PAGESIZE
+    pages[0][:4] = b"ping"
+    assert pages[1][:4] == b"ping"
+    for page in pages.values():
+        page.close()
+    assert set(os.listdir("/proc/self/fd")) == fds_before
+
+
+def _late_results(floor: bool = True) -> list[dict]:
     src = {
         "rank": 0,
         "stamps_ns": {"shm": [0, 10_000_000, 20_000_000, 30_000_000], "gloo": [0, 10_000_000, 20_000_000, 30_000_000]},
@@ -458,6 +583,7 @@ def _late_results() -> list[dict]:
         "cpu_s": {"shm": 0.001, "gloo": 0.001},
         "wall_s": {"shm": 0.04, "gloo": 0.04},
         "wait": ["futex", "SYS_futex 202 on x86_64"],
+        "floor": None if floor else "futex is Linux-only",
     }
     reader = {
         "rank": 1,
@@ -470,7 +596,16 @@ def _late_results() -> list[dict]:
         "cpu_s": {"shm": 0.002, "gloo": 0.004},
         "wall_s": {"shm": 0.04, "gloo": 0.04},
         "wait": ["futex", "SYS_futex 202 on x86_64"],
+        "floor": src["floor"],
     }
+    if floor:
+        # The bare futex wakes 5, 10, 15, 20 us after each call.
+        src["stamps_ns"]["futex_floor"] = [0, 10_000_000, 20_000_000, 30_000_000]
+        src["publish_ns"]["futex_floor"] = [500] * 4
+        src["cpu_s"]["futex_floor"], src["wall_s"]["futex_floor"] = 0.001, 0.04
+        reader["stamps_ns"]["futex_floor"] = [5_000, 10_010_000, 20_015_000, 30_020_000]
+        reader["publish_ns"]["futex_floor"] = []
+        reader["cpu_s"]["futex_floor"], reader["wall_s"]["futex_floor"] = 0.0004, 0.04
     return [reader, src]
 
 
@@ -485,8 +620,8 @@ def test_build_late_report_pairs_each_readers_return_with_the_srcs_call() -> Non
         "paddle_version": "3",
     }
     assert report["shm_reader_sleep"] == {"kind": "futex", "detail": "SYS_futex 202 on x86_64"}
-    shm, gloo = report["paths"]["shm"], report["paths"]["gloo"]
-    assert list(report["paths"]) == ["shm", "gloo"]
+    shm, gloo, floor = report["paths"]["shm"], report["paths"]["gloo"], report["paths"]["futex_floor"]
+    assert list(report["paths"]) == ["shm", "gloo", "futex_floor"]
     assert shm == pytest.approx(
         {
             "label": "shm: broadcast_signal, shared memory",
@@ -503,22 +638,38 @@ def test_build_late_report_pairs_each_readers_return_with_the_srcs_call() -> Non
     assert (gloo["wake_p50_us"], gloo["reader_cpu_pct"], gloo["src_publish_p50_us"]) == pytest.approx(
         (250.0, 10.0, 100.0)
     )
+    assert floor["label"] == "floor: bare futex wake on one shared word"
+    assert (floor["wake_p50_us"], floor["reader_cpu_pct"], floor["src_publish_p99_us"]) == pytest.approx(
+        (12.5, 1.0, 0.5)
+    )
+    assert report["shm_wake_over_floor_p50"] == pytest.approx(2.0) and report["no_floor_because"] is None
+
+
+def test_a_late_report_without_a_floor_says_why_and_gives_no_ratio() -> None:
+    report = bench.build_late_report(
+        _late_results(floor=False), nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3"
+    )
+    assert list(report["paths"]) == ["shm", "gloo"]
+    assert report["shm_wake_over_floor_p50"] is None and report["no_floor_because"] == "futex is Linux-only"
+    assert format_late_report(report).splitlines()[-2] == "no bare futex floor: futex is Linux-only"
 
 
 def test_a_late_report_without_samples_gives_zeros_instead_of_dividing_by_zero() -> None:
     empty = [
         {
             "rank": r,
-            "stamps_ns": {"shm": [], "gloo": []},
-            "publish_ns": {"shm": [], "gloo": []},
-            "cpu_s": {"shm": 0.0, "gloo": 0.0},
-            "wall_s": {"shm": 0.0, "gloo": 0.0},
+            "stamps_ns": {"shm": [], "gloo": [], "futex_floor": []},
+            "publish_ns": {"shm": [], "gloo": [], "futex_floor": []},
+            "cpu_s": {"shm": 0.0, "gloo": 0.0, "futex_floor": 0.0},
+            "wall_s": {"shm": 0.0, "gloo": 0.0, "futex_floor": 0.0},
             "wait": ["capped sleep", "why"],
+            "floor": None,
         }
         for r in (0, 1)
     ]
     report = bench.build_late_report(empty, nranks=2, iters=0, warmup=0, late_ms=1.0, paddle_version="3")
     assert report["paths"]["shm"]["wake_mean_us"] == 0.0 and report["paths"]["shm"]["reader_cpu_pct"] == 0.0
+    assert report["shm_wake_over_floor_p50"] is None
 
 
 def test_a_src_that_timed_fewer_steps_than_a_reader_is_an_error() -> None:
@@ -528,18 +679,22 @@ def test_a_src_that_timed_fewer_steps_than_a_reader_is_an_error() -> None:
         bench.build_late_report(results, nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3")
 
 
-def test_format_late_report_shows_wake_percentiles_cpu_and_publish_per_transport() -> None:
+def test_format_late_report_shows_wake_percentiles_cpu_and_publish_per_path_and_the_ratio_to_the_floor() -> None:
     report = bench.build_late_report(_late_results(), nranks=2, iters=4, warmup=1, late_ms=10.0, paddle_version="3")
     lines = format_late_report(report).splitlines()
     assert lines[0] == (
-        "src late by 10 ms before each publish, 2 ranks, 4 steps after 1 warm-up, Paddle 3; wake = the reader's "
-        "return after the src's call, in us"
+        "src late by 10 ms before each timed publish, 2 ranks, 4 steps after 1 warm-up, Paddle 3; wake = the "
+        "reader's return after the src's call, in us"
     )
-    assert lines[1].split() == ["path", "wake", "p50", "wake", "p90", "wake", "p99", "reader", "cpu", "pub", "p50"]
-    assert lines[2].split()[-5:] == ["25.0", "37.0", "39.7", "5.0%", "2.5"]
-    assert lines[3].split()[-5:] == ["250.0", "370.0", "397.0", "10.0%", "100.0"]
+    assert lines[1].split() == [
+        *("path", "wake", "p50", "wake", "p90", "wake", "p99", "reader", "cpu", "pub", "p50", "pub", "p99"),
+    ]
+    assert lines[2].split()[-6:] == ["25.0", "37.0", "39.7", "5.0%", "2.5", "4.0"]
+    assert lines[3].split()[-6:] == ["250.0", "370.0", "397.0", "10.0%", "100.0", "100.0"]
     assert lines[2].startswith("shm: broadcast_signal, shared memory") and lines[3].startswith("gloo: ")
-    assert lines[4] == "a waiting shm reader sleeps in: futex (SYS_futex 202 on x86_64)"
+    assert lines[4].startswith("floor: bare futex wake on one shared word")
+    assert lines[5] == "shm wake / bare futex wake: 2.00x at p50"
+    assert lines[6] == "a waiting shm reader sleeps in: futex (SYS_futex 202 on x86_64)"
 
 
 # --- latency report ----------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ BAD_VALUES: dict[tuple[str, str], list[tuple[str, str]]] = {
     ("bench", "--warmup"): [(v, NON_NEGATIVE_INT) for v in ("-1", *NOT_INTEGERS)],
     ("bench", "--timeout"): [(v, SECONDS) for v in ("0", "-1", "x", "nan", "inf")],
     ("bench", "--src-late"): [
-        (v, "expected a number of milliseconds above 0 and at most 60000")
-        for v in ("0", "-1", "x", "nan", "inf", "60001")
+        (v, "expected a number of milliseconds above 0 and at most 10000")
+        for v in ("0", "-1", "x", "nan", "inf", "10000.5", "60000")
     ],
 }
 
@@ -51,7 +51,7 @@ GOOD_VALUES: dict[tuple[str, str], list[tuple[str, object]]] = {
     ("bench", "--iters"): [("1", 1)],
     ("bench", "--warmup"): [("0", 0)],
     ("bench", "--timeout"): [("0.001", 0.001)],
-    ("bench", "--src-late"): [("0.05", 0.05), ("2", 2.0), ("60000", 60000.0)],
+    ("bench", "--src-late"): [("0.05", 0.05), ("2", 2.0), ("300", 300.0), ("1000", 1000.0), ("10000", 10000.0)],
 }
 
 

@@ -21,15 +21,27 @@ from fastdeploy_patch.cli.doctor import (
     OK,
     WARN,
     Finding,
+    LeftoverFacts,
     NetworkFacts,
     PaddleFacts,
     ShmFacts,
 )
+from fastdeploy_patch.signal_group import Leftover
+from fastdeploy_patch.signal_group.liveness import ProcessIdentity
 
 CPU = PaddleFacts(version="3.3.1", cuda=None, has_gloo=True, gpus=0)
 GPU_NO_GLOO = PaddleFacts(version="3.3.0", cuda="12.6", has_gloo=False, gpus=8)
 HEALTHY_SHM = ShmFacts("/dev/shm", is_dir=True, fs_type="tmpfs", size=12 * GIB, free=11 * GIB)
 NETWORK = NetworkFacts(ifname="eth0", interfaces=["eth0", "lo"], hostname="box", address="10.0.0.5")
+NO_LEFTOVERS = LeftoverFacts(found=[], removed=None)
+LEFT = [
+    Leftover("/dev/shm/fdp_signal_aa", ProcessIdentity(41, 7, 9), "process 41 is gone"),
+    Leftover(
+        "/dev/shm/fdp_signal_bb",
+        ProcessIdentity(42, 8, 9),
+        "process 42 is gone (its pid now belongs to another process)",
+    ),
+]
 
 # --- the checks ----------------------------------------------------------------------------------------------
 
@@ -189,13 +201,77 @@ def test_capped_sleeps_warn_that_a_value_is_seen_up_to_a_millisecond_late_and_wh
     )
 
 
+def test_no_leftover_segment_is_ok() -> None:
+    assert doctor.leftover_finding(NO_LEFTOVERS) == Finding(
+        OK, "leftover segments", "none: no fdp_signal_* segment whose creator is gone"
+    )
+
+
+def test_leftover_segments_warn_with_each_creator_and_the_command_that_removes_them() -> None:
+    assert doctor.leftover_finding(LeftoverFacts(LEFT, removed=None)) == Finding(
+        WARN,
+        "leftover segments",
+        "2 fdp_signal_* segment(s) whose creator is gone: fdp_signal_aa (process 41 is gone), fdp_signal_bb (process "
+        "42 is gone (its pid now belongs to another process)). `fastdeploy-patch doctor --clean` removes them, and "
+        "only them",
+    )
+
+
+def test_removed_leftovers_are_ok_and_named() -> None:
+    removed = {found.path: None for found in LEFT}
+    finding = doctor.leftover_finding(LeftoverFacts(LEFT, removed))
+    assert finding.level == OK and finding.text.startswith(
+        "removed 2 fdp_signal_* segment(s) whose creator was gone: fdp_signal_aa (process 41 is gone), "
+    )
+
+
+def test_leftovers_that_could_not_be_removed_warn_with_why() -> None:
+    removed = {LEFT[0].path: None, LEFT[1].path: "Permission denied"}
+    assert doctor.leftover_finding(LeftoverFacts(LEFT, removed)) == Finding(
+        WARN,
+        "leftover segments",
+        "removed 1 of 2 fdp_signal_* segment(s) whose creator was gone; could not remove "
+        "/dev/shm/fdp_signal_bb: Permission denied",
+    )
+
+
+def test_remove_leftovers_unlinks_each_and_says_why_one_could_not_be() -> None:
+    unlinked: list[str] = []
+
+    def unlink(path: str) -> None:
+        unlinked.append(path)
+        if path.endswith("bb"):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        if path.endswith("cc"):
+            raise FileNotFoundError(errno.ENOENT, "gone meanwhile")
+
+    third = Leftover("/dev/shm/fdp_signal_cc", ProcessIdentity(43, 1, 9), "process 43 is gone")
+    assert doctor.remove_leftovers([*LEFT, third], unlink) == {
+        LEFT[0].path: None,
+        LEFT[1].path: "Operation not permitted",
+        third.path: None,
+    }
+    assert unlinked == [LEFT[0].path, LEFT[1].path, third.path]
+
+
+def test_leftover_facts_remove_only_with_clean(tmp_path: Path) -> None:
+    path = tmp_path / "fdp_signal_dd"
+    path.write_bytes(b"")
+    found = [Leftover(str(path), ProcessIdentity(44, 1, 9), "process 44 is gone")]
+    assert doctor.leftover_facts(lambda: found, clean=False) == LeftoverFacts(found, None)
+    assert path.exists()
+    assert doctor.leftover_facts(lambda: found, clean=True) == LeftoverFacts(found, {str(path): None})
+    assert not path.exists()
+
+
 def test_diagnose_lists_every_finding_in_report_order() -> None:
-    findings = doctor.diagnose(CPU, None, HEALTHY_SHM, None, FUTEX, NETWORK)
+    findings = doctor.diagnose(CPU, None, HEALTHY_SHM, None, FUTEX, NETWORK, NO_LEFTOVERS)
     assert [f.topic for f in findings] == [
         "Paddle",
         "GPUs",
         "/dev/shm",
         "/dev/shm",
+        "leftover segments",
         "ranks on this host",
         "shm reader wait",
         "ranks on several hosts",
@@ -305,24 +381,31 @@ def test_network_facts_survive_an_unresolvable_hostname_and_no_sysfs() -> None:
         assert doctor.network_facts({}, no_sysfs) == NetworkFacts(None, [], "box", None)
 
 
-def test_run_gathers_this_machines_facts() -> None:
+@pytest.mark.parametrize("clean", [False, True])
+def test_run_gathers_this_machines_facts(clean: bool) -> None:
     error = OSError("no")
+    leftovers = LeftoverFacts(LEFT, None)
     with (
         mock.patch.object(doctor, "paddle_facts", return_value=CPU),
         mock.patch.object(doctor, "shm_facts", return_value=HEALTHY_SHM) as shm,
         mock.patch.object(doctor, "shm_error", return_value=error) as probe,
         mock.patch.object(doctor, "network_facts", return_value=NETWORK) as network,
+        mock.patch.object(doctor, "leftover_facts", return_value=leftovers) as left,
         mock.patch.object(signal_group, "shm_reader_sleep", return_value=("capped sleep", "why")),
+        mock.patch.object(signal_group, "leftover_segments", return_value=LEFT) as scan,
         mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3"}),
         mock.patch.object(os, "listdir", return_value=["lo"]) as listdir,
     ):
-        findings = doctor.run()
+        findings = doctor.run(clean=clean) if clean else doctor.run()
         env, list_interfaces = network.call_args.args
         assert env is os.environ and list_interfaces() == ["lo"]
-    assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, ("capped sleep", "why"), NETWORK)
+        find, cleaning = left.call_args.args
+        assert find() == LEFT and cleaning is clean
+    assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, ("capped sleep", "why"), NETWORK, leftovers)
     assert shm.call_args.args[0] == "/dev/shm" and shm.call_args.args[1:] == (doctor._read_mounts, os.statvfs)
     probe.assert_called_once_with(signal_group.check_shm_usable)
     listdir.assert_called_once_with("/sys/class/net")
+    scan.assert_called_once_with("/dev/shm")
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -331,6 +414,15 @@ def test_run_gathers_this_machines_facts() -> None:
 @pytest.mark.parametrize(("level", "code"), [(OK, 0), (WARN, 0), (FAIL, 1)])
 def test_the_doctor_command_prints_the_report_and_exits_1_on_a_failure(level: str, code: int, capsys) -> None:
     findings = [Finding(OK, "Paddle", "3.3.1"), Finding(level, "x", "y")]
-    with mock.patch.object(doctor, "run", return_value=findings):
+    with mock.patch.object(doctor, "run", return_value=findings) as run:
         assert cli.main(["doctor"]) == code
+    assert capsys.readouterr().out == doctor.format_findings(findings) + "\n"
+    run.assert_called_once_with(clean=False)
+
+
+def test_doctor_clean_asks_for_the_leftovers_to_be_removed(capsys) -> None:
+    findings = [Finding(OK, "leftover segments", "removed 1")]
+    with mock.patch.object(doctor, "run", return_value=findings) as run:
+        assert cli.main(["doctor", "--clean"]) == 0
+    run.assert_called_once_with(clean=True)
     assert capsys.readouterr().out == doctor.format_findings(findings) + "\n"

@@ -4,6 +4,7 @@ in-memory global store (its ``get`` blocks until the key is set, as Paddle's doe
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from unittest import mock
@@ -13,7 +14,7 @@ import pytest
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import rendezvous
 from fastdeploy_patch.signal_group.rendezvous import ATTACHED, negotiate_shm
-from fastdeploy_patch.signal_group.shm_transport import ShmRing, ShmTransport
+from fastdeploy_patch.signal_group.shm_transport import SHM_DIR, ShmHandle, ShmRing, ShmTransport
 
 KEY = "fastdeploy_patch/signal_group/9"
 
@@ -172,3 +173,102 @@ def test_a_failed_handshake_releases_nothing_it_does_not_hold(store: BlockingSto
         pytest.raises(RuntimeError, match="only 1 of 2"),
     ):
         negotiate_shm([0, 1], 1, 2, KEY)
+
+
+class FailingStore(BlockingStore):
+    """The global store failing at one key, as Paddle's does when its host died (connection reset) or the key never
+    came (timeout); the failure may be any exception, an interrupt too."""
+
+    def __init__(self, key: str, failure: BaseException) -> None:
+        super().__init__()
+        self.failing_key = key
+        self.failure = failure
+
+    def get(self, key: str) -> list[int]:
+        if key == self.failing_key:
+            raise self.failure
+        return super().get(key)
+
+
+def _segment_path(store: BlockingStore) -> str:
+    handle = ShmHandle.from_json(store.values[f"{KEY}/shm/handle"].decode())
+    return os.path.join(SHM_DIR, handle.name)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [RuntimeError("Connection reset by peer"), TimeoutError("no key within 900 s"), KeyboardInterrupt()],
+    ids=["reset", "timeout", "interrupt"],
+)
+def test_the_creator_removes_and_unmaps_its_segment_on_any_failure_while_reading_the_answers(
+    failure: BaseException,
+) -> None:
+    store = FailingStore(f"{KEY}/shm/1", failure)
+    closed: list[ShmRing] = []
+    close = ShmRing.close
+
+    def recording(ring: ShmRing) -> None:
+        closed.append(ring)
+        close(ring)
+
+    with (
+        mock.patch.object(paddle_internals, "global_store", return_value=store),
+        mock.patch.object(ShmRing, "close", autospec=True, side_effect=recording),
+        pytest.raises(type(failure)) as err,
+    ):
+        negotiate_shm([0, 1], 0, 2, KEY)
+    assert err.value is failure
+    assert not os.path.exists(_segment_path(store))
+    (ring,) = closed
+    assert ring.path == _segment_path(store) and ring._region.closed
+
+
+def test_the_creator_removes_its_segment_when_publishing_the_handle_fails() -> None:
+    store = BlockingStore()
+    created: list[ShmRing] = []
+    create = ShmRing.create
+
+    def recording(*args: object, **kwargs: object) -> ShmRing:
+        created.append(create(*args, **kwargs))
+        return created[-1]
+
+    with (
+        mock.patch.object(paddle_internals, "global_store", return_value=store),
+        mock.patch.object(store, "set", side_effect=ConnectionResetError("store host gone")),
+        mock.patch.object(ShmRing, "create", side_effect=recording),
+        pytest.raises(ConnectionResetError),
+    ):
+        negotiate_shm([0, 1], 0, 2, KEY)
+    (ring,) = created
+    assert not os.path.exists(ring.path) and ring._region.closed
+
+
+def test_an_attacher_unmaps_but_never_removes_the_segment_when_the_handshake_fails() -> None:
+    creator = ShmRing.create([0, 1])
+    store = FailingStore(f"{KEY}/shm/0", RuntimeError("Connection reset by peer"))
+    store.set(f"{KEY}/shm/handle", creator.handle.to_json())
+    attached: list[ShmRing] = []
+    attach = ShmRing.attach
+
+    def recording(*args: object, **kwargs: object) -> ShmRing:
+        attached.append(attach(*args, **kwargs))
+        return attached[-1]
+
+    try:
+        with (
+            mock.patch.object(paddle_internals, "global_store", return_value=store),
+            mock.patch.object(ShmRing, "attach", side_effect=recording),
+            pytest.raises(RuntimeError, match="Connection reset by peer"),
+        ):
+            negotiate_shm([0, 1], 1, 2, KEY)
+        (ring,) = attached
+        assert ring._region.closed and os.path.exists(creator.path)
+    finally:
+        creator.close()
+
+
+def test_a_free_port_is_an_ephemeral_tcp_port_nobody_holds() -> None:
+    port = rendezvous._free_port("127.0.0.1")
+    assert 1024 <= port <= 65535
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))

@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -34,22 +37,36 @@ from fastdeploy_patch.signal_group import (
 )
 from fastdeploy_patch.signal_group.shm_transport import (
     BROKEN_AT,
+    CURSOR_AT,
     HEADER_BYTES,
     LAYOUT_VERSION,
     MAGIC,
     MEMBER_BYTES,
     PARKED_AT,
+    PID_AT,
+    PIDNS_AT,
     SEGMENT_PREFIX,
+    SEQUENCE_SHIFT,
     SHM_DIR,
     SHM_RING_SLOTS,
+    START_AT,
     WORD_BYTES,
+    Leftover,
     ShmHandle,
     ShmRing,
     ShmTransport,
     check_shm_usable,
+    leftover_segments,
+    member_word,
     members_at,
+    pack_slot,
     ring_at,
     segment_bytes,
+    segment_creator,
+    sequence_of,
+    slot_sequence,
+    slot_value,
+    slot_word,
 )
 
 INITIAL = -7
@@ -64,6 +81,26 @@ def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
     assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 2
 
 
+def test_a_slot_word_is_the_sequence_of_its_call_above_the_value() -> None:
+    assert SEQUENCE_SHIFT == 32 and shm_transport.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
+    # Call m is published with sequence m + 1, modulo 2**32: 0 is never a published call's.
+    assert [sequence_of(call) for call in (0, 1, 2**32 - 2, 2**32 - 1, 2**32)] == [1, 2, 2**32 - 1, 0, 1]
+    assert pack_slot(0, 5) == (1 << 32) | 5
+    assert pack_slot(2, -1) == (3 << 32) | 0xFFFFFFFF
+    assert pack_slot(2**32 - 1, -(2**31)) == 0x80000000
+    for value in (-(2**31), -1, 0, 1, 2**31 - 1):
+        word = pack_slot(6, value)
+        assert (slot_sequence(word), slot_value(word)) == (7, value)
+
+
+def test_words_are_named_by_member_and_field_and_slots_by_call() -> None:
+    assert member_word(0, CURSOR_AT) == 64 // 8 and member_word(1, PARKED_AT) == (128 + 32) // 8
+    assert [member_word(2, at) for at in (CURSOR_AT, PID_AT, START_AT, PIDNS_AT)] == [24, 25, 26, 27]
+    assert slot_word(2, 0) == 192 // 8 and slot_word(2, 1) == 192 // 8 + 1
+    # The ring wraps: call 65 shares call 1's slot.
+    assert slot_word(2, 65) == slot_word(2, 1) and slot_word(4, 63) == 320 // 8 + 63
+
+
 def test_a_handle_travels_as_json() -> None:
     handle = ShmHandle("fdp_signal_ab", 704, (0, 3), 1, 2**64 - 1)
     assert ShmHandle.from_json(handle.to_json()) == handle
@@ -72,7 +109,7 @@ def test_a_handle_travels_as_json() -> None:
 @pytest.fixture
 def pair() -> Iterator[tuple[ShmRing, ShmRing]]:
     """The two members' mappings of one segment for ranks [0, 5]: rank 0 created it, rank 5 attached."""
-    creator = ShmRing.create([0, 5], 0)
+    creator = ShmRing.create([0, 5])
     other = ShmRing.attach(creator.handle, 5)
     yield creator, other
     other.close()
@@ -93,7 +130,7 @@ def test_create_makes_a_private_sized_segment_and_records_the_creator(pair: tupl
 
 
 def test_two_creations_get_different_names_and_nonces() -> None:
-    first, second = ShmRing.create([0, 1], 0), ShmRing.create([0, 1], 0)
+    first, second = ShmRing.create([0, 1]), ShmRing.create([0, 1])
     try:
         assert first.handle.name != second.handle.name and first.handle.nonce != second.handle.nonce
     finally:
@@ -121,7 +158,7 @@ def test_only_the_creator_unlinks_and_the_mappings_outlive_the_name(pair: tuple[
 
 
 def test_close_unmaps_once_and_the_creator_unlinks_if_nobody_did() -> None:
-    creator = ShmRing.create([0, 1], 0)
+    creator = ShmRing.create([0, 1])
     creator.close()
     creator.close()
     assert not os.path.exists(creator.path)
@@ -130,7 +167,7 @@ def test_close_unmaps_once_and_the_creator_unlinks_if_nobody_did() -> None:
 
 
 def test_close_succeeds_when_someone_else_removed_the_name_first() -> None:
-    creator = ShmRing.create([0, 1], 0)
+    creator = ShmRing.create([0, 1])
     os.unlink(creator.path)
     creator.close()
     assert not os.path.exists(creator.path)
@@ -186,9 +223,133 @@ def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_head
 def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
     with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
-        ShmRing.create([0, 1], 0, shm_dir=str(tmp_path))
+        ShmRing.create([0, 1], shm_dir=str(tmp_path))
     assert err.value is full
     assert os.listdir(tmp_path) == []
+
+
+def test_a_new_mapping_never_takes_or_removes_an_existing_file(tmp_path: Path) -> None:
+    taken = tmp_path / f"{SEGMENT_PREFIX}taken"
+    taken.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        shm_transport._new_mapping(str(taken), 4096)
+    assert taken.read_bytes() == b"someone else's"
+
+
+# --- the resource tracker: a creator killed before the handshake unlinked leaves nothing -------------------------
+
+
+@pytest.fixture
+def tracker(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, bool]]:
+    """resource_tracker's register and unregister, recorded with whether the file existed at that moment."""
+    events: list[tuple[str, str, str, bool]] = []
+
+    def recording(command: str) -> Callable[[str, str], None]:
+        def call(name: str, rtype: str) -> None:
+            events.append((command, name, rtype, os.path.exists(SHM_DIR + name)))
+
+        return call
+
+    monkeypatch.setattr(resource_tracker, "register", recording("register"))
+    monkeypatch.setattr(resource_tracker, "unregister", recording("unregister"))
+    return events
+
+
+def test_only_the_creator_registers_the_name_before_the_file_exists_and_unregisters_it_once_removed(
+    tracker: list[tuple[str, str, str, bool]],
+) -> None:
+    creator = ShmRing.create([0, 5])
+    other = ShmRing.attach(creator.handle, 5)
+    name = "/" + creator.handle.name
+    other.close()
+    assert tracker == [("register", name, "shared_memory", False)]
+    creator.unlink()
+    creator.close()
+    assert tracker == [("register", name, "shared_memory", False), ("unregister", name, "shared_memory", False)]
+
+
+def test_a_creator_whose_segment_cannot_be_made_unregisters_its_name(
+    tracker: list[tuple[str, str, str, bool]],
+) -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+        ShmRing.create([0, 1])
+    assert err.value is full
+    (_, name, _, _), unregistered = tracker
+    assert name.startswith("/" + SEGMENT_PREFIX) and unregistered == ("unregister", name, "shared_memory", False)
+
+
+def test_a_segment_outside_dev_shm_is_not_tracked(tracker: list[tuple[str, str, str, bool]], tmp_path: Path) -> None:
+    # The tracker removes names with shm_unlink, which reaches only /dev/shm.
+    ShmRing.create([0, 1], shm_dir=str(tmp_path)).close()
+    assert tracker == []
+
+
+def test_a_creator_killed_by_sigkill_leaves_its_segment_to_its_resource_tracker() -> None:
+    code = (
+        "import os, signal; from fastdeploy_patch.signal_group.shm_transport import ShmRing; "
+        "ring = ShmRing.create([0, 1]); print(ring.path, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    # The tracker holds the child's stderr: run() returns once it has cleaned up and exited.
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    path = child.stdout.strip()
+    leaked = os.path.exists(path)
+    if leaked:
+        os.unlink(path)
+    assert child.returncode == -signal.SIGKILL and path.startswith(f"{SHM_DIR}/{SEGMENT_PREFIX}")
+    assert not leaked, child.stderr
+    assert "There appear to be 1 leaked shared_memory objects to clean up at shutdown" in child.stderr
+
+
+# --- leftovers: segments whose creator is gone ------------------------------------------------------------------
+
+
+def _segment_file(path: Path, creator: liveness.ProcessIdentity, magic: int = MAGIC) -> Path:
+    """A segment as a creator left it: the header's magic and the creator's record, the rest zero."""
+    words = memoryview(bytearray(segment_bytes(2))).cast("Q")
+    words[0] = magic
+    words[member_word(0, PID_AT)] = creator.pid
+    words[member_word(0, START_AT)] = creator.start_ticks
+    words[member_word(0, PIDNS_AT)] = creator.pid_namespace
+    path.write_bytes(words.tobytes())
+    return path
+
+
+def test_a_segments_creator_is_read_from_its_first_member_record(
+    pair: tuple[ShmRing, ShmRing], tmp_path: Path
+) -> None:
+    creator, _ = pair
+    assert segment_creator(creator.path) == liveness.this_process()
+    me = liveness.this_process()
+    assert segment_creator(str(_segment_file(tmp_path / "other", me, magic=MAGIC + 1))) is None
+    short = tmp_path / "short"
+    short.write_bytes(_segment_file(tmp_path / "whole", me).read_bytes()[: members_at(1) - 1])
+    assert segment_creator(str(short)) is None
+    assert segment_creator(str(tmp_path / "missing")) is None
+
+
+def test_leftovers_are_our_segments_whose_creator_is_gone(tmp_path: Path) -> None:
+    me = liveness.this_process()
+    gone = liveness.ProcessIdentity(_gone_pid(), me.start_ticks, me.pid_namespace)
+    second = liveness.ProcessIdentity(_gone_pid(), me.start_ticks, me.pid_namespace)
+    left = _segment_file(tmp_path / f"{SEGMENT_PREFIX}b", gone)
+    also_left = _segment_file(tmp_path / f"{SEGMENT_PREFIX}a", second)
+    _segment_file(tmp_path / f"{SEGMENT_PREFIX}alive", me)
+    # A creator in another PID namespace, or not recorded yet, cannot be judged from here.
+    _segment_file(tmp_path / f"{SEGMENT_PREFIX}elsewhere", liveness.ProcessIdentity(gone.pid, 1, me.pid_namespace + 1))
+    _segment_file(tmp_path / f"{SEGMENT_PREFIX}new", liveness.ProcessIdentity(0, 0, 0))
+    _segment_file(tmp_path / f"{SEGMENT_PREFIX}notours", gone, magic=7)
+    _segment_file(tmp_path / "psm_someone_elses", gone)
+    # Listed first: a name of someone else's does not end the scan.
+    _segment_file(tmp_path / "a_first_name", gone)
+    assert leftover_segments(str(tmp_path)) == [
+        Leftover(str(also_left), second, f"process {second.pid} is gone"),
+        Leftover(str(left), gone, f"process {gone.pid} is gone"),
+    ]
+
+
+def test_no_leftovers_without_the_directory(tmp_path: Path) -> None:
+    assert leftover_segments(str(tmp_path / "nope")) == []
 
 
 def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
@@ -208,6 +369,11 @@ def test_check_shm_usable_passes_here_and_leaves_nothing() -> None:
     assert not os.path.exists(made[0])
 
 
+def test_check_shm_usable_works_in_the_directory_given_and_leaves_nothing_there(tmp_path: Path) -> None:
+    check_shm_usable(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
 def test_check_shm_usable_says_when_the_directory_is_missing(tmp_path: os.PathLike) -> None:
     missing = os.path.join(tmp_path, "nope")
     with pytest.raises(OSError) as err:
@@ -225,7 +391,7 @@ def test_check_shm_usable_says_when_no_segment_can_be_created(tmp_path: os.PathL
 
 
 def test_check_shm_usable_says_when_two_mappings_do_not_share_memory(tmp_path: os.PathLike) -> None:
-    elsewhere = ShmRing.create([0, 1], 0, shm_dir=str(tmp_path))
+    elsewhere = ShmRing.create([0, 1], shm_dir=str(tmp_path))
     try:
         with mock.patch.object(ShmRing, "attach", return_value=elsewhere), pytest.raises(OSError) as err:
             check_shm_usable(str(tmp_path))
@@ -490,7 +656,7 @@ def test_a_src_waiting_for_room_goes_on_as_soon_as_a_reader_takes_a_value(pair: 
 def test_a_reader_watches_the_src_of_the_call_it_waits_for_among_three_members() -> None:
     """Lookahead 1, srcs 0 then 6: rank 5's call 2 waits for call 1's value, so rank 6 is the one watched (and
     named), not rank 0, the src of the group's first call, which is gone."""
-    creator = ShmRing.create([0, 5, 6], 0)
+    creator = ShmRing.create([0, 5, 6])
     rings = [creator, ShmRing.attach(creator.handle, 5), ShmRing.attach(creator.handle, 6)]
     try:
         ends = [
@@ -554,9 +720,90 @@ def test_a_dead_reader_fails_the_src_at_its_first_check_once_it_has_taken_a_valu
         "signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.00 s: "
     )
     assert str(err.value).endswith(f"a peer exited or dropped its connection (rank 5: process {pid} is gone)")
-    # Found before publishing, and marked for the other members.
-    assert pair[0].words[ring_at(2) // 8 + lookahead + 1] == 0
+    # Found after publishing (the value stays there for the live readers), and marked for the other members.
+    assert pair[0].words[ring_at(2) // 8 + lookahead + 1] == pack_slot(lookahead + 1, 99)
     assert pair[0].words[BROKEN_AT // 8] == 5 + 1
+
+
+@pytest.fixture
+def fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[ShmRing, int], None]:
+    """A fake /proc with no process in it: ``gone(ring, member)`` records member as pid 4242 of the fake's PID
+    namespace, which the fake /proc says is gone."""
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    (tmp_path / "self" / "ns" / "pid").write_text("")
+    monkeypatch.setattr(liveness, "PROC", str(tmp_path))
+    namespace = os.stat(tmp_path / "self" / "ns" / "pid").st_ino
+
+    def gone(ring: ShmRing, member: int) -> None:
+        for at, word in ((PID_AT, 4242), (START_AT, 777), (PIDNS_AT, namespace)):
+            ring.words[member_word(member, at)] = word
+
+    return gone
+
+
+def test_the_src_publishes_and_wakes_before_it_reads_the_clock_or_proc(
+    fake_futex: FakeFutex, fake_proc: Callable[[ShmRing, int], None]
+) -> None:
+    """A fake clock and a fake /proc record what the readers could see at each clock and /proc read of the src: in
+    the call that finds a reader gone, the value is published, and the other reader, asleep, woken, before either."""
+    creator = ShmRing.create([0, 5, 6])
+    rings = [creator, ShmRing.attach(creator.handle, 5), ShmRing.attach(creator.handle, 6)]
+    fake_futex.ring = creator
+    now = [1000.0]
+    moments: list[tuple[str, int, int]] = []
+    slot = slot_word(3, 1)
+    real_gone_reason = liveness.gone_reason
+
+    def monotonic() -> float:
+        moments.append(("clock", creator.words[slot], len(fake_futex.wakes)))
+        return now[0]
+
+    def gone_reason(peer: liveness.ProcessIdentity) -> str | None:
+        moments.append(("/proc", creator.words[slot], len(fake_futex.wakes)))
+        return real_gone_reason(peer)
+
+    try:
+        writer, *readers = [
+            ShmTransport(ring, rank, timeout=30, lookahead=0, initial=INITIAL)
+            for ring, rank in zip(rings, (0, 5, 6), strict=True)
+        ]
+        with (
+            mock.patch.object(shm_transport.time, "monotonic", monotonic),
+            mock.patch.object(shm_transport.liveness, "gone_reason", gone_reason),
+        ):
+            assert writer.broadcast(10, 0) == 10
+            assert [reader.broadcast(None, 0) for reader in readers] == [10, 10]
+            moments.clear()
+            now[0] += waiting.LIVENESS_INTERVAL_S
+            # Rank 5 announced that it sleeps for call 1; rank 6 is gone.
+            creator.words[member_word(1, PARKED_AT)] = 1 + 1
+            fake_proc(creator, 2)
+            with pytest.raises(SignalGroupError, match=r"\(rank 6: process 4242 is gone\)$"):
+                writer.broadcast(11, 0)
+    finally:
+        for ring in reversed(rings):
+            ring.close()
+    published = pack_slot(1, 11)
+    assert moments[0] == ("clock", published, 1)
+    assert [what for what, _, _ in moments].count("/proc") == 1
+    assert {(word, wakes) for _, word, wakes in moments} == {(published, 1)}
+
+
+def test_a_reader_asleep_for_this_very_call_is_judged_at_the_next(
+    pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex, fake_proc: Callable[[ShmRing, int], None]
+) -> None:
+    writer, reader = _ends(pair, timeout=30)
+    writer.broadcast(1, 0)
+    assert reader.broadcast(None, 0) == 1
+    # The reader announced that it sleeps for call 1, then died there.
+    fake_proc(pair[0], 1)
+    pair[0].words[member_word(1, PARKED_AT)] = 1 + 1
+    _checking_every_call(writer)
+    assert writer.broadcast(2, 0) == 2
+    assert fake_futex.wakes == [_sequence_address(pair[0], 1)]
+    _checking_every_call(writer)
+    with pytest.raises(SignalGroupError, match=r"\(rank 5: process 4242 is gone\)$"):
+        writer.broadcast(3, 0)
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])
@@ -634,14 +881,16 @@ def test_a_reader_that_takes_a_value_and_exits_while_being_judged_fails_nobody(p
     assert pair[0].words[BROKEN_AT // 8] == 0
 
 
-def test_a_mark_left_by_another_member_fails_the_src_before_it_publishes(pair: tuple[ShmRing, ShmRing]) -> None:
-    writer, _ = _ends(pair, timeout=30)
+def test_a_mark_left_by_another_member_fails_the_src_right_after_it_publishes(pair: tuple[ShmRing, ShmRing]) -> None:
+    writer, reader = _ends(pair, timeout=30)
     pair[0].words[BROKEN_AT // 8] = 7 + 1
     _checking_every_call(writer)
     with pytest.raises(SignalGroupError) as err:
         writer.broadcast(1, 0)
     assert str(err.value).endswith("a peer exited or dropped its connection (rank 7 exited, as another member found)")
-    assert pair[0].words[ring_at(2) // 8] == 0
+    assert pair[0].words[ring_at(2) // 8] == pack_slot(0, 1)
+    # The call counts as made: a live reader takes its value.
+    assert (writer._calls, reader.broadcast(None, 0)) == (1, 1)
 
 
 # --- the futex phase: announce, look again, sleep; wake only the announced -------------------------------------
@@ -675,7 +924,7 @@ def fake_futex(pair: tuple[ShmRing, ShmRing]) -> Iterator[FakeFutex]:
 
 
 def _sequence_address(ring: ShmRing, call: int) -> int:
-    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + futex.SEQUENCE_HALF_AT
+    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + shm_transport.SEQUENCE_HALF_AT
 
 
 def test_the_mapping_address_is_where_the_words_are(pair: tuple[ShmRing, ShmRing]) -> None:
@@ -722,7 +971,7 @@ def test_a_reader_announces_then_sleeps_on_the_sequence_it_saw_and_the_src_wakes
     # Slot 1 still held its initial 0 when the reader went to sleep on it (in its own mapping), having announced
     # call 1; the src woke the same slot through its mapping.
     assert (address, expected, parked) == (_sequence_address(pair[1], 1), 0, [0, 1 + 1])
-    assert 0 < seconds <= waiting.FUTEX_WAIT_S
+    assert 0 < seconds <= waiting.FUTEX_FIRST_WAIT_S
     assert fake_futex.wakes == [_sequence_address(pair[0], 1)]
     # The announcement is withdrawn once the reader returns.
     assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
@@ -743,6 +992,10 @@ def test_a_reader_looks_again_after_any_return_from_its_sleep(
     assert reader.broadcast(None, 0) == 8
     assert len(fake_futex.waits) == 3
     assert {expected for _, expected, _, _ in fake_futex.waits} == {0}
+    # Only the first sleep, the one a lost wake-up can hit, is short; the later ones last until the liveness check.
+    first, *later = [seconds for _, _, seconds, _ in fake_futex.waits]
+    assert 0 < first <= waiting.FUTEX_FIRST_WAIT_S
+    assert all(waiting.FUTEX_FIRST_WAIT_S < seconds <= waiting.LIVENESS_INTERVAL_S for seconds in later), later
 
 
 def test_a_value_that_lands_after_the_last_look_but_before_the_sleep_is_taken_without_sleeping(

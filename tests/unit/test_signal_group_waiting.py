@@ -25,7 +25,7 @@ def test_the_phases_are_documented_figures() -> None:
     assert waiting.YIELD_S == 100e-6
     assert waiting.SLEEP_FIRST_S == 20e-6
     assert waiting.SLEEP_CAP_S == 1e-3
-    assert waiting.FUTEX_WAIT_S == 10e-3
+    assert waiting.FUTEX_FIRST_WAIT_S == 1e-3
     assert waiting.LIVENESS_INTERVAL_S == 0.05
 
 
@@ -147,14 +147,54 @@ def test_a_parking_waiter_spins_yields_then_parks_in_bounded_slices_and_never_sl
     checks: list[float] = []
     assert wait_until(_until(clock, start + 0.2), 1.0, lambda: checks.append(clock.now), park) is True
     assert clock.sleeps == [] and 18 <= clock.yields <= 21
-    first_at, first = park.slices[0]
+    (first_at, first), (second_at, second), *_ = park.slices
     assert waiting.SPIN_S + waiting.YIELD_S <= first_at - start < waiting.SPIN_S + waiting.YIELD_S + 2e-5
-    # Each slice is FUTEX_WAIT_S, cut short only to run the next liveness check on time.
-    assert first == pytest.approx(waiting.FUTEX_WAIT_S)
-    assert max(seconds for _, seconds in park.slices) == pytest.approx(waiting.FUTEX_WAIT_S)
+    # The first slice is short (a lost wake-up costs at most that); every later one lasts until the next liveness
+    # check.
+    assert first == pytest.approx(waiting.FUTEX_FIRST_WAIT_S)
+    assert second_at + second == pytest.approx(start + waiting.LIVENESS_INTERVAL_S, abs=1e-5)
+    assert [round(at + seconds - start, 4) for at, seconds in park.slices[1:]] == [0.05, 0.1, 0.15, 0.2]
     assert len(checks) == 3
     gaps = [b - a for a, b in zip([start, *checks], checks, strict=False)]
     assert all(0.05 <= gap < 0.0501 for gap in gaps), gaps
+
+
+def test_a_wake_up_lost_at_the_first_park_costs_at_most_the_first_slice(clock: Clock) -> None:
+    """Every park sleeps its whole slice here (no wake-up ever arrives): a value that lands right after the waiter
+    announced itself is still seen within FUTEX_FIRST_WAIT_S of its first park."""
+    park = Parking(clock)
+    published: list[float] = []
+
+    def ready() -> bool:
+        if park.slices and not published:
+            # Published as the first park began.
+            published.append(park.slices[0][0])
+        return bool(published) and clock.now > published[0]
+
+    assert wait_until(ready, 1.0, lambda: None, park) is True
+    assert len(park.slices) == 1
+    assert clock.now - published[0] <= waiting.FUTEX_FIRST_WAIT_S + 1e-5
+
+
+def test_a_first_park_near_the_deadline_or_the_liveness_check_is_cut_short(clock: Clock) -> None:
+    park = Parking(clock)
+    start = clock.now
+    assert wait_until(lambda: False, 0.0005, lambda: None, park) is False
+    (at, seconds), *_ = park.slices
+    assert at + seconds == pytest.approx(start + 0.0005, abs=1e-5)
+    # Once yielding is over, the clock jumps to 0.4 ms before the liveness check: the first park stops there.
+    park = Parking(clock)
+    start = clock.now
+    checks: list[float] = []
+
+    def ready() -> bool:
+        if clock.now - start >= waiting.SPIN_S + waiting.YIELD_S and not park.slices:
+            clock.now = start + waiting.LIVENESS_INTERVAL_S - 0.0004
+        return bool(checks)
+
+    assert wait_until(ready, 1.0, lambda: checks.append(clock.now), park) is True
+    (at, seconds), *_ = park.slices
+    assert seconds < 0.0004 and at + seconds == pytest.approx(start + waiting.LIVENESS_INTERVAL_S, abs=1e-5)
 
 
 def test_a_parking_waiter_never_parks_past_the_deadline(clock: Clock) -> None:
