@@ -6,6 +6,7 @@ outlived the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -189,15 +190,12 @@ def test_doctor_reports_this_machine_and_passes_here() -> None:
 
 
 def _children(pid: int) -> list[int]:
+    """The children of process ``pid``, whichever of its threads started them: read from that process alone, never
+    from the whole process table, where other tests start and end processes meanwhile."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                status = (proc / "status").read_text()
-            except OSError:
-                continue
-            if re.search(rf"^PPid:\s+{pid}$", status, re.MULTILINE):
-                found.append(int(proc.name))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
     return found
 
 
