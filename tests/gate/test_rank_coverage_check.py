@@ -14,6 +14,11 @@ from tests.distributed import check_rank_coverage as check
 
 pytestmark = pytest.mark.timeout(120)
 
+CHECK_TIMEOUT_S = 240
+"""A hang guard on one real run of the check: a nested pytest under coverage whose processes (xdist's workers too)
+each import Paddle. The slowest such run took 30 s beside a CPU hog and other suites; a quiet start of one of them
+takes 2-7 s."""
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_PID = 4242
 WORKER_PID = 4244
@@ -197,11 +202,12 @@ def run_check(data_file: Path, *pytest_args: str) -> subprocess.CompletedProcess
         env=env,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=CHECK_TIMEOUT_S,
         check=False,
     )
 
 
+@pytest.mark.timeout(CHECK_TIMEOUT_S + 30)
 def test_a_run_that_collects_no_test_fails_with_pytests_exit_code(tmp_path: Path) -> None:
     data_file = tmp_path / "d.coverage"
 
@@ -211,6 +217,7 @@ def test_a_run_that_collects_no_test_fails_with_pytests_exit_code(tmp_path: Path
     assert not data_file.exists()
 
 
+@pytest.mark.timeout(CHECK_TIMEOUT_S + 30)
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist-workers"])
 def test_fails_on_the_unit_suites_data(tmp_path: Path, workers: list[str]) -> None:
     # The unit tests of the signal group run the non-first-member side with mocks, in the test process (or in xdist's
