@@ -23,8 +23,11 @@ import pytest
 
 from tests.distributed.harness import REPO_ROOT, rank_env
 
-CLI_TIMEOUT_S = 200.0
-"""How long one CLI run may take before the test interrupts it; below each test's pytest-timeout."""
+CLI_TIMEOUT_S = 300.0
+"""How long one CLI run may take before the test interrupts it, a hang guard only; below each test's pytest-timeout
+(``CLI_TEST_TIMEOUT_S``). The slowest run seen, the latency bench beside three other suites and a CPU hog, took 57 s
+(the CLI and its ranks' starts included)."""
+CLI_TEST_TIMEOUT_S = 360
 
 
 def _start(*args: str, console_script: bool = False) -> subprocess.Popen:
@@ -90,7 +93,7 @@ def _our_segments(pid: int) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"fdp-demo-{pid}-"))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 @pytest.mark.parametrize(("transport", "lookahead", "steps"), [("shm", 0, 30), ("shm", 4, 40), ("gloo", 0, 30)])
 def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps(
     transport: str, lookahead: int, steps: int
@@ -123,7 +126,7 @@ def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps(
     assert out.rstrip().endswith("demo: OK (2 ranks saw the whole clear/update cycle at the same steps)")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     done = run_cli("bench", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
     assert done.returncode == 0, done.stderr
@@ -153,7 +156,7 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
     done = run_cli("bench", "--jitter", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
     assert done.returncode == 0, done.stderr
@@ -177,7 +180,7 @@ def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
     assert "loop steps with per-rank CPU work per path..." in done.stderr
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_doctor_reports_this_machine_and_passes_here() -> None:
     done = run_cli("doctor", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -206,7 +209,7 @@ def _is_rank(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_ctrl_c_stops_every_rank_removes_the_shared_memory_and_exits_130() -> None:
     proc = _start("demo", "--nranks", "2", "--steps", "100000")
     lines: queue.Queue[str] = queue.Queue()
