@@ -8,6 +8,8 @@ import errno
 import inspect
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -234,6 +236,14 @@ def test_free_port_returns_a_port_nobody_holds() -> None:
                 continue
         return
     pytest.fail(f"every port _free_port returned, {FREE_PORT_TRIES} in a row, was already held")
+
+
+def test_a_fresh_process_imports_the_rendezvous_without_joining_a_world() -> None:
+    # Importing it starts no store and initialises no parallel env: a rank does both only when asked to.
+    probe = "import fastdeploy_patch.signal_group.rendezvous as r, paddle.distributed as d; "
+    probe += "print(callable(r.gloo_store), d.is_initialized())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout) == (0, "True False\n"), done.stderr
 
 
 # --- argument checks, all before any communication ------------------------------------------------------
