@@ -25,8 +25,8 @@ from tests.distributed.harness import REPO_ROOT, rank_env
 
 CLI_TIMEOUT_S = 300.0
 """How long one CLI run may take before the test interrupts it, a hang guard only; below each test's pytest-timeout
-(``CLI_TEST_TIMEOUT_S``). The slowest run seen, the latency bench beside three other suites and a CPU hog, took 57 s
-(the CLI and its ranks' starts included)."""
+(``CLI_TEST_TIMEOUT_S``). The slowest run seen, the latency bench beside loops of distributed tests and three other
+checkouts' suites (load 15-18 on 2 cores), took 57 s, the CLI's and its ranks' starts included."""
 CLI_TEST_TIMEOUT_S = 360
 
 
