@@ -29,9 +29,9 @@ class Driver(threading.Thread):
     few CLEARED steps, writes UPDATING, waits for NORMAL. ``progress`` is rank 0's step count, so every wait is in
     worker steps.
 
-    The first wait has no deadline of its own: it may include the start of the pool's ranks, which a busy host makes
-    last a minute; the call's own timeouts bound it, and the test stops the driver when the call fails. Each later
-    wait starts with the workers running, and ``DRIVER_WAIT_S`` guards it against a hang."""
+    The first wait has no deadline of its own: it may include the start of the pool's ranks (14 s seen for 4 ranks on
+    a busy host, where 60 s was its bound); the call's own timeouts bound it, and the test stops the driver once the
+    call is over. Each later wait starts with the workers running, and ``DRIVER_WAIT_S`` guards it against a hang."""
 
     def __init__(self, status: StatusSignal, progress: StatusSignal) -> None:
         super().__init__(name="engine-driver", daemon=True)
