@@ -6,6 +6,7 @@ outlived the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -22,8 +23,11 @@ import pytest
 
 from tests.distributed.harness import REPO_ROOT, rank_env
 
-CLI_TIMEOUT_S = 200.0
-"""How long one CLI run may take before the test interrupts it; below each test's pytest-timeout."""
+CLI_TIMEOUT_S = 300.0
+"""How long one CLI run may take before the test interrupts it, a hang guard only; below each test's pytest-timeout
+(``CLI_TEST_TIMEOUT_S``). The slowest run seen, the latency bench beside loops of distributed tests and three other
+checkouts' suites (load 15-18 on 2 cores), took 57 s, the CLI's and its ranks' starts included."""
+CLI_TEST_TIMEOUT_S = 360
 
 
 def _start(*args: str, console_script: bool = False) -> subprocess.Popen:
@@ -89,7 +93,7 @@ def _our_segments(pid: int) -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"fdp-demo-{pid}-"))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 @pytest.mark.parametrize(("transport", "lookahead", "steps"), [("shm", 0, 30), ("shm", 4, 40), ("gloo", 0, 30)])
 def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps(
     transport: str, lookahead: int, steps: int
@@ -122,7 +126,7 @@ def test_demo_runs_a_clear_update_cycle_that_every_rank_sees_at_the_same_steps(
     assert out.rstrip().endswith("demo: OK (2 ranks saw the whole clear/update cycle at the same steps)")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     done = run_cli("bench", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
     assert done.returncode == 0, done.stderr
@@ -152,7 +156,7 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
     done = run_cli("bench", "--jitter", "--nranks", "2", "--iters", "100", "--warmup", "10", "--json")
     assert done.returncode == 0, done.stderr
@@ -176,7 +180,7 @@ def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
     assert "loop steps with per-rank CPU work per path..." in done.stderr
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_doctor_reports_this_machine_and_passes_here() -> None:
     done = run_cli("doctor", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -189,15 +193,12 @@ def test_doctor_reports_this_machine_and_passes_here() -> None:
 
 
 def _children(pid: int) -> list[int]:
+    """The children of process ``pid``, whichever of its threads started them: read from that process alone, never
+    from the whole process table, where other tests start and end processes meanwhile."""
     found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                status = (proc / "status").read_text()
-            except OSError:
-                continue
-            if re.search(rf"^PPid:\s+{pid}$", status, re.MULTILINE):
-                found.append(int(proc.name))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
     return found
 
 
@@ -208,7 +209,7 @@ def _is_rank(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
 def test_ctrl_c_stops_every_rank_removes_the_shared_memory_and_exits_130() -> None:
     proc = _start("demo", "--nranks", "2", "--steps", "100000")
     lines: queue.Queue[str] = queue.Queue()
