@@ -30,6 +30,7 @@ from fastdeploy_patch.signal_group.errors import SignalGroupError
 from fastdeploy_patch.signal_group.futex import available as futex_support
 from fastdeploy_patch.signal_group.shm_transport import (
     SEGMENT_PREFIX,
+    SEGMENT_TAG_ENV,
     SHM_DIR,
     SHM_RING_SLOTS,
     Leftover,
@@ -71,6 +72,7 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "RENDEZVOUS_TIMEOUT_S",
     "SEGMENT_PREFIX",
+    "SEGMENT_TAG_ENV",
     "SHM_DIR",
     "SHM_RING_SLOTS",
     "TRANSPORTS",

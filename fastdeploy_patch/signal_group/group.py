@@ -12,7 +12,7 @@ from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import arguments, rendezvous
 from fastdeploy_patch.signal_group.errors import SignalGroupError, unusable_message
 from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S, GlooTransport
-from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport, segment_tag
 
 # Creation is collective, so every rank increments this in the same order and derives the same keys.
 _created = 0
@@ -156,6 +156,10 @@ def new_signal_group(
         )
     if transport == "gloo":
         _require_gloo()
+    else:
+        # On every rank, before any communication: only the creator names a segment, and the others would wait for
+        # its handle until their timeout.
+        segment_tag()
     _created += 1
     key = rendezvous.key_prefix(_created)
     rank = dist.get_rank()

@@ -83,6 +83,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import secrets
 import sys
 import time
@@ -97,7 +98,25 @@ SHM_DIR = "/dev/shm"
 """Where segments live: the tmpfs that POSIX shared memory uses on Linux."""
 
 SEGMENT_PREFIX = "fdp_signal_"
-"""Every segment's file name starts with this (then a random token); leak checks scan SHM_DIR for it."""
+"""Every segment's file name starts with this (then SEGMENT_TAG_ENV's tag and ``_`` when it is set, then a random
+token); leak checks and ``doctor`` scan SHM_DIR for it."""
+
+SEGMENT_TAG_ENV = "FASTDEPLOY_PATCH_SEGMENT_TAG"
+"""When set, every segment this process creates is named SEGMENT_PREFIX + tag + ``_`` + the random token. A test suite
+sets it for its processes, so that its leak checks look only at its own segments while other suites on the host
+create and remove theirs."""
+
+_TAG = re.compile(r"[A-Za-z0-9]{1,32}")
+
+
+def segment_tag() -> str:
+    """The tag that SEGMENT_TAG_ENV sets ('' when unset or empty). Raises ``ValueError`` naming the variable when it
+    is not 1 to 32 ASCII letters and digits (a name in /dev/shm must not take a path separator or a dot)."""
+    tag = os.environ.get(SEGMENT_TAG_ENV, "")
+    if tag and not _TAG.fullmatch(tag):
+        raise ValueError(f"{SEGMENT_TAG_ENV} must be 1 to 32 ASCII letters and digits, got {tag!r}")
+    return tag
+
 
 SHM_RING_SLOTS = 64
 """Slots in the ring: how far the src may run ahead of the slowest reader (minus the lookahead). A power of two,
@@ -250,8 +269,10 @@ class ShmRing:
         """Create, size and map a new segment for the sorted ``ranks``, and record this process in it as the first
         member, its creator. In SHM_DIR the name is registered with the resource tracker until ``unlink``.
 
-        Raises ``OSError`` when the segment cannot be made (no /dev/shm, full, not permitted)."""
-        name = SEGMENT_PREFIX + secrets.token_hex(8)
+        Raises ``OSError`` when the segment cannot be made (no /dev/shm, full, not permitted), ``ValueError`` for a
+        bad SEGMENT_TAG_ENV."""
+        tag = segment_tag()
+        name = SEGMENT_PREFIX + (f"{tag}_" if tag else "") + secrets.token_hex(8)
         path = os.path.join(shm_dir, name)
         size = segment_bytes(len(ranks))
         tracked = shm_dir == SHM_DIR

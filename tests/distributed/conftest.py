@@ -16,12 +16,18 @@ from typing import Any
 import pytest
 
 from fastdeploy_patch.ipc_signal import StatusSignal
-from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
+from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SEGMENT_TAG_ENV, SHM_DIR
 from fastdeploy_patch.testing.plugin import PaddleRanks, StartedRanks
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR
 
 # Tagged with this run: other runs on a shared machine make status segments of their own meanwhile.
 SHM_PREFIX = f"fdp_dist_{RUN_TAG[:8]}_"
+# Every process this test process starts (pool ranks, the CLI's ranks) inherits the tag and puts it in the names of
+# the signal-group segments it creates: the leak checks look at this test process's segments only, while other xdist
+# workers and other suites on the host create and remove theirs.
+SEGMENT_TAG = f"{RUN_TAG[:8]}p{os.getpid()}"
+os.environ[SEGMENT_TAG_ENV] = SEGMENT_TAG
+OUR_SEGMENT_PREFIX = f"{SEGMENT_PREFIX}{SEGMENT_TAG}_"
 DEFAULT_TEST_TIMEOUT_S = 150
 LEFTOVER_GRACE_S = 5.0
 SEGMENT_GRACE_S = 1.0
@@ -113,9 +119,10 @@ def stray_processes(kept: Callable[[], Collection[int]] = list, grace: float = L
 
 
 def our_segments() -> set[str]:
-    """The segments this suite's status signals and the signal groups' rings leave in /dev/shm."""
+    """The segments that this test process's status signals, and the signal groups of the processes it started,
+    leave in /dev/shm."""
     shm = Path(SHM_DIR)
-    prefixes = (SHM_PREFIX, SEGMENT_PREFIX)
+    prefixes = (SHM_PREFIX, OUR_SEGMENT_PREFIX)
     return {p.name for p in shm.iterdir() if p.name.startswith(prefixes)} if shm.is_dir() else set()
 
 

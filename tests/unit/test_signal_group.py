@@ -383,6 +383,24 @@ def test_bad_ranks_are_refused_before_any_communication(
     _no_communication(world)
 
 
+@pytest.mark.parametrize("transport", ["auto", "shm"])
+def test_a_bad_segment_tag_is_refused_on_every_rank_before_any_communication(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    monkeypatch.setenv("FASTDEPLOY_PATCH_SEGMENT_TAG", "a/b")
+    with pytest.raises(ValueError, match=r"^FASTDEPLOY_PATCH_SEGMENT_TAG must be 1 to 32 ASCII letters and digits"):
+        new_signal_group(transport=transport)
+    _no_communication(world)
+
+
+def test_forced_gloo_makes_no_segment_and_ignores_the_segment_tag(
+    world: FakeWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASTDEPLOY_PATCH_SEGMENT_TAG", "a/b")
+    with new_signal_group(transport="gloo") as group:
+        assert group.transport == "gloo"
+
+
 def test_ranks_may_be_numpy_integers_in_any_order(world: FakeWorld) -> None:
     world.world_size = 3
     group = new_signal_group((np.int64(2), np.int32(0)), transport="gloo")

@@ -46,6 +46,7 @@ from fastdeploy_patch.signal_group.shm_transport import (
     PID_AT,
     PIDNS_AT,
     SEGMENT_PREFIX,
+    SEGMENT_TAG_ENV,
     SEQUENCE_SHIFT,
     SHM_DIR,
     SHM_RING_SLOTS,
@@ -225,6 +226,35 @@ def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.P
     with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
         ShmRing.create([0, 1], shm_dir=str(tmp_path))
     assert err.value is full
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("tag", "infix"), [(None, ""), ("", ""), ("w1234abc", "w1234abc_"), ("Z" * 32, "Z" * 32 + "_")]
+)
+def test_a_segment_name_carries_the_tag_its_creator_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: str | None, infix: str
+) -> None:
+    if tag is None:
+        monkeypatch.delenv(SEGMENT_TAG_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SEGMENT_TAG_ENV, tag)
+    ring = ShmRing.create([0, 1], shm_dir=str(tmp_path))
+    try:
+        assert re.fullmatch(re.escape(SEGMENT_PREFIX + infix) + "[0-9a-f]{16}", ring.handle.name)
+        assert os.listdir(tmp_path) == [ring.handle.name]
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("tag", ["../x", "a.b", "has space", "Z" * 33, "é"])
+def test_a_bad_segment_tag_is_refused_before_a_file_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: str
+) -> None:
+    monkeypatch.setenv(SEGMENT_TAG_ENV, tag)
+    with pytest.raises(ValueError) as err:
+        ShmRing.create([0, 1], shm_dir=str(tmp_path))
+    assert str(err.value) == f"{SEGMENT_TAG_ENV} must be 1 to 32 ASCII letters and digits, got {tag!r}"
     assert os.listdir(tmp_path) == []
 
 
