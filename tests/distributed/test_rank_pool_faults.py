@@ -17,7 +17,11 @@ import pytest
 pytest_plugins = ["pytester"]
 
 INNER_TIMEOUT_S = 400
-EXIT_REPORTED_WITHIN_S = 2.0
+EXIT_REPORTED_WITHIN_S = 30.0
+"""Below the 60 s that rank 0 sleeps in the exiting call: a hang guard (may include a pool start on a busy host), and
+still proof that the exit's sentinel, not rank 0's return, ended the wait."""
+HANG_REPORTED_WITHIN_S = 30.0
+"""After the call's timeout: the traceback wait and the kill, a few seconds on a busy host. A hang guard."""
 HANG_TIMEOUT_S = 5
 
 # Every rank function looks at its own rank; paddle is imported inside them, so the inner test process never does.
@@ -222,7 +226,7 @@ def _exits(result: pytest.RunResult, path: Path) -> None:
     assert "rank 1 of 2 failed in test_faulty:exit_mid_call: it exited before replying, exit code 3\n" in report
     assert "----- rank 0 (log tail) -----" in report
     timed = _timed(path, "exits")
-    # Rank 0 sleeps 60 s in that call: only the exit's sentinel can end the wait this soon.
+    # Rank 0 sleeps 60 s in that call: only the exit's sentinel can end the wait sooner.
     assert timed["elapsed"] < EXIT_REPORTED_WITHIN_S, timed
     assert timed["left"] == []
 
@@ -239,7 +243,7 @@ def _hangs(result: pytest.RunResult, path: Path) -> None:
             stack,
         ), stack
     timed = _timed(path, "hangs")
-    assert HANG_TIMEOUT_S <= timed["elapsed"] < HANG_TIMEOUT_S + 5, timed
+    assert HANG_TIMEOUT_S <= timed["elapsed"] < HANG_TIMEOUT_S + HANG_REPORTED_WITHIN_S, timed
     assert timed["left"] == []
     for pid in timed["pids"]:
         assert not Path(f"/proc/{pid}").exists(), pid
