@@ -407,14 +407,16 @@ def change_everything(seed: int) -> dict:
 
     drawn = {"random": random.random(), "numpy": float(np.random.rand()), "env": os.environ.get("FDP_LEAK")}
     drawn.update(cwd=os.getcwd(), first_path=sys.path[0], filters=len(warnings.filters))
-    drawn["sigint"] = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # What the rank inherited: Python's handler, or SIG_IGN under a shell's background job. The call replaces it with
+    # a handler of its own, which no rank starts with.
+    drawn["sigint"] = str(signal.getsignal(signal.SIGINT))
     os.environ["FDP_LEAK"] = "left"
     os.chdir("/")
     sys.path.insert(0, "/fdp-leak")
     warnings.simplefilter("error")
     random.seed(seed)
     np.random.seed(seed)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     return drawn
 
 
@@ -423,7 +425,8 @@ def test_each_call_starts_from_the_state_the_rank_joined_with(pools: RankPools) 
     pids = pools.live_pids()
     again = pools.run(change_everything, 2, kwargs={"seed": 2}, timeout=30)
     assert again == first
-    assert first[0]["env"] is None and first[0]["first_path"] != "/fdp-leak" and first[0]["sigint"]
+    assert first[0]["env"] is None and first[0]["first_path"] != "/fdp-leak"
+    assert first[0]["sigint"] in (str(signal.default_int_handler), str(signal.SIG_IGN))
     assert first[0]["cwd"] == os.getcwd()
     assert pools.live_pids() == pids and pools.recycles == {}
 
