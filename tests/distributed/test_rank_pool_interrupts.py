@@ -27,10 +27,11 @@ pytest_plugins = ["pytester"]
 
 READY_WITHIN_S = 240.0
 """A hang guard for the inner sessions' starts (pytest, up to three Paddle ranks each, all cases at once)."""
-EXIT_WITHIN_S = 15.0
-"""A hang guard for pytest's exit after a Ctrl-C during a call, every rank gone. Measured here: 1.3-1.8 s alone,
-3.4 s under coverage beside the whole suite at load 14 (the goal is 3 s; the unit test
-``test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on`` pins that busy ranks get no close grace)."""
+EXIT_WITHIN_S = 90.0
+"""A hang guard for pytest's exit after a Ctrl-C during a call, every rank gone. Measured here: 0.7-1.8 s alone, 3.4 s
+under coverage beside the whole suite at load 14, 24.7 s in `tox -e stress` beside a CI run at load 15-16 (the goal
+is 3 s on a quiet host; the unit test ``test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on`` pins that
+busy ranks get no close grace)."""
 ORPHANS_GONE_WITHIN_S = 2.0
 """Ranks whose test process was SIGKILLed are gone this soon (PR_SET_PDEATHSIG); measured 0.03-0.1 s."""
 SECOND_SIGINT_AFTER_S = 0.3
@@ -154,7 +155,7 @@ CASES = {
 }
 
 
-@pytest.mark.timeout(READY_WITHIN_S + 60)
+@pytest.mark.timeout(READY_WITHIN_S + len(CASES) * EXIT_WITHIN_S)
 def test_no_interrupt_leaves_a_rank_behind(pytester: pytest.Pytester) -> None:
     for case in CASES.values():
         case.start(pytester.path)
