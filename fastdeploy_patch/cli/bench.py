@@ -285,6 +285,8 @@ class FutexFloor:
         self._page = page
         self._word = ctypes.c_uint32.from_buffer(page)
         self._address = ctypes.addressof(self._word)
+        # The transport's own way to wake: its arguments made once.
+        self._wake = futex.waker(self._address)
         self._src = src
         self._step = 0
 
@@ -295,7 +297,7 @@ class FutexFloor:
         step = self._step
         if self._src:
             self._word.value = step
-            self._futex.wake(self._address)
+            self._wake()
             return
         deadline = time.monotonic() + FLOOR_TIMEOUT_S
         while (seen := self._word.value) < step:

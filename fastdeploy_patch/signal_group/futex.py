@@ -102,7 +102,14 @@ class Futex:
     def wake(self, address: int, count: int = WAKE_ALL) -> int:
         """Wake up to ``count`` waiters on the word at ``address``; returns how many were woken. ``OSError`` on
         failure."""
-        result = self.syscall(
+        return self.waker(address, count)()
+
+    def waker(self, address: int, count: int = WAKE_ALL) -> Callable[[], int]:
+        """``wake(address, count)`` as a call without arguments, whose syscall arguments are made once, here: a src
+        that publishes after an idle spell runs its first instructions from cold caches, at several microseconds
+        each, and every one it runs before the wake is added to the reader's wake-up."""
+        call = functools.partial(
+            self.syscall,
             ctypes.c_long(self.number),
             ctypes.c_void_p(address),
             ctypes.c_long(FUTEX_WAKE),
@@ -111,10 +118,15 @@ class Futex:
             None,
             ctypes.c_long(0),
         )
-        if result < 0:
-            code = self.get_errno()
-            raise OSError(code, f"FUTEX_WAKE failed: {os.strerror(code)}")
-        return result
+
+        def wake() -> int:
+            result = call()
+            if result < 0:
+                code = self.get_errno()
+                raise OSError(code, f"FUTEX_WAKE failed: {os.strerror(code)}")
+            return result
+
+        return wake
 
 
 @dataclass(frozen=True)

@@ -464,6 +464,10 @@ class ShmTransport:
         self._futex = futex.available().futex
         # The announcements a writer reads after each store; none without futex, where nobody parks.
         self._parked = [member_word(i, PARKED_AT) for i in self._others] if self._futex else []
+        # The word index and the futex wake of each slot, by call % SHM_RING_SLOTS: made once, so that a publish
+        # after an idle spell runs as few instructions as it can before its wake.
+        self._slots = [slot_word(self._members, call) for call in range(SHM_RING_SLOTS)]
+        self._wakers = [self._futex.waker(self._sequence_address(at)) for at in self._slots] if self._futex else []
         self._calls = 0
         # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
         self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
@@ -488,14 +492,15 @@ class ShmTransport:
         if n > self._room_until:
             self._make_room(n, src)
         words = self._words
-        slot = slot_word(self._members, n)
+        index = n & _SLOT_MASK
         # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
         # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
         # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
-        words[slot] = pack_slot(n, value)
+        words[self._slots[index]] = pack_slot(n, value)
+        announced = n + 1
         for at in self._parked:
-            if words[at] == n + 1:
-                self._futex.wake(self._sequence_address(slot))
+            if words[at] == announced:
+                self._wakers[index]()
                 break
 
     def _take(self, m: int, src: int) -> int:
@@ -503,7 +508,7 @@ class ShmTransport:
         if m < 0:
             return self._initial
         words = self._words
-        slot = slot_word(self._members, m)
+        slot = self._slots[m & _SLOT_MASK]
         sequence = sequence_of(m)
         word = words[slot]
         if slot_sequence(word) != sequence:

@@ -23,9 +23,8 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from fastdeploy_patch.paddle_warnings import silence_ccache_warning
 from fastdeploy_patch.signal_group import store_without_delay
-from fastdeploy_patch.testing import pickles, rank_calls, rank_entry, rank_state
+from fastdeploy_patch.testing import pickles, rank_calls, rank_entry, rank_imports, rank_state
 
 _SIGNAL_GROUP_MODULE = "fastdeploy_patch.signal_group.group"
 SKIP_IN_RANK = (
@@ -55,10 +54,9 @@ def main(argv: list[str]) -> int:
 
 
 def join_world() -> None:
-    """Import Paddle with the package's warning filter, and join the world (``rank_entry.join_world``)."""
-    # The rank is the package's own process: Paddle's ccache hint, printed on import, would open every rank log.
-    silence_ccache_warning()
-    import paddle.distributed  # noqa: F401 - imported by every rank, even in a world of one
+    """Import Paddle (``rank_imports.import_paddle``: every rank does, even in a world of one), and join the world
+    (``rank_entry.join_world``)."""
+    rank_imports.import_paddle()
 
     rank_entry.join_world()
     master = os.environ.get("PADDLE_MASTER")

@@ -13,8 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from fastdeploy_patch.paddle_warnings import silence_ccache_warning
-from fastdeploy_patch.testing import rank_calls
+from fastdeploy_patch.testing import rank_calls, rank_imports
 
 READY_SUFFIX = ".ready"
 """Beside its result file, the file a launched rank creates once it joined the world and imported its target."""
@@ -92,12 +91,11 @@ def reclaim_signal_handlers() -> None:
 def main(argv: list[str]) -> int:
     """Join the distributed world (when it has more than one rank), run the spec's target, and write its JSON
     result. Returns the exit code: 0, or 1 after printing the target's traceback."""
-    # The rank is the package's own process: Paddle's ccache hint, printed on import, would open every rank log.
-    silence_ccache_warning()
     spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
     module_name, func_name = spec["target"].split(":", 1)
     try:
+        rank_imports.import_paddle()
         join_world()
         target = getattr(importlib.import_module(module_name), func_name)
         reclaim_signal_handlers()

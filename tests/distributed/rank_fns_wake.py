@@ -8,10 +8,12 @@ returns a JSON-able report; time stamps are ``time.monotonic()``, one clock for 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from unittest import mock
 
 import paddle.distributed as dist
 
-from fastdeploy_patch.signal_group import SignalGroupError, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import SignalGroupError, broadcast_signal, futex, new_signal_group
 from fastdeploy_patch.signal_group.shm_transport import CURSOR_AT, WORD_BYTES, members_at
 from fastdeploy_patch.testing import exit_after_reply
 
@@ -28,18 +30,24 @@ class _CountingFutex:
         self.waits += 1
         return self.real.wait(address, expected, seconds)
 
-    def wake(self, address: int, count: int = 2**31 - 1) -> int:
-        self.wakes += 1
-        return self.real.wake(address, count)
+    def waker(self, address: int, count: int = 2**31 - 1) -> Callable[[], int]:
+        wake = self.real.waker(address, count)
+
+        def counted() -> int:
+            self.wakes += 1
+            return wake()
+
+        return counted
 
 
 def late_src_wake(late_ms: float, steps: int) -> dict:
     """Rank 0 sleeps ``late_ms`` before each publish; rank 1 waits meanwhile. Returns each call's (rank 0) or
     return's (rank 1) time, the values rank 1 received, the futex calls this rank made, and its CPU share."""
     rank = dist.get_rank()
-    group = new_signal_group(transport="shm", timeout=60.0)
-    endpoint = group._endpoint
-    counting = endpoint._futex = _CountingFutex(endpoint._futex)
+    counting = _CountingFutex(futex.available().futex)
+    # The transport takes its futex calls when it is made: count them from the start.
+    with mock.patch.object(futex, "available", return_value=futex.Support(counting, "counted")):
+        group = new_signal_group(transport="shm", timeout=60.0)
     stamps, received = [], []
     cpu, wall = time.process_time(), time.monotonic()
     try:

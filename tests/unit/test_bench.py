@@ -7,7 +7,7 @@ import mmap
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from unittest import mock
@@ -404,9 +404,8 @@ class FakeFutex:
     waits: list[tuple[int, int, float]] = field(default_factory=list)
     publishes: bool = True
 
-    def wake(self, address: int) -> int:
-        self.wakes.append(address)
-        return 1
+    def waker(self, address: int) -> Callable[[], int]:
+        return lambda: self.wakes.append(address) or 1
 
     def wait(self, address: int, expected: int, seconds: float) -> str:
         self.waits.append((address, expected, seconds))

@@ -25,7 +25,9 @@ def spec(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_process_wide_handlers(monkeypatch):
-    """main() installs signal handlers; record them, in order, instead of changing the test process."""
+    """main() installs signal handlers; record them, in order, instead of changing the test process. Nor does it pause
+    the test process's own coverage measurement around Paddle's import, as it would in a measured rank."""
+    monkeypatch.setattr(rank_entry.rank_imports, "running_coverage", lambda: None)
     installed = []
     monkeypatch.setattr(rank_entry.signal, "signal", lambda sig, handler: installed.append(("signal", sig, handler)))
     monkeypatch.setattr(rank_entry.faulthandler, "disable", lambda: installed.append(("faulthandler.disable",)))
@@ -81,6 +83,20 @@ def test_a_failing_target_prints_its_traceback_and_writes_no_result(spec, monkey
     assert "Traceback" in err
     assert "ValueError: nope" in err
     assert not (tmp_path / "result.json").exists()
+
+
+def test_paddle_is_imported_before_the_world_is_joined_and_a_failed_import_is_reported(spec, monkeypatch, capsys):
+    events = []
+    monkeypatch.setattr(rank_entry.rank_imports, "import_paddle", lambda: events.append("imported"))
+    monkeypatch.setattr(rank_entry, "join_world", lambda: events.append("joined"))
+    monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
+    spec_path, result_path = spec("tests.unit.rank_targets:echo", value=3)
+    assert rank_entry.main([spec_path, result_path]) == 0
+    assert events == ["imported", "joined"]
+    monkeypatch.setattr(rank_entry.rank_imports, "import_paddle", mock.Mock(side_effect=ImportError("no paddle")))
+    assert rank_entry.main([spec_path, result_path]) == 1
+    assert "ImportError: no paddle" in capsys.readouterr().err
+    assert events == ["imported", "joined"]
 
 
 def test_a_failing_world_join_is_reported_like_a_target_failure(spec, monkeypatch, capsys):

@@ -96,6 +96,25 @@ def test_wake_raises_its_error() -> None:
     assert err.value.errno == errno.ENOSYS and err.value.strerror == "FUTEX_WAKE failed: Function not implemented"
 
 
+def test_a_waker_makes_its_arguments_once_and_wakes_like_wake() -> None:
+    seen: list[tuple] = []
+    fake = FakeSyscall([1, 0, -1], [errno.EPERM])
+
+    def syscall(*args: object) -> int:
+        seen.append(args)
+        return fake(*args)
+
+    wake = Futex(syscall, 98, fake.get_errno).waker(4104, 3)
+    assert fake.calls == []
+    assert (wake(), wake()) == (1, 0)
+    with pytest.raises(OSError) as err:
+        wake()
+    assert err.value.errno == errno.EPERM and err.value.strerror == "FUTEX_WAKE failed: Operation not permitted"
+    assert fake.calls == [(98, 4104, FUTEX_WAKE, 3, None, None, 0)] * 3
+    # The very same argument objects every time: nothing is built between the publishing store and the syscall.
+    assert all(a is b for a, b in zip(seen[0], seen[2], strict=True))
+
+
 # --- the probe ----------------------------------------------------------------------------------------------
 
 

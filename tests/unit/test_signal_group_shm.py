@@ -941,9 +941,9 @@ class FakeFutex:
         self.waits.append((address, expected, seconds, parked))
         return self.during_wait(len(self.waits))
 
-    def wake(self, address: int, count: int = futex.WAKE_ALL) -> int:
-        self.wakes.append(address)
-        return 1
+    def waker(self, address: int, count: int = futex.WAKE_ALL) -> Callable[[], int]:
+        assert count == futex.WAKE_ALL
+        return lambda: self.wakes.append(address) or 1
 
 
 @pytest.fixture
@@ -1078,7 +1078,6 @@ def test_without_futex_readers_sleep_in_capped_steps_and_the_src_never_reads_ann
 
 
 def test_a_real_futex_wakes_a_reader_thread_on_another_mapping(pair: tuple[ShmRing, ShmRing]) -> None:
-    writer, reader = _ends(pair, timeout=30)
     real = futex.available().futex
     wakes: list[int] = []
     waits: list[str] = []
@@ -1088,11 +1087,12 @@ def test_a_real_futex_wakes_a_reader_thread_on_another_mapping(pair: tuple[ShmRi
             waits.append(real.wait(address, expected, seconds))
             return waits[-1]
 
-        def wake(self, address: int, count: int = futex.WAKE_ALL) -> int:
-            wakes.append(address)
-            return real.wake(address, count)
+        def waker(self, address: int, count: int = futex.WAKE_ALL) -> Callable[[], int]:
+            wake = real.waker(address, count)
+            return lambda: wakes.append(address) or wake()
 
-    writer._futex = reader._futex = Counting()
+    with mock.patch.object(shm_transport.futex, "available", return_value=futex.Support(Counting(), "counting")):
+        writer, reader = _ends(pair, timeout=30)
     got: list[int] = []
     thread = threading.Thread(target=lambda: got.append(reader.broadcast(None, 0)))
     thread.start()
