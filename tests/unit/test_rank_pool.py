@@ -579,3 +579,145 @@ def test_the_documented_bounds_of_a_pool() -> None:
     # Literals on purpose: how long a user waits, and how often a start is tried, are decisions this test shows.
     assert (rank_pool.START_TIMEOUT_S, rank_pool.CLOSE_GRACE_S, rank_pool.KILL_GRACE_S) == (180.0, 5.0, 1.0)
     assert (rank_pool.PORT_ATTEMPTS, rank_pool.PORT_TAKEN_EXIT) == (3, 75)
+
+
+# --- what mutmut found unpinned: the started call's clocks, its kill, and the reports of a rank that left --------
+
+
+def test_an_outcome_while_a_started_call_is_collected_names_the_call_and_kills_its_ranks(
+    pools: RankPools, monkeypatch
+) -> None:
+    started = pools.start(sleep_long, 2, timeout=30)
+    interrupt_the_wait(monkeypatch, pytest.fail.Exception("Timeout >5.0s"))
+    with pytest.raises(rank_pool.RankCallInterrupted) as interrupted:
+        started.result()
+    assert str(interrupted.value).startswith(
+        "Failed: Timeout >5.0s, while 2 rank(s) ran tests.unit.test_rank_pool:sleep_long; their stacks:"
+    )
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in started.pids())
+    assert pools.recycles == {"interrupted": 1}
+
+
+def test_an_outcome_while_a_call_is_started_names_the_call_and_kills_the_ranks_already_running(
+    pools: RankPools, monkeypatch
+) -> None:
+    launched: list[int] = []
+    real_launch = rank_pool.RankPool.launch
+
+    def launch(pool: rank_pool.RankPool) -> None:
+        real_launch(pool)
+        launched.extend(pool.pids())
+
+    def send(pool: rank_pool.RankPool, target, kwargs) -> None:
+        raise pytest.fail.Exception("Timeout >5.0s")
+
+    monkeypatch.setattr(rank_pool.RankPool, "launch", launch)
+    monkeypatch.setattr(rank_pool.RankPool, "send", send)
+    with pytest.raises(rank_pool.RankCallInterrupted) as interrupted:
+        pools.start(rank_id, 2, timeout=30)
+    assert str(interrupted.value).startswith(
+        "Failed: Timeout >5.0s, while 2 rank(s) ran tests.unit.test_rank_pool:rank_id; their stacks:"
+    )
+    assert len(launched) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in launched)
+    assert pools.recycles == {"interrupted": 1} and pools.live_pids() == []
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_started_call_waits_for_the_join_until_its_start_deadline_then_for_its_own_timeout_from_the_join(
+    pools: RankPools, monkeypatch, late: bool
+) -> None:
+    asked: list[tuple[str, float]] = []
+    real_joined, real_replies = rank_pool.RankPool.wait_joined, rank_pool.RankPool.replies
+
+    # Each wait records the bound result() asks for, then waits generously: the ranks' pace is not under test.
+    def wait_joined(pool, target, timeout):
+        asked.append((f"joined {target}", timeout))
+        ready_at = real_joined(pool, target, 60.0)
+        # Late: the ranks joined long ago, longer than the call's own timeout.
+        return ready_at - 100.0 if late else ready_at
+
+    def replies(pool, target, timeout):
+        asked.append((f"replies {target}", timeout))
+        return real_replies(pool, target, 60.0)
+
+    started = pools.start(rank_id, 2, timeout=30)
+    before = time.monotonic()
+    if late:
+        started._start_deadline = before - 5
+    monkeypatch.setattr(rank_pool.RankPool, "wait_joined", wait_joined)
+    monkeypatch.setattr(rank_pool.RankPool, "replies", replies)
+    assert [r["rank"] for r in started.result()] == [0, 1]
+    (joined, join_bound), (answered, reply_bound) = asked
+    assert (joined, answered) == (
+        "joined tests.unit.test_rank_pool:rank_id",
+        "replies tests.unit.test_rank_pool:rank_id",
+    )
+    if late:
+        # Both deadlines have passed: nothing is waited for beyond what is already there.
+        assert (join_bound, reply_bound) == (0.0, 0.0)
+    else:
+        assert rank_pool.START_TIMEOUT_S - (time.monotonic() - before) - 1 <= join_bound <= rank_pool.START_TIMEOUT_S
+        assert 30 - (time.monotonic() - before) - 1 <= reply_bound <= 30
+
+
+def test_a_started_call_that_cannot_join_by_its_start_deadline_is_reported_as_hung_while_starting(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(rank_pool, "START_TIMEOUT_S", 1.0)
+    pools = RankPools(bootstrap=SLOW_JOIN_BOOTSTRAP)
+    try:
+        started = pools.start(rank_id, 1, timeout=30)
+        with pytest.raises(RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:rank_id while"):
+            started.result()
+    finally:
+        pools.close()
+
+
+def test_cancelling_a_started_call_kills_its_busy_ranks_instead_of_asking_them_to_leave(
+    pools: RankPools, monkeypatch
+) -> None:
+    ended: list[str] = []
+    real_kill, real_close = rank_pool.RankPool.kill, rank_pool.RankPool.close
+    monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool: ended.append("kill") or real_kill(pool))
+    monkeypatch.setattr(rank_pool.RankPool, "close", lambda pool: ended.append("close") or real_close(pool))
+    started = pools.start(sleep_long, 1, timeout=60)
+    started.cancel()
+    assert ended == ["kill"]
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in started.pids())
+
+
+# Rank 1 exits with code 3 before it joins; rank 0 joins.
+EXIT_BEFORE_JOIN_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing", "os.environ['PADDLE_TRAINER_ID'] == '1' and os._exit(3); from multiprocessing"
+)
+# Rank 1 closes its end of the pipe and stays alive, as a rank whose exit is slow.
+HANG_UP_AND_LINGER_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "from multiprocessing",
+    "os.environ['PADDLE_TRAINER_ID'] == '1' and (os.close(int(sys.argv[1])), __import__('time').sleep(60)); "
+    "from multiprocessing",
+)
+
+
+def test_a_rank_that_exits_before_joining_is_reported_with_its_exit_and_when() -> None:
+    pools = RankPools(bootstrap=EXIT_BEFORE_JOIN_BOOTSTRAP)
+    try:
+        with pytest.raises(RankCallFailed) as failed:
+            pools.run(rank_id, 2, timeout=30)
+    finally:
+        pools.close()
+    assert str(failed.value).startswith(
+        "rank 1 of 2 failed in tests.unit.test_rank_pool:rank_id while the pool started: it exited before replying, "
+        "exit code 3\n----- rank 1 -----\n"
+    )
+    assert (failed.value.returncode, failed.value.error, failed.value.reason) == (3, "", "rank died")
+
+
+def test_a_rank_that_hangs_up_without_exiting_is_reported_as_dead_not_as_an_error_of_the_test_process() -> None:
+    pools = RankPools(bootstrap=HANG_UP_AND_LINGER_BOOTSTRAP)
+    try:
+        with pytest.raises(RankCallFailed) as failed:
+            pools.run(rank_id, 2, timeout=30)
+        assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (1, None, "rank died")
+        assert pools.recycles == {"rank died": 1} and pools.live_pids() == []
+    finally:
+        pools.close()

@@ -22,7 +22,9 @@ def test_syscall_numbers_and_the_shared_operations() -> None:
     assert (FUTEX_WAIT, FUTEX_WAKE, WAKE_ALL) == (0, 1, 2**31 - 1)
 
 
-@pytest.mark.parametrize(("seconds", "expected"), [(0.0123, (0, 12_300_000)), (1.5, (1, 500_000_000)), (-1, (0, 0))])
+@pytest.mark.parametrize(
+    ("seconds", "expected"), [(0.0123, (0, 12_300_000)), (1.0, (1, 0)), (1.5, (1, 500_000_000)), (-1, (0, 0))]
+)
 def test_a_timeout_becomes_a_timespec(seconds: float, expected: tuple[int, int]) -> None:
     limit = futex.timespec(seconds)
     assert (limit.tv_sec, limit.tv_nsec) == expected

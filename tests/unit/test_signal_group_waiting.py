@@ -61,6 +61,52 @@ def clock() -> Iterator[Clock]:
         yield fake
 
 
+@pytest.fixture
+def scripted() -> Iterator[list[object]]:
+    """time.monotonic answers the times in the list in turn (from 0.0, so that a difference is exact); every other
+    call of the loop is recorded there by name."""
+    times = [0.0]
+    calls: list[object] = [times]
+
+    def monotonic() -> float:
+        now = times.pop(0)
+        calls.append(now)
+        return now
+
+    with (
+        mock.patch.object(waiting.time, "monotonic", monotonic),
+        mock.patch.object(waiting.time, "sleep", lambda seconds: calls.append("sleep")),
+        mock.patch.object(waiting.os, "sched_yield", lambda: calls.append("yield")),
+    ):
+        yield calls
+
+
+def _answers(*values: bool):
+    answers = list(values)
+    return lambda: answers.pop(0)
+
+
+def test_each_phase_starts_exactly_at_its_boundary(scripted: list[object]) -> None:
+    scripted[0].extend([waiting.SPIN_S, waiting.SPIN_S + waiting.YIELD_S])
+    assert wait_until(_answers(False, False, True), 1.0, lambda: None) is True
+    # Spinning ends at SPIN_S, yielding at SPIN_S + YIELD_S.
+    assert scripted[1:] == [0.0, waiting.SPIN_S, "yield", waiting.SPIN_S + waiting.YIELD_S, "sleep"]
+
+
+def test_the_liveness_check_runs_exactly_at_its_interval(scripted: list[object]) -> None:
+    scripted[0].append(waiting.LIVENESS_INTERVAL_S)
+    lost = mock.Mock(return_value=None)
+    assert wait_until(_answers(False, True), 1.0, lost) is True
+    lost.assert_called_once_with()
+    assert scripted[1:] == [0.0, waiting.LIVENESS_INTERVAL_S, "sleep"]
+
+
+def test_the_deadline_ends_the_wait_exactly_when_it_is_reached(scripted: list[object]) -> None:
+    scripted[0].append(0.01)
+    assert wait_until(_answers(False, False), 0.01, lambda: None) is False
+    assert scripted[1:] == [0.0, 0.01]
+
+
 def _until(clock: Clock, at: float):
     return lambda: clock.now >= at
 
