@@ -163,6 +163,7 @@ def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: 
 
 def test_a_started_call_runs_beside_the_pools_and_is_collected_once(pools: RankPools) -> None:
     started = pools.start(rank_id, 2, timeout=30, env={"EXTRA": "background"})
+    assert started.ended is False
     warm = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
     assert sorted(pools.live_pids()) == sorted(warm + started.pids())
     results = started.result()
@@ -721,3 +722,45 @@ def test_a_rank_that_hangs_up_without_exiting_is_reported_as_dead_not_as_an_erro
         assert pools.recycles == {"rank died": 1} and pools.live_pids() == []
     finally:
         pools.close()
+
+
+# Rank 1 stays alive for a minute after the controller hung up, as a rank whose exit is stuck.
+LINGER_AFTER_HANG_UP_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
+    "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))",
+    "code = pool_rank.serve(Connection(int(sys.argv[1]))); "
+    "os.environ['PADDLE_TRAINER_ID'] == '1' and __import__('time').sleep(60); sys.exit(code)",
+)
+
+
+def test_closing_a_pool_shares_one_grace_among_its_ranks_then_kills_what_is_left(monkeypatch) -> None:
+    monkeypatch.setattr(rank_pool, "CLOSE_GRACE_S", 0.3)
+    pools = RankPools(bootstrap=LINGER_AFTER_HANG_UP_BOOTSTRAP)
+    try:
+        pools.run(rank_id, 2, timeout=30)
+        (pool,) = pools._pools.values()
+        processes = [r.process for r in pool._ranks]
+        asked: list[float | None] = []
+        real_wait = subprocess.Popen.wait
+
+        def wait(self, timeout=None):
+            asked.append(timeout)
+            if len(asked) == 1:
+                # The first rank's wait outlasts the whole grace: the next rank gets none of it.
+                time.sleep(0.5)
+            return real_wait(self, timeout)
+
+        monkeypatch.setattr(subprocess.Popen, "wait", wait)
+        pool.close()
+        monkeypatch.setattr(subprocess.Popen, "wait", real_wait)
+    finally:
+        pools.close()
+    assert 0.0 < asked[0] <= 0.3 and asked[1] == 0.0
+    # The lingering rank was killed, not waited for: close() returned with both gone.
+    assert all(p.poll() is not None for p in processes) and processes[1].returncode < 0
+
+
+def test_a_rank_log_tail_is_its_last_characters_with_undecodable_bytes_replaced(tmp_path) -> None:
+    log = tmp_path / "rank0.log"
+    log.write_bytes(b"x" * 10 + b"\xff" + b"y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1))
+    tail = rank_pool._PoolRank(0, None, None, log).log_tail()
+    assert tail == "\ufffd" + "y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1)
