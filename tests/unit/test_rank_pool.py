@@ -764,3 +764,38 @@ def test_a_rank_log_tail_is_its_last_characters_with_undecodable_bytes_replaced(
     log.write_bytes(b"x" * 10 + b"\xff" + b"y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1))
     tail = rank_pool._PoolRank(0, None, None, log).log_tail()
     assert tail == "\ufffd" + "y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1)
+
+
+def test_an_outcome_while_a_new_pool_starts_names_the_call_and_kills_its_ranks(monkeypatch) -> None:
+    pools = RankPools(bootstrap=SLOW_JOIN_BOOTSTRAP)
+    try:
+        interrupt_the_wait(monkeypatch, pytest.fail.Exception("Timeout >5.0s"))
+        with pytest.raises(rank_pool.RankCallInterrupted) as interrupted:
+            pools.run(rank_id, 2, timeout=30)
+        assert str(interrupted.value).startswith(
+            "Failed: Timeout >5.0s, while 2 rank(s) ran tests.unit.test_rank_pool:rank_id; their stacks:"
+        )
+        assert pools.recycles == {"interrupted": 1} and pools.live_pids() == [] and pools._alive == []
+    finally:
+        pools.close()
+
+
+def test_a_world_retired_after_its_call_is_closed_so_that_its_ranks_leave_on_their_own(
+    pools: RankPools, monkeypatch
+) -> None:
+    ended: list[str] = []
+    real_kill, real_close = rank_pool.RankPool.kill, rank_pool.RankPool.close
+    monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool: ended.append("kill") or real_kill(pool))
+    monkeypatch.setattr(rank_pool.RankPool, "close", lambda pool: ended.append("close") or real_close(pool))
+    pools.run(rank_id, 1, timeout=30, fresh=True)
+    # close() hangs up, waits for the ranks to leave, then kills whatever is left (nothing, here).
+    assert ended == ["close", "kill"]
+    assert pools.recycles == {"fresh world": 1}
+
+
+def test_retiring_a_pool_that_was_already_retired_only_counts_the_reason(pools: RankPools) -> None:
+    pools.run(rank_id, 1, timeout=30)
+    (pool,) = pools._pools.values()
+    pools._retire(pool, "first")
+    pools._retire(pool, "again")
+    assert pools.recycles == {"first": 1, "again": 1} and pools._alive == []
