@@ -442,6 +442,11 @@ def leave_a_child() -> int:
     return os.getpid()
 
 
+def leave_a_thread_and_a_child() -> int:
+    leave_a_thread()
+    return leave_a_child()
+
+
 def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_says_why(pools: RankPools) -> None:
     pids = pools.run(leave_a_thread, 2, timeout=30)
     assert pools.live_pids() == [] and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
@@ -451,6 +456,22 @@ def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_sa
         "paddle_ranks: 2 pool starts, 2 calls served, 2 recycles (state left behind: 1 child process: 1, "
         "state left behind: 1 thread: 1)"
     )
+    pools.run(leave_a_thread_and_a_child, 1, timeout=30)
+    assert pools.recycles["state left behind: 1 thread, 1 child process"] == 1
+
+
+def test_killing_a_pool_gives_its_ranks_the_pools_own_short_grace(pools: RankPools, monkeypatch) -> None:
+    graces: list[object] = []
+    real_kill_all = rank_pool.launcher.kill_all
+
+    def kill_all(ranks, grace=None):
+        graces.append(grace)
+        return real_kill_all(ranks, grace)
+
+    monkeypatch.setattr(rank_pool.launcher, "kill_all", kill_all)
+    pools.start(rank_id, 1, timeout=30).cancel()
+    # Not the launcher's longer default: a Ctrl-C must end pytest within seconds.
+    assert graces == [rank_pool.KILL_GRACE_S] == [1.0]
 
 
 def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
