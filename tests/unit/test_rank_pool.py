@@ -695,13 +695,19 @@ def test_a_started_call_that_cannot_join_by_its_start_deadline_is_reported_as_hu
         pools.close()
 
 
-def test_cancelling_a_started_call_kills_its_busy_ranks_instead_of_asking_them_to_leave(
-    pools: RankPools, monkeypatch
-) -> None:
+def record_pool_endings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every ``RankPool.kill`` and ``RankPool.close`` from now on, in order, as "kill" and "close"; both still run."""
     ended: list[str] = []
     real_kill, real_close = rank_pool.RankPool.kill, rank_pool.RankPool.close
     monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool: ended.append("kill") or real_kill(pool))
     monkeypatch.setattr(rank_pool.RankPool, "close", lambda pool: ended.append("close") or real_close(pool))
+    return ended
+
+
+def test_cancelling_a_started_call_kills_its_busy_ranks_instead_of_asking_them_to_leave(
+    pools: RankPools, monkeypatch
+) -> None:
+    ended = record_pool_endings(monkeypatch)
     started = pools.start(sleep_long, 1, timeout=60)
     started.cancel()
     assert ended == ["kill"]
@@ -804,10 +810,7 @@ def test_an_outcome_while_a_new_pool_starts_names_the_call_and_kills_its_ranks(m
 def test_a_world_retired_after_its_call_is_closed_so_that_its_ranks_leave_on_their_own(
     pools: RankPools, monkeypatch
 ) -> None:
-    ended: list[str] = []
-    real_kill, real_close = rank_pool.RankPool.kill, rank_pool.RankPool.close
-    monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool: ended.append("kill") or real_kill(pool))
-    monkeypatch.setattr(rank_pool.RankPool, "close", lambda pool: ended.append("close") or real_close(pool))
+    ended = record_pool_endings(monkeypatch)
     pools.run(rank_id, 1, timeout=30, fresh=True)
     # close() hangs up, waits for the ranks to leave, then kills whatever is left (nothing, here).
     assert ended == ["close", "kill"]
