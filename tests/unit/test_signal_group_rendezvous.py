@@ -152,6 +152,36 @@ def test_the_store_host_gives_up_after_the_rendezvous_timeout(store: BlockingSto
     )
 
 
+def test_the_store_host_still_waits_when_the_clock_reads_its_deadline_exactly(store: BlockingStore) -> None:
+    def sleep(_seconds: float) -> None:
+        store.add(f"{KEY}/shm/read", 1)
+
+    with (
+        mock.patch.object(rendezvous.time, "monotonic", _clock(0.0, 300.0, 300.5)),
+        mock.patch.object(rendezvous.time, "sleep", side_effect=sleep),
+        pytest.raises(RuntimeError, match=r"^only 2 of 3 ranks finished creating a signal group within 300 s: "),
+    ):
+        rendezvous._all_read(store, f"{KEY}/shm/read", 0, 3)
+
+
+def test_the_creator_hosting_the_store_returns_from_the_handshake_only_after_every_rank_read(
+    store: BlockingStore,
+) -> None:
+    """Rank 0 alone, rank 1's answer already there: rank 0 polls the read count until rank 1 adds its read."""
+    store.set(f"{KEY}/shm/1", ATTACHED)
+    polls: list[int] = []
+
+    def sleep(_seconds: float) -> None:
+        polls.append(store.add(f"{KEY}/shm/read", 1))
+
+    with mock.patch.object(rendezvous.time, "sleep", side_effect=sleep):
+        ring, failed = negotiate_shm([0, 1], 0, 2, KEY)
+    try:
+        assert (failed, polls, store.counters[f"{KEY}/shm/read"]) == ({}, [2], 2)
+    finally:
+        ring.close()
+
+
 def test_a_mapping_is_released_when_the_handshake_fails_at_the_end(store: BlockingStore) -> None:
     store.set(f"{KEY}/shm/1", ATTACHED)
     closed = []

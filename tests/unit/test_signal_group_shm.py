@@ -64,6 +64,7 @@ from fastdeploy_patch.signal_group.shm_transport import (
     ring_at,
     segment_bytes,
     segment_creator,
+    segment_tag,
     sequence_of,
     slot_sequence,
     slot_value,
@@ -192,7 +193,8 @@ def test_attach_refuses_a_file_of_another_size(pair: tuple[ShmRing, ShmRing]) ->
     handle = ShmHandle(creator.handle.name, 1024, (0, 5), 1, creator.handle.nonce)
     with pytest.raises(OSError) as err:
         ShmRing.attach(handle, 5)
-    assert str(err.value).endswith(f"{creator.path} holds {segment_bytes(2)} bytes, but the group's segment has 1024")
+    assert err.value.errno == errno.EINVAL
+    assert err.value.strerror == f"{creator.path} holds {segment_bytes(2)} bytes, but the group's segment has 1024"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +208,7 @@ def test_attach_refuses_a_segment_whose_header_does_not_match(pair: tuple[ShmRin
         fields["size"] = creator.handle.size
     with pytest.raises(OSError) as err:
         ShmRing.attach(ShmHandle(**fields), 5)
+    assert err.value.errno == errno.EINVAL
     assert err.value.strerror == (
         f"{creator.path} is not the group's segment (its header does not match the handle: another host's file of "
         "the same name, or mixed fastdeploy_patch versions; this one speaks layout 2)"
@@ -243,6 +246,7 @@ def test_a_segment_name_carries_the_tag_its_creator_was_given(
     try:
         assert re.fullmatch(re.escape(SEGMENT_PREFIX + infix) + "[0-9a-f]{16}", ring.handle.name)
         assert os.listdir(tmp_path) == [ring.handle.name]
+        assert segment_tag() == (tag or "")
     finally:
         ring.close()
 
@@ -681,6 +685,28 @@ def test_a_src_waiting_for_room_goes_on_as_soon_as_a_reader_takes_a_value(pair: 
     assert taken == [0]
     # Far below the 20 s timeout, which a readiness check that is never true would run into.
     assert time.monotonic() - started < 10.0
+
+
+def test_a_src_that_waited_for_room_in_vain_names_itself_and_only_the_readers_behind() -> None:
+    """Ranks [0, 5, 6], src 5: rank 0 took the first value, which is exactly the room the next publish needs, and
+    rank 6 took none. The timeout names src 5 and rank 6 alone."""
+    creator = ShmRing.create([0, 5, 6])
+    rings = [creator, ShmRing.attach(creator.handle, 5), ShmRing.attach(creator.handle, 6)]
+    try:
+        first, writer, _ = (
+            ShmTransport(r, rank, timeout=0.05, lookahead=0, initial=INITIAL)
+            for r, rank in zip(rings, (0, 5, 6), strict=True)
+        )
+        assert [writer.broadcast(step, 5) for step in range(SHM_RING_SLOTS)] == list(range(SHM_RING_SLOTS))
+        assert first.broadcast(None, 5) == 0
+        with pytest.raises(TimeoutError) as err:
+            writer.broadcast(SHM_RING_SLOTS, 5)
+        message = str(err.value)
+        assert message.startswith("signal broadcast from src 5 on the signal group (ranks [0, 5, 6]) got no answer")
+        assert message.endswith("(ranks [6] have not taken the value of call 0 yet)")
+    finally:
+        for ring in reversed(rings):
+            ring.close()
 
 
 def test_a_reader_watches_the_src_of_the_call_it_waits_for_among_three_members() -> None:
