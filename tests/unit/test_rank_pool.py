@@ -251,9 +251,16 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
     [
         ((0, None, 1.0, None), ValueError, "nranks must be a positive integer, got 0"),
         ((True, None, 1.0, None), ValueError, "nranks must be a positive integer, got True"),
+        ((2.0, None, 1.0, None), ValueError, "nranks must be a positive integer, got 2.0"),
+        (("2", None, 1.0, None), ValueError, "nranks must be a positive integer, got '2'"),
         ((2, None, 0, None), ValueError, "timeout must be a finite number of seconds > 0, got 0"),
+        ((2, None, -1.5, None), ValueError, "timeout must be a finite number of seconds > 0, got -1.5"),
         ((2, None, float("inf"), None), ValueError, "timeout must be a finite number of seconds > 0, got inf"),
+        ((2, None, float("nan"), None), ValueError, "timeout must be a finite number of seconds > 0, got nan"),
+        ((2, None, True, None), ValueError, "timeout must be a finite number of seconds > 0, got True"),
+        ((2, None, "1", None), ValueError, "timeout must be a finite number of seconds > 0, got '1'"),
         ((2, [1], 1.0, None), TypeError, "kwargs must be a mapping of argument names to values, got [1]"),
+        ((2, {1: "x"}, 1.0, None), TypeError, "kwargs must be a mapping of argument names to values, got {1: 'x'}"),
         (
             (2, {"x": 1, "gen": (i for i in ())}, 1.0, None),
             TypeError,
@@ -261,6 +268,8 @@ def test_start_refuses_bad_arguments_and_retires_a_world_that_fails_to_launch(
             "cannot pickle 'generator' object)",
         ),
         ((2, None, 1.0, {"A": 1}), TypeError, "env must map variable names to strings, got {'A': 1}"),
+        ((2, None, 1.0, {1: "a"}), TypeError, "env must map variable names to strings, got {1: 'a'}"),
+        ((2, None, 1.0, ["A"]), TypeError, "env must map variable names to strings, got ['A']"),
     ],
 )
 def test_bad_call_arguments_are_refused_before_anything_starts(args, error, message) -> None:
@@ -269,12 +278,60 @@ def test_bad_call_arguments_are_refused_before_anything_starts(args, error, mess
     assert str(raised.value).startswith(message)
 
 
+def test_good_call_arguments_come_back_as_plain_dicts() -> None:
+    class Frozen(dict):
+        pass
+
+    kwargs, env = check_call(1, Frozen(x=(1, 2)), 0.5, Frozen(A="1"))
+    assert (kwargs, env) == ({"x": (1, 2)}, {"A": "1"})
+    assert type(kwargs) is dict and type(env) is dict
+    assert check_call(3, None, 7, None) == ({}, {})
+
+
+class Holder:
+    @staticmethod
+    def nested_target() -> int:
+        return 1
+
+
+class NotCallable:
+    """Named like a module-level function (module, qualified name, found there), but not callable."""
+
+    def __init__(self) -> None:
+        self.__qualname__ = "NOT_CALLABLE"
+
+
+NOT_CALLABLE = NotCallable()
+
+
 def test_only_module_level_functions_can_be_targets() -> None:
     assert CallTarget.of(rank_id) == CallTarget("tests.unit.test_rank_pool", "rank_id", __file__)
     with pytest.raises(ValueError, match="must be defined at module level"):
         CallTarget.of(lambda: None)
     with pytest.raises(TypeError, match="fn must be a module-level function"):
         CallTarget.of(3)
+    with pytest.raises(
+        TypeError,
+        match=re.escape("fn must be a module-level function, got <tests.unit.test_rank_pool.NotCallable object"),
+    ):
+        CallTarget.of(NOT_CALLABLE)
+
+
+def test_a_target_may_sit_in_a_class_but_not_in_main() -> None:
+    assert CallTarget.of(Holder.nested_target) == CallTarget(
+        "tests.unit.test_rank_pool", "Holder.nested_target", __file__
+    )
+
+    def in_main() -> None:
+        pass
+
+    in_main.__module__, in_main.__qualname__ = "__main__", "in_main"
+    with pytest.raises(ValueError) as err:
+        CallTarget.of(in_main)
+    assert str(err.value) == (
+        "fn must be defined at module level of an importable module (the ranks import it by name), got "
+        "__main__:in_main"
+    )
 
 
 def test_keep_open_and_exit_after_reply_outside_a_rank() -> None:
