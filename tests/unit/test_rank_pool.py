@@ -372,20 +372,70 @@ def test_a_function_its_module_name_does_not_lead_to_is_refused() -> None:
             CallTarget.of(impostor)
 
 
-@pytest.mark.parametrize(
-    ("limit", "reason"),
-    [("MAX_CALLS_PER_POOL", "call limit"), ("MAX_RSS_GROWTH_BYTES", "memory limit")],
-)
-def test_a_pool_past_its_call_or_memory_limit_is_recycled_after_a_good_call(
-    pools: RankPools, monkeypatch: pytest.MonkeyPatch, limit: str, reason: str
+def test_a_pool_serves_exactly_its_call_limit_then_is_recycled(
+    pools: RankPools, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = pools.run(rank_id, 1, timeout=30)
-    monkeypatch.setattr(rank_pool, limit, 1 if limit == "MAX_CALLS_PER_POOL" else -(1 << 40))
+    monkeypatch.setattr(rank_pool, "MAX_CALLS_PER_POOL", 3)
+    first = pools.run(rank_id, 1, timeout=30)[0]["pid"]
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
+    assert pools.recycles == {} and pools.live_pids() == [first]
     # The call that reaches the limit still returns its results; only then is the pool thrown away.
-    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first[0]["pid"]
-    assert pools.live_pids() == []
-    assert pools.recycles == {reason: 1}
-    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] != first[0]["pid"]
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
+    assert pools.recycles == {"call limit": 1} and pools.live_pids() == []
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] != first
+
+
+def test_a_pool_is_recycled_once_a_rank_grew_past_the_memory_limit_since_it_joined(
+    pools: RankPools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scripted resident size: 10,000 bytes when the rank joined, then growth of exactly the limit (kept), then
+    one byte more (recycled after that call)."""
+    monkeypatch.setattr(rank_pool, "MAX_RSS_GROWTH_BYTES", 100)
+    resident = [10_000]
+    monkeypatch.setattr(rank_pool, "rss_bytes", lambda pid: resident[0])
+    first = pools.run(rank_id, 1, timeout=30)[0]["pid"]
+    resident[0] = 10_100
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
+    assert pools.recycles == {} and pools.live_pids() == [first]
+    resident[0] = 10_101
+    assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
+    assert pools.recycles == {"memory limit": 1} and pools.live_pids() == []
+
+
+def test_rss_bytes_is_the_resident_size_the_kernel_reports() -> None:
+    status = open(f"/proc/{os.getpid()}/status").read()
+    resident_kib = int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE).group(1))
+    measured = rank_pool.rss_bytes(os.getpid())
+    assert isinstance(measured, int)
+    # Read a moment apart, so within 10% of each other; the shared size (the next field of statm) is far smaller.
+    assert abs(measured - resident_kib * 1024) < resident_kib * 1024 // 10
+
+
+class NoReply:
+    """A rank's connection with nothing to read: records how long ``_read`` was ready to wait."""
+
+    def __init__(self) -> None:
+        self.polls: list[float | None] = []
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        self.polls.append(timeout)
+        return False
+
+
+def test_reading_a_rank_that_sent_nothing_never_waits() -> None:
+    conn = NoReply()
+    assert rank_pool._read(conn) is None
+    assert conn.polls == [0]
+
+
+def test_a_call_that_cannot_be_pickled_names_itself() -> None:
+    pool = rank_pool.RankPool(1, {}, bootstrap=FAKE_BOOTSTRAP)
+    with pytest.raises(TypeError) as err:
+        pool.send(CallTarget.of(rank_id), {"gen": (i for i in ())})
+    assert str(err.value).startswith(
+        "the test process cannot send the call tests.unit.test_rank_pool:rank_id to the ranks: "
+    )
+    assert pool.calls == 0
 
 
 def test_closing_a_pool_twice_or_one_never_started_does_nothing() -> None:
