@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -400,6 +401,21 @@ def test_a_pool_is_recycled_once_a_rank_grew_past_the_memory_limit_since_it_join
     resident[0] = 10_101
     assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
     assert pools.recycles == {"memory limit": 1} and pools.live_pids() == []
+
+
+def test_a_rank_that_died_between_calls_fails_the_next_call_not_its_send(pools: RankPools) -> None:
+    first = pools.run(rank_id, 2, timeout=30)
+    os.kill(first[1]["pid"], signal.SIGKILL)
+    # Dead (a zombie: its sockets are closed), but not reaped, so that the pool still reads its exit status.
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{first[1]['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the killed rank did not die"
+        time.sleep(0.01)
+    with pytest.raises(RankCallFailed) as err:
+        pools.run(rank_id, 2, timeout=30)
+    assert (err.value.rank, err.value.returncode, err.value.reason) == (1, -signal.SIGKILL, "rank died")
+    assert "it exited before replying, exit code -9 (SIGKILL)" in str(err.value)
+    assert pools.recycles == {"rank died": 1} and pools.live_pids() == []
 
 
 def test_rss_bytes_is_the_resident_size_the_kernel_reports() -> None:
