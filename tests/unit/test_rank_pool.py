@@ -131,6 +131,25 @@ def test_a_hang_reports_every_stack_and_kills_the_ranks(pools: RankPools) -> Non
     assert pools.recycles == {"rank hung": 1}
 
 
+def test_no_wait_for_replies_outlasts_what_is_left_of_the_calls_timeout(
+    pools: RankPools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pools.run(rank_id, 1, timeout=30)
+    waits: list[float] = []
+    real_wait = rank_pool.wait
+
+    def wait(objects: list, timeout: float) -> list:
+        waits.append(timeout)
+        return real_wait(objects, timeout)
+
+    monkeypatch.setattr(rank_pool, "wait", wait)
+    with pytest.raises(
+        RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long for 0.3 s"
+    ):
+        pools.run(sleep_long, 1, timeout=0.3)
+    assert waits and all(0 <= timeout <= 0.3 for timeout in waits), waits
+
+
 def test_exit_after_reply_counts_the_reply_then_retires_the_pool(pools: RankPools) -> None:
     assert pools.run(leave_after_reply, 2, timeout=30) == ["gone", 1]
     assert pools.live_pids() == []
