@@ -473,6 +473,29 @@ def test_a_call_that_cannot_be_pickled_names_itself() -> None:
     assert pool.calls == 0
 
 
+def test_a_pool_claims_a_port_per_rank_and_one_for_the_store_and_logs_in_a_directory_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    claimed: list[int] = []
+    real_free_ports = rank_pool.launcher.free_ports
+
+    def free_ports(count: int, claims: object) -> list[int]:
+        claimed.append(count)
+        return real_free_ports(count, claims)
+
+    monkeypatch.setattr(rank_pool.launcher, "free_ports", free_ports)
+    pool = rank_pool.RankPool(2, {}, bootstrap=FAKE_BOOTSTRAP)
+    try:
+        pool.start(CallTarget.of(rank_id), timeout=30)
+        logs = [r.log_path for r in pool._ranks]
+        assert claimed == [3]
+        assert [path.name for path in logs] == ["rank0.log", "rank1.log"]
+        assert logs[0].parent == logs[1].parent and logs[0].parent.name.startswith("fdp-pool-")
+    finally:
+        pool.kill()
+    assert not logs[0].parent.exists()
+
+
 def test_closing_a_pool_twice_or_one_never_started_does_nothing() -> None:
     unstarted = rank_pool.RankPool(1, {}, bootstrap=FAKE_BOOTSTRAP)
     unstarted.close()
