@@ -3,6 +3,7 @@ call protocol on fake ranks (real subprocesses that serve calls without joining 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -335,6 +336,9 @@ def test_only_module_level_functions_can_be_targets() -> None:
         match=re.escape("fn must be a module-level function, got <tests.unit.test_rank_pool.NotCallable object"),
     ):
         CallTarget.of(NOT_CALLABLE)
+    # Callable, with a module name, but no qualified name to import it by.
+    with pytest.raises(TypeError, match=re.escape("fn must be a module-level function, got functools.partial(")):
+        CallTarget.of(functools.partial(rank_id))
 
 
 def test_a_target_may_sit_in_a_class_but_not_in_main() -> None:
