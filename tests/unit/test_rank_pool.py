@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,25 @@ def test_only_module_level_functions_can_be_targets() -> None:
     # Callable, with a module name, but no qualified name to import it by.
     with pytest.raises(TypeError, match=re.escape("fn must be a module-level function, got functools.partial(")):
         CallTarget.of(functools.partial(rank_id))
+
+
+def test_a_function_its_module_does_not_hold_or_whose_module_is_not_loaded_is_refused() -> None:
+    def nowhere() -> None:
+        pass
+
+    nowhere.__qualname__ = "nowhere"
+    with pytest.raises(ValueError, match=re.escape("fn is not what tests.unit.test_rank_pool:nowhere names, so")):
+        CallTarget.of(nowhere)
+    nowhere.__module__ = "fdp_module_nobody_loaded"
+    with pytest.raises(ValueError, match=re.escape("fn is not what fdp_module_nobody_loaded:nowhere names, so")):
+        CallTarget.of(nowhere)
+
+
+def test_a_target_in_a_module_without_a_file_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("fdp_module_without_file")
+    exec("def target():\n    return 1\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    assert CallTarget.of(module.target) == CallTarget("fdp_module_without_file", "target", None)
 
 
 def test_a_target_may_sit_in_a_class_but_not_in_main() -> None:
