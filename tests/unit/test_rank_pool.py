@@ -4,6 +4,7 @@ call protocol on fake ranks (real subprocesses that serve calls without joining 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -25,6 +26,23 @@ FAKE_BOOTSTRAP = rank_pool.launcher.RANK_PRELUDE + (
     "from multiprocessing.connection import Connection; from fastdeploy_patch.testing import pool_rank; "
     "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))"
 )
+
+
+def record_argument(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, parameter: str) -> list:
+    """From now on every call of ``owner.<name>`` still runs, and the value its ``parameter`` got (its default when
+    not passed) is appended to the list returned."""
+    real = getattr(owner, name)
+    signature = inspect.signature(real)
+    seen: list = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        seen.append(bound.arguments[parameter])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
 
 
 def rank_id() -> dict:
@@ -137,14 +155,7 @@ def test_no_wait_for_replies_outlasts_what_is_left_of_the_calls_timeout(
     pools: RankPools, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pools.run(rank_id, 1, timeout=30)
-    waits: list[float] = []
-    real_wait = rank_pool.wait
-
-    def wait(objects: list, timeout: float) -> list:
-        waits.append(timeout)
-        return real_wait(objects, timeout)
-
-    monkeypatch.setattr(rank_pool, "wait", wait)
+    waits = record_argument(monkeypatch, rank_pool, "wait", "timeout")
     with pytest.raises(
         RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long for 0.3 s"
     ):
@@ -301,10 +312,10 @@ def test_bad_call_arguments_are_refused_before_anything_starts(args, error, mess
 
 
 def test_good_call_arguments_come_back_as_plain_dicts() -> None:
-    class Frozen(dict):
+    class DictSubclass(dict):
         pass
 
-    kwargs, env = check_call(1, Frozen(x=(1, 2)), 0.5, Frozen(A="1"))
+    kwargs, env = check_call(1, DictSubclass(x=(1, 2)), 0.5, DictSubclass(A="1"))
     assert (kwargs, env) == ({"x": (1, 2)}, {"A": "1"})
     assert type(kwargs) is dict and type(env) is dict
     assert check_call(3, None, 7, None) == ({}, {})
@@ -500,14 +511,7 @@ def test_a_call_that_cannot_be_pickled_names_itself() -> None:
 def test_a_pool_claims_a_port_per_rank_and_one_for_the_store_and_logs_in_a_directory_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    claimed: list[int] = []
-    real_free_ports = rank_pool.launcher.free_ports
-
-    def free_ports(count: int, claims: object) -> list[int]:
-        claimed.append(count)
-        return real_free_ports(count, claims)
-
-    monkeypatch.setattr(rank_pool.launcher, "free_ports", free_ports)
+    claimed = record_argument(monkeypatch, rank_pool.launcher, "free_ports", "count")
     pool = rank_pool.RankPool(2, {}, bootstrap=FAKE_BOOTSTRAP)
     try:
         pool.start(CallTarget.of(rank_id), timeout=30)
@@ -650,14 +654,7 @@ def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_sa
 
 
 def test_killing_a_pool_gives_its_ranks_the_pools_own_short_grace(pools: RankPools, monkeypatch) -> None:
-    graces: list[object] = []
-    real_kill_all = rank_pool.launcher.kill_all
-
-    def kill_all(ranks, grace=None):
-        graces.append(grace)
-        return real_kill_all(ranks, grace)
-
-    monkeypatch.setattr(rank_pool.launcher, "kill_all", kill_all)
+    graces = record_argument(monkeypatch, rank_pool.launcher, "kill_all", "grace")
     pools.start(rank_id, 1, timeout=30).cancel()
     # Not the launcher's longer default: a Ctrl-C must end pytest within seconds.
     assert graces == [rank_pool.KILL_GRACE_S] == [1.0]
