@@ -16,9 +16,11 @@ already waits, on a shared-memory and on a gloo signal group, and, as the floor 
 host's one monotonic clock) at p50/p90/p99, its CPU share meanwhile, what the publishing call cost the src (on shm,
 a futex wake when the reader sleeps) at p50 and p99, and the shm wake over the floor's.
 
-In all three, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that rotate through
-the paths, so that slow spells on a noisy machine spread over every path; the ranks meet at a barrier before
-each round of each path.
+In latency and jitter, each path runs its steps back to back, as a worker loop would, in ``ROUNDS`` rounds that
+rotate through the paths, so that slow spells on a noisy machine spread over every path; the ranks meet at a barrier
+before each round of each path. In late src, where each step already sleeps, the paths take turns step by step
+(shm, gloo, floor, shm, ...): a host that wakes an idle CPU slower for a minute slows every path alike, and the
+shm wake over the floor's compares wakes from the same minutes.
 """
 
 from __future__ import annotations
@@ -85,11 +87,11 @@ LATE_LABELS = {
 }
 """What the late-src benchmark runs, in report order: the transports, then the floor (where futex works)."""
 
-FLOOR_PARK_S = 1.0
-"""How long the floor's reader sleeps in one ``FUTEX_WAIT`` before it looks again; a publish wakes it at once."""
-
 FLOOR_TIMEOUT_S = 60.0
-"""How long the floor's reader waits for one step before it gives up: far beyond any ``--src-late``."""
+"""How long the floor's reader waits for one step before it gives up: far beyond any ``--src-late``. It sleeps all of
+it in one ``FUTEX_WAIT``. With shorter sleeps of its own (1 s before), a gap near their length let the reader's
+timeout end just before the publish (in 1 step of 5 at ``--src-late 1000``, measured here), so the floor timed a
+reader that had just run instead of a wake from idle."""
 
 _SIGNAL_VALUE = int(ModelWeightsStatus.NORMAL)
 
@@ -301,9 +303,10 @@ class FutexFloor:
             return
         deadline = time.monotonic() + FLOOR_TIMEOUT_S
         while (seen := self._word.value) < step:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"the floor's src did not publish step {step} within {FLOOR_TIMEOUT_S:g} s")
-            self._futex.wait(self._address, seen, FLOOR_PARK_S)
+            self._futex.wait(self._address, seen, left)
 
     def close(self) -> None:
         """Unmap the page."""
@@ -359,35 +362,33 @@ def late_rank(iters: int, warmup: int = DEFAULT_WARMUP, late_ms: float = 2.0) ->
     cpu = dict.fromkeys(calls, 0.0)
     wall = dict.fromkeys(calls, 0.0)
 
-    def steps(name: str, count: int, timed: bool) -> None:
+    def timed_step(name: str) -> None:
         call = calls[name]
-        for _ in range(count):
-            if rank == 0:
-                # Warm-up steps run back to back: a long gap costs only the timed steps.
-                if timed:
-                    time.sleep(late_s)
-                called = time.perf_counter_ns()
-                call()
-                if timed:
-                    stamps[name].append(called)
-                    publish[name].append(time.perf_counter_ns() - called)
-            else:
-                call()
-                if timed:
-                    stamps[name].append(time.perf_counter_ns())
+        cpu_started, wall_started = time.process_time(), time.perf_counter()
+        if rank == 0:
+            time.sleep(late_s)
+            called = time.perf_counter_ns()
+            call()
+            stamps[name].append(called)
+            publish[name].append(time.perf_counter_ns() - called)
+        else:
+            call()
+            stamps[name].append(time.perf_counter_ns())
+        cpu[name] += time.process_time() - cpu_started
+        wall[name] += time.perf_counter() - wall_started
 
     try:
-        for name in calls:
+        for call in calls.values():
             dist.barrier()
-            steps(name, warmup, timed=False)
-        for turn in range(ROUNDS):
-            count = iters // ROUNDS + (1 if turn < iters % ROUNDS else 0)
+            # Back to back: a long gap costs only the timed steps.
+            for _ in range(warmup):
+                call()
+        dist.barrier()
+        # No barrier between the timed steps: a reader returns from one path's step and waits on the next path
+        # while the src sleeps.
+        for _ in range(iters):
             for name in calls:
-                dist.barrier()
-                cpu_started, wall_started = time.process_time(), time.perf_counter()
-                steps(name, count, timed=True)
-                cpu[name] += time.process_time() - cpu_started
-                wall[name] += time.perf_counter() - wall_started
+                timed_step(name)
     finally:
         for group in groups.values():
             group.close()
