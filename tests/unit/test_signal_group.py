@@ -40,6 +40,7 @@ from fastdeploy_patch.signal_group import group as api
 from fastdeploy_patch.signal_group.gloo_transport import GlooTransport, _DeadlineCaller
 from fastdeploy_patch.signal_group.rendezvous import GROUP_STORE_ATTRIBUTE
 from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+from fastdeploy_patch.status import ModelWeightsStatus
 
 from .conftest import FakeGlobalStore, FakeTCPStore, GlooLikePG
 
@@ -733,6 +734,33 @@ def test_src_refuses_a_value_outside_int32_before_communicating(
         broadcast_signal(value, group=group)
     assert str(err.value) == f"signal value {value!r} is outside int32 range [-2147483648, 2147483647]"
     assert sent.calls == [] and int(group._endpoint.buffer.item()) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "src", "general_checks"),
+    [
+        (7, 0, []),
+        (2**31 - 1, 0, []),
+        (-(2**31), 0, []),
+        (np.int32(7), 0, ["value"]),
+        (ModelWeightsStatus.UPDATING, 0, ["value"]),
+        (7, np.int64(0), ["src"]),
+    ],
+)
+def test_a_plain_int_from_a_plain_int_src_goes_straight_to_the_transport(
+    world: FakeWorld, sent: FakeBroadcast, value: object, src: object, general_checks: list[str]
+) -> None:
+    """The src's way to its publish after an idle spell runs from cold caches: a plain int in range from a plain int
+    src skips the general checks (which accept numpy integers and int subclasses, and say what is wrong)."""
+    group = _gloo_group(world)
+    with (
+        mock.patch.object(api.arguments, "int32", wraps=api.arguments.int32) as int32,
+        mock.patch.object(api.arguments, "src_rank", wraps=api.arguments.src_rank) as src_rank,
+    ):
+        assert broadcast_signal(value, src=src, group=group) == int(value)
+    used = (["value"] if int32.called else []) + (["src"] if src_rank.called else [])
+    assert sorted(used) == sorted(general_checks)
+    assert sent.sent_values == [int(value)]
 
 
 @pytest.mark.parametrize("src", [True, 0.0, "0", None])
