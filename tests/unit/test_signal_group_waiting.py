@@ -27,6 +27,7 @@ def test_the_phases_are_documented_figures() -> None:
     assert waiting.SLEEP_CAP_S == 1e-3
     assert waiting.FUTEX_FIRST_WAIT_S == 1e-3
     assert waiting.LIVENESS_INTERVAL_S == 0.05
+    assert waiting.PARKED_LIVENESS_INTERVAL_S == 0.1
 
 
 @dataclass
@@ -191,18 +192,20 @@ def test_a_parking_waiter_spins_yields_then_parks_in_bounded_slices_and_never_sl
     park = Parking(clock)
     start = clock.now
     checks: list[float] = []
-    assert wait_until(_until(clock, start + 0.2), 1.0, lambda: checks.append(clock.now), park) is True
+    first_check, later_checks = waiting.LIVENESS_INTERVAL_S, waiting.PARKED_LIVENESS_INTERVAL_S
+    ready_at = first_check + 2.5 * later_checks
+    assert wait_until(_until(clock, start + ready_at), 10.0, lambda: checks.append(clock.now), park) is True
     assert clock.sleeps == [] and 18 <= clock.yields <= 21
     (first_at, first), (second_at, second), *_ = park.slices
     assert waiting.SPIN_S + waiting.YIELD_S <= first_at - start < waiting.SPIN_S + waiting.YIELD_S + 2e-5
     # The first slice is short (a lost wake-up costs at most that); every later one lasts until the next liveness
-    # check.
+    # check: the first at LIVENESS_INTERVAL_S, then one every PARKED_LIVENESS_INTERVAL_S.
     assert first == pytest.approx(waiting.FUTEX_FIRST_WAIT_S)
     assert second_at + second == pytest.approx(start + waiting.LIVENESS_INTERVAL_S, abs=1e-5)
-    assert [round(at + seconds - start, 4) for at, seconds in park.slices[1:]] == [0.05, 0.1, 0.15, 0.2]
-    assert len(checks) == 3
+    ends = [round(at + seconds - start, 4) for at, seconds in park.slices[1:]]
+    assert ends == [round(first_check + k * later_checks, 4) for k in range(4)]
     gaps = [b - a for a, b in zip([start, *checks], checks, strict=False)]
-    assert all(0.05 <= gap < 0.0501 for gap in gaps), gaps
+    assert [round(gap, 4) for gap in gaps] == [first_check, later_checks, later_checks]
 
 
 def test_a_wake_up_lost_at_the_first_park_costs_at_most_the_first_slice(clock: Clock) -> None:
