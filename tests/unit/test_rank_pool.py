@@ -14,12 +14,13 @@ import sys
 import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
 
 from fastdeploy_patch.testing import pool_rank, rank_calls, rank_pool
 from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
+
+from .zombies import wait_until_a_zombie
 
 # A rank that serves calls on its connection without importing Paddle or joining a world.
 FAKE_BOOTSTRAP = rank_pool.launcher.RANK_PRELUDE + (
@@ -461,10 +462,7 @@ def test_a_rank_that_died_between_calls_fails_the_next_call_not_its_send(pools: 
     first = pools.run(rank_id, 2, timeout=30)
     os.kill(first[1]["pid"], signal.SIGKILL)
     # Dead (a zombie: its sockets are closed), but not reaped, so that the pool still reads its exit status.
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{first[1]['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline, "the killed rank did not die"
-        time.sleep(0.01)
+    wait_until_a_zombie(first[1]["pid"])
     with pytest.raises(RankCallFailed) as err:
         pools.run(rank_id, 2, timeout=30)
     assert (err.value.rank, err.value.returncode, err.value.reason) == (1, -signal.SIGKILL, "rank died")

@@ -19,6 +19,8 @@ from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.liveness import ProcessIdentity, gone_reason, this_process
 from fastdeploy_patch.signal_group.waiting import wait_until
 
+from .zombies import wait_until_a_zombie
+
 
 def test_the_phases_are_documented_figures() -> None:
     assert waiting.SPIN_S == 20e-6
@@ -309,12 +311,7 @@ def test_a_reaped_process_is_gone() -> None:
 
 def test_an_exited_process_not_yet_reaped_has_exited() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    stat = Path(f"/proc/{child.pid}/stat")
-    deadline = time.monotonic() + 30
-    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline, "the child did not exit"
-        time.sleep(0.01)
-    start = int(stat.read_text().rsplit(")", 1)[1].split()[19])
+    start = int(wait_until_a_zombie(child.pid)[19])
     try:
         assert gone_reason(ProcessIdentity(child.pid, start, this_process().pid_namespace)) == (
             f"process {child.pid} has exited"
