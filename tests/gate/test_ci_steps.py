@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = GATE_PATH.parents[1]
 UNIT_COVERAGE_PATH = ROOT / "ci" / "unit_coverage.py"
+README = ROOT / "README.md"
 
 FAKE_TOX = """\
 import configparser, json, os, pathlib, shlex, shutil, subprocess, sys
@@ -143,6 +146,15 @@ ALL_PASSED = [
 ]
 
 
+def readme_tox_call() -> str:
+    """The tox call of the README's test command, as FAKE_TOX logs it: its arguments, or ``(all)`` without any."""
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- test command -->", 1)[1].split("<!-- end of test command -->", 1)[0]
+    command = re.fullmatch(r"\s*```bash\n(.*)\n```\s*", block, re.S).group(1)
+    [tox] = [argv for argv in (shlex.split(part) for part in command.split("&&")) if argv[0] == "tox"]
+    return " ".join(tox[1:]) or "(all)"
+
+
 def summary(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("ci: ")]
 
@@ -189,13 +201,14 @@ def test_a_change_covered_at_90_percent_passes_the_gate_then_fails_the_100_perce
     ]
 
 
-def test_a_fully_covered_change_passes_both(repo: Repo, tmp_path: Path) -> None:
+def test_a_fully_covered_change_passes_both_after_the_readmes_test_command(repo: Repo, tmp_path: Path) -> None:
     prepared = ci_repo(repo, tmp_path, FULLY_COVERED)
 
     result, calls = run_ci(repo, tmp_path, prepared)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert calls == ["(all)", "-e gate", "-e unit-coverage"]
+    # CI's tests are the ones a user runs with the README's test command.
+    assert calls == [readme_tox_call(), "-e gate", "-e unit-coverage"]
     assert "\ngate: PASS: patch coverage 100.0% meets the 80% threshold (HEAD against HEAD~1)\n" in result.stdout
     assert "\n2 files skipped due to complete coverage.\n" in result.stdout
     assert "Coverage failure" not in result.stdout

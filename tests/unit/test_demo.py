@@ -419,10 +419,10 @@ def test_format_table_says_when_the_ranks_disagree() -> None:
     assert table.splitlines()[-1] == "ranks agree: NO"
 
 
-def test_the_readme_shows_both_verdict_lines_the_table_prints() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_the_commands_page_shows_both_verdict_lines_the_table_prints() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "commands.md").read_text()
     agree = [_result(0), _result(1)]
     disagree = [_result(0), _result(1, transitions=[[9, "CLEARING"]])]
     for results in (agree, disagree):
         verdict = format_table(results).splitlines()[-1]
-        assert f"`{verdict}`" in readme
+        assert f"`{verdict}`" in page
