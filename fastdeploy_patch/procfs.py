@@ -112,7 +112,8 @@ def children(pid: Pid, *, root: str = ROOT) -> list[int] | None:
 
 
 def cmdline(pid: Pid, *, root: str = ROOT) -> list[str] | None:
-    """Process ``pid``'s arguments (empty for a kernel thread or a zombie); None when it cannot be seen."""
+    """Process ``pid``'s arguments; None when it cannot be seen. Empty for a kernel thread, a zombie, and a process
+    inside ``execve`` (which ``subprocess.Popen`` may already have returned from)."""
     data = _read(f"{_dir(pid, root)}/cmdline")
     if data is None:
         return None
@@ -121,8 +122,8 @@ def cmdline(pid: Pid, *, root: str = ROOT) -> list[str] | None:
 
 
 def environ(pid: Pid, *, root: str = ROOT) -> dict[str, str] | None:
-    """The environment process ``pid`` started with (entries without ``=`` left out); None when it cannot be seen.
-    ``PermissionError`` for another user's process."""
+    """The environment process ``pid`` started with (entries without ``=`` left out; empty when ``cmdline`` is);
+    None when it cannot be seen. ``PermissionError`` for another user's process."""
     data = _read(f"{_dir(pid, root)}/environ")
     if data is None:
         return None

@@ -53,6 +53,16 @@ def wait_for_state(pid: int, states: str) -> Stat:
     return now
 
 
+def once_started(read: Callable[[int], list | dict | None], pid: int) -> list | dict:
+    """What ``read`` gives for ``pid`` once it has something: ``subprocess.Popen`` returns while the child is still
+    inside ``execve``, and until the kernel has laid out the new program's arguments both read as empty."""
+    deadline = time.monotonic() + WAIT_S
+    while not (found := read(pid)):
+        assert time.monotonic() < deadline, f"process {pid} shows no {read.__name__} after {WAIT_S:g} s"
+        time.sleep(0.005)
+    return found
+
+
 def fake_proc(tmp_path: Path, files: dict[str, str | bytes]) -> str:
     """A ``/proc`` made of ``files`` (path under it -> content)."""
     for rel, content in files.items():
@@ -263,7 +273,7 @@ def test_a_thread_that_ended_during_the_listing_adds_no_children(tmp_path: Path)
 def test_the_command_line_is_every_argument_as_given(spawn: Callable[..., subprocess.Popen]) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(60)", "a b", "", "c\udcff"]
     child = spawn(argv)
-    assert procfs.cmdline(child.pid) == argv
+    assert once_started(procfs.cmdline, child.pid) == argv
 
 
 def test_a_zombie_has_no_command_line(spawn: Callable[..., subprocess.Popen]) -> None:
@@ -279,7 +289,7 @@ def test_a_rewritten_command_line_without_its_last_nul_keeps_its_last_argument(t
 
 def test_the_environment_is_the_one_the_process_started_with(spawn: Callable[..., subprocess.Popen]) -> None:
     child = spawn(env={"A": "1", "B": "x=y", "EMPTY": "", "RAW": "\udcff"})
-    assert procfs.environ(child.pid) == {"A": "1", "B": "x=y", "EMPTY": "", "RAW": "\udcff"}
+    assert once_started(procfs.environ, child.pid) == {"A": "1", "B": "x=y", "EMPTY": "", "RAW": "\udcff"}
 
 
 def test_environment_entries_without_an_equals_sign_are_left_out(tmp_path: Path) -> None:
