@@ -80,7 +80,7 @@ def stat(pid: Pid, *, root: str = ROOT) -> Stat | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     try:
-        text = os.read(fd, STAT_READ_BYTES).decode("utf-8", "surrogateescape")
+        text = os.read(fd, STAT_READ_BYTES).decode(errors="surrogateescape")
     except ProcessLookupError:
         return None
     finally:

@@ -444,6 +444,11 @@ def test_mount_targets_are_unescaped_and_kept_in_order_and_short_lines_skipped(t
     ]
 
 
+def test_a_mount_target_that_is_not_utf8_is_kept_byte_for_byte(tmp_path: Path) -> None:
+    root = fake_proc(tmp_path, {"self/mounts": b"none /mnt/a\xffb tmpfs rw 0 0\n"})
+    assert procfs.mounts(root=root) == [Mount(os.fsdecode(b"/mnt/a\xffb"), "tmpfs")]
+
+
 def test_a_mount_table_that_cannot_be_read_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         procfs.mounts(root=str(tmp_path / "missing"))
