@@ -58,6 +58,7 @@ def once_started(read: Callable[[int], list | dict | None], pid: int) -> list | 
     inside ``execve``, and until the kernel has laid out the new program's arguments both read as empty."""
     deadline = time.monotonic() + WAIT_S
     while not (found := read(pid)):
+        assert found is not None, f"process {pid} cannot be seen"
         assert time.monotonic() < deadline, f"process {pid} shows no {read.__name__} after {WAIT_S:g} s"
         time.sleep(0.005)
     return found
