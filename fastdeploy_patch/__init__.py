@@ -2,9 +2,10 @@
 host, a CPU tensor on gloo between hosts), and a process-group shutdown that tolerates gloo.
 
 This package root holds the patch and its public API, nothing else: ``signal_group/``, ``group_shutdown``,
-``worker/``, ``rl/``, ``status``, ``ipc_signal``, ``paddle_internals`` (the one door to Paddle's private API) and
-``paddle_warnings``. Two subpackages stand beside it: ``cli/`` (the ``fastdeploy-patch`` command) and ``testing/``
-(the multi-rank harness). They may import the patch; the patch never imports them.
+``worker/``, ``rl/``, ``status``, ``ipc_signal``, ``paddle_internals`` (the one door to Paddle's private API),
+``paddle_warnings`` and ``procfs`` (every read of ``/proc``). Two subpackages stand beside it: ``cli/`` (the
+``fastdeploy-patch`` command) and ``testing/`` (the multi-rank harness). They may import the patch; the patch never
+imports them.
 
 Paddle is not a hard dependency (its CPU and GPU wheels conflict): install ``fastdeploy-patch[cpu]``, or
 Paddle 3.3's GPU wheel from Paddle's own package index (see the README). Importing this package checks that Paddle

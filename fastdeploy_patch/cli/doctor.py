@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, Leftover
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -28,7 +29,6 @@ SHM_LOW_FREE_BYTES = 16 * MIB
 """Below this much free space in /dev/shm, warn: creating a segment may fail with ENOSPC."""
 
 SYS_CLASS_NET = "/sys/class/net"
-PROC_MOUNTS = "/proc/mounts"
 
 
 @dataclass(frozen=True)
@@ -260,18 +260,19 @@ def paddle_facts() -> PaddleFacts:
     return PaddleFacts(version=paddle.__version__, cuda=cuda, has_gloo=has_gloo(), gpus=gpus)
 
 
-def mount_type(path: str, mounts: str) -> str | None:
-    """The filesystem type mounted exactly at ``path`` in ``mounts`` (the text of /proc/mounts; the last mount
-    wins, as the kernel stacks them); None when nothing is mounted there."""
+def mount_type(path: str, mounts: Sequence[procfs.Mount]) -> str | None:
+    """The filesystem type mounted exactly at ``path`` in the mount table ``mounts`` (the last mount wins, as the
+    kernel stacks them); None when nothing is mounted there."""
     found = None
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[1] == path:
-            found = fields[2]
+    for mount in mounts:
+        if mount.target == path:
+            found = mount.fs_type
     return found
 
 
-def shm_facts(path: str, read_mounts: Callable[[], str], statvfs: Callable[[str], os.statvfs_result]) -> ShmFacts:
+def shm_facts(
+    path: str, read_mounts: Callable[[], list[procfs.Mount]], statvfs: Callable[[str], os.statvfs_result]
+) -> ShmFacts:
     """What ``path`` is: a directory or not, its mount type, size and free bytes."""
     if not os.path.isdir(path):
         return ShmFacts(path, is_dir=False, fs_type=None, size=0, free=0)
@@ -285,12 +286,12 @@ def shm_facts(path: str, read_mounts: Callable[[], str], statvfs: Callable[[str]
     )
 
 
-def _read_mounts() -> str:
+def _read_mounts() -> list[procfs.Mount]:
+    # Without a mount table the size and free space are still worth reporting; /dev/shm then reads as no mount point.
     try:
-        with open(PROC_MOUNTS) as mounts:
-            return mounts.read()
+        return procfs.mounts()
     except OSError:
-        return ""
+        return []
 
 
 def shm_error(check: Callable[[], None]) -> OSError | None:

@@ -1,4 +1,5 @@
-"""Whether a process on this host is still alive, told from ``/proc`` without signalling it.
+"""Whether a process on this host is still alive, told from ``/proc`` (through ``fastdeploy_patch.procfs``) without
+signalling it.
 
 A process is named by its pid, its start time (``/proc/<pid>/stat`` field 22, in clock ticks since boot) and its
 PID namespace (the inode of ``/proc/self/ns/pid``). The start time tells a reused pid apart from the process we
@@ -12,12 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-PROC = "/proc"
+from fastdeploy_patch import procfs
 
-# /proc/<pid>/stat fields after the ")" closing the command name: field 3 (state) is the first, field 22
-# (starttime) the twentieth.
-_STATE_FIELD = 0
-_START_FIELD = 19
+PROC = procfs.ROOT
+"""The ``/proc`` this module judges from (tests point it at a fake one)."""
 
 
 @dataclass(frozen=True)
@@ -29,41 +28,29 @@ class ProcessIdentity:
     pid_namespace: int
 
 
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"{PROC}/{pid}/stat", encoding="ascii", errors="replace") as stat:
-        # The command name may hold spaces and parentheses; it ends at the last ")".
-        return stat.read().rsplit(")", 1)[1].split()
-
-
-def _pid_namespace() -> int:
-    try:
-        return os.stat(f"{PROC}/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
 def this_process() -> ProcessIdentity:
     """The calling process's identity, as it is recorded for the other members. Without a readable ``/proc`` the
     namespace is unknown (0), so that nobody ever judges this process: only timeouts then bound a wait on it."""
     pid = os.getpid()
     try:
-        start = int(_stat_fields(pid)[_START_FIELD])
+        me = procfs.stat(pid, root=PROC)
     except OSError:
+        me = None
+    if me is None:
         return ProcessIdentity(pid, 0, 0)
-    return ProcessIdentity(pid, start, _pid_namespace())
+    return ProcessIdentity(pid, me.start_ticks, procfs.pid_namespace(root=PROC))
 
 
 def gone_reason(peer: ProcessIdentity) -> str | None:
     """Why ``peer`` is known to have exited, or None when it is alive or cannot be judged from here."""
-    here = _pid_namespace()
+    here = procfs.pid_namespace(root=PROC)
     if peer.pid_namespace == 0 or peer.pid_namespace != here:
         return None
-    try:
-        fields = _stat_fields(peer.pid)
-    except (FileNotFoundError, ProcessLookupError):
+    now = procfs.stat(peer.pid, root=PROC)
+    if now is None:
         return f"process {peer.pid} is gone"
-    if int(fields[_START_FIELD]) != peer.start_ticks:
+    if now.start_ticks != peer.start_ticks:
         return f"process {peer.pid} is gone (its pid now belongs to another process)"
-    if fields[_STATE_FIELD] in ("Z", "X"):
+    if now.state in ("Z", "X"):
         return f"process {peer.pid} has exited"
     return None

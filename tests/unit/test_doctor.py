@@ -12,7 +12,7 @@ from unittest import mock
 import paddle
 import pytest
 
-from fastdeploy_patch import cli, signal_group
+from fastdeploy_patch import cli, procfs, signal_group
 from fastdeploy_patch.cli import doctor
 from fastdeploy_patch.cli.doctor import (
     FAIL,
@@ -26,6 +26,7 @@ from fastdeploy_patch.cli.doctor import (
     PaddleFacts,
     ShmFacts,
 )
+from fastdeploy_patch.procfs import Mount
 from fastdeploy_patch.signal_group import Leftover
 from fastdeploy_patch.signal_group.liveness import ProcessIdentity
 
@@ -316,13 +317,12 @@ def test_paddle_facts_of_a_gpu_build() -> None:
         assert doctor.paddle_facts() == PaddleFacts(paddle.__version__, cuda="12.6", has_gloo=False, gpus=2)
 
 
-MOUNTS = """\
-proc /proc proc rw 0 0
-tmpfs /dev/shm tmpfs rw,size=65536k 0 0
-shm /dev/shm ext4 rw 0 0
-tmpfs /dev/shm/sub tmpfs rw 0 0
-broken-line
-"""
+MOUNTS = [
+    Mount("/proc", "proc"),
+    Mount("/dev/shm", "tmpfs"),
+    Mount("/dev/shm", "ext4"),
+    Mount("/dev/shm/sub", "tmpfs"),
+]
 
 
 @pytest.mark.parametrize(("path", "fs_type"), [("/dev/shm", "ext4"), ("/proc", "proc"), ("/dev", None)])
@@ -332,7 +332,7 @@ def test_mount_type_takes_the_last_mount_exactly_at_the_path(path: str, fs_type:
 
 def test_shm_facts_of_a_directory(tmp_path: Path) -> None:
     stat = SimpleNamespace(f_blocks=1000, f_frsize=4096, f_bavail=250)
-    facts = doctor.shm_facts(str(tmp_path), lambda: f"tmpfs {tmp_path} tmpfs rw 0 0\n", lambda path: stat)
+    facts = doctor.shm_facts(str(tmp_path), lambda: [Mount(str(tmp_path), "tmpfs")], lambda path: stat)
     assert facts == ShmFacts(str(tmp_path), is_dir=True, fs_type="tmpfs", size=4_096_000, free=1_024_000)
 
 
@@ -342,12 +342,10 @@ def test_shm_facts_of_a_missing_directory(tmp_path: Path) -> None:
     assert facts == ShmFacts(missing, is_dir=False, fs_type=None, size=0, free=0)
 
 
-def test_read_mounts_reads_proc_mounts_and_gives_nothing_when_unreadable(tmp_path: Path) -> None:
-    with mock.patch.object(doctor, "PROC_MOUNTS", str(tmp_path / "mounts")):
-        assert doctor._read_mounts() == ""
-        (tmp_path / "mounts").write_text(MOUNTS)
-        assert doctor._read_mounts() == MOUNTS
-    assert doctor.PROC_MOUNTS == "/proc/mounts"
+def test_read_mounts_reads_this_hosts_mount_table_and_gives_nothing_when_unreadable() -> None:
+    assert Mount("/proc", "proc") in doctor._read_mounts()
+    with mock.patch.object(procfs, "mounts", side_effect=PermissionError(13, "denied")):
+        assert doctor._read_mounts() == []
 
 
 def test_shm_error_returns_what_the_check_raised_or_none() -> None:

@@ -25,6 +25,7 @@ PATCH_ROOT = {
     "ipc_signal.py",
     "paddle_internals.py",
     "paddle_warnings.py",
+    "procfs.py",
     "status.py",
     "rl",
     "signal_group",

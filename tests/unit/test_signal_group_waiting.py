@@ -15,6 +15,7 @@ from unittest import mock
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.liveness import ProcessIdentity, gone_reason, this_process
 from fastdeploy_patch.signal_group.waiting import wait_until
@@ -297,8 +298,8 @@ def test_a_real_second_of_waiting_costs_little_cpu() -> None:
 
 def test_this_process_is_named_by_pid_start_time_and_pid_namespace() -> None:
     me = this_process()
-    start = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    assert me == ProcessIdentity(os.getpid(), start, os.stat("/proc/self/ns/pid").st_ino)
+    assert me == ProcessIdentity(os.getpid(), procfs.stat("self").start_ticks, procfs.pid_namespace())
+    assert me.start_ticks > 0 and me.pid_namespace > 0
     assert gone_reason(me) is None
 
 
@@ -311,7 +312,8 @@ def test_a_reaped_process_is_gone() -> None:
 
 def test_an_exited_process_not_yet_reaped_has_exited() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = int(wait_until_a_zombie(child.pid)[19])
+    wait_until_a_zombie(child.pid)
+    start = procfs.stat(child.pid).start_ticks
     try:
         assert gone_reason(ProcessIdentity(child.pid, start, this_process().pid_namespace)) == (
             f"process {child.pid} has exited"
@@ -336,9 +338,19 @@ def test_a_peer_in_another_or_an_unknown_pid_namespace_is_never_judged(namespace
 
 def test_without_a_readable_proc_this_process_is_never_judged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(liveness, "PROC", "/nonexistent-proc")
-    assert liveness._pid_namespace() == 0
     assert this_process() == ProcessIdentity(os.getpid(), 0, 0)
     assert gone_reason(this_process()) is None
+
+
+def test_a_stat_of_this_process_that_cannot_be_read_leaves_it_unjudged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The PID namespace can be read, this process's stat cannot (a directory stands in its place).
+    (tmp_path / str(os.getpid()) / "stat").mkdir(parents=True)
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    (tmp_path / "self" / "ns" / "pid").write_text("")
+    monkeypatch.setattr(liveness, "PROC", str(tmp_path))
+    assert this_process() == ProcessIdentity(os.getpid(), 0, 0)
 
 
 def test_a_command_name_with_spaces_and_parentheses_is_parsed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
