@@ -140,7 +140,7 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
         "paddle_version": paddle.__version__,
     }
     paths = report["paths"]
-    assert list(paths) == ["legacy", "gloo", "gloo_direct", "gloo_deadline", "shm"]
+    assert list(paths) == ["legacy", "gloo", "gloo_deadline", "shm"]
     for path in paths.values():
         assert path["samples"] == 200 and sorted(path["per_rank"]) == ["0", "1"]
         assert 0 < path["p50_us"] <= path["p99_us"] and path["mean_us"] > 0
@@ -151,8 +151,8 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     }.items():
         assert report["ratios"][name]["p50"] == pytest.approx(paths[top]["p50_us"] / paths[bottom]["p50_us"])
         assert report["ratios"][name]["mean"] == pytest.approx(paths[top]["mean_us"] / paths[bottom]["mean_us"])
-    public = paths["gloo"]["p50_us"] - paths["gloo_direct"]["p50_us"]
-    assert report["public_broadcast_cost_us"]["p50"] == pytest.approx(public)
+    deadline = paths["gloo_deadline"]["p50_us"] - paths["gloo"]["p50_us"]
+    assert report["deadline_thread_cost_us"]["p50"] == pytest.approx(deadline)
     assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
 
 
