@@ -492,8 +492,12 @@ def test_a_shared_page_is_one_memory_for_every_rank_and_leaves_no_descriptor() -
             box[0] = boxes[0][0]
         boxes.append(box)
 
+    names: list[str] = []
+
     def barrier() -> None:
         if 1 not in pages and len(boxes) == 1:
+            # The memory has a name only where /proc shows descriptors (lsof, leak checks): what made it.
+            names.append(os.readlink(boxes[0][0]))
             pages[1] = late_src.shared_page(1)
 
     fds_before = set(os.listdir("/proc/self/fd"))
@@ -502,6 +506,7 @@ def test_a_shared_page_is_one_memory_for_every_rank_and_leaves_no_descriptor() -
         mock.patch("paddle.distributed.barrier", side_effect=barrier),
     ):
         pages[0] = late_src.shared_page(0)
+    assert names == ["/memfd:fdp-bench-floor (deleted)"]
     assert len(pages[0]) == len(pages[1]) == mmap.PAGESIZE
     pages[0][:4] = b"ping"
     assert pages[1][:4] == b"ping"

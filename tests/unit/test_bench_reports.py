@@ -200,6 +200,14 @@ def test_no_lookahead_share_when_lockstep_shm_costs_nothing(shm: int) -> None:
     )
 
 
+def test_a_small_lockstep_overhead_still_gives_the_lookaheads_share() -> None:
+    report = build_jitter_report(
+        _jitter(300_000, 390_000, 301_500, 300_750), nranks=2, iters=2, warmup=1, paddle_version="x"
+    )
+    # Lockstep shm +0.5%, the lookahead +0.25%.
+    assert report["lookahead_over_lockstep_shm"] == pytest.approx(0.5)
+
+
 def test_no_overhead_without_a_no_sync_time() -> None:
     report = build_jitter_report(_jitter(0, 1, 1, 1), nranks=2, iters=2, warmup=1, paddle_version="x")
     assert all(path["overhead_pct"] is None for path in report["paths"].values())
@@ -422,6 +430,10 @@ def test_plot_report_draws_one_cdf_per_path_and_saves_the_file(mode, results, bu
     ax.set_xlabel.assert_called_once_with(xlabel)
     ax.set_ylabel.assert_called_once_with("fraction of steps")
     ax.set_title.assert_called_once_with("2 ranks, 2 steps, Paddle 3.3.1")
-    ax.legend.assert_called_once()
+    # The figure: 8 x 4.5 in at 120 dpi, log time axis with its minor grid, the legend clear of the rising curves.
+    plt.subplots.assert_called_once_with(figsize=(8, 4.5))
+    ax.grid.assert_called_once_with(True, which="both", alpha=0.3)
+    ax.legend.assert_called_once_with(loc="lower right", fontsize="small")
+    fig.tight_layout.assert_called_once_with()
     fig.savefig.assert_called_once_with("out.png", dpi=120)
     plt.close.assert_called_once_with(fig)

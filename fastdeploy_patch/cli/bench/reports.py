@@ -162,7 +162,7 @@ def build_jitter_report(
         "lookahead": jitter.LOOKAHEAD,
         "paths": paths,
         # Only meaningful when lockstep costs something: a zero or negative overhead leaves nothing to compare.
-        "lookahead_over_lockstep_shm": pipelined / lockstep if lockstep and lockstep > 0 else None,
+        "lookahead_over_lockstep_shm": pipelined / lockstep if lockstep is not None and lockstep > 0 else None,
     }
 
 
