@@ -334,6 +334,7 @@ class FakeFutex:
     wakes: list[int] = field(default_factory=list)
     waits: list[tuple[int, int, float]] = field(default_factory=list)
     publishes: bool = True
+    page_ranks: list[int] = field(default_factory=list)
 
     def waker(self, address: int) -> Callable[[], int]:
         return lambda: self.wakes.append(address) or 1
@@ -373,6 +374,7 @@ def floor_futex(late_clock: LateClock) -> Iterator[FakeFutex]:
     pages: list[mmap.mmap] = []
 
     def page(rank: int) -> mmap.mmap:
+        fake.page_ranks.append(rank)
         pages.append(mmap.mmap(-1, mmap.PAGESIZE))
         return pages[-1]
 
@@ -401,6 +403,8 @@ def test_late_rank_times_each_transport_and_the_floor_with_the_src_sleeping_befo
     assert late_clock.sleeps == ([0.002] * 18 if rank == 0 else [])
     assert result["rank"] == rank and result["wait"] == ["futex", "SYS_futex 202 on x86_64"]
     assert result["floor"] is None
+    # The floor's page: made by rank 0, mapped by the others, each asking as the rank it is.
+    assert floor_futex.page_ranks == [rank]
     assert [len(result["stamps_ns"][name]) for name in ("shm", "gloo", "futex_floor")] == [6, 6, 6]
     if rank == 0:
         # The src stamps its call, before the broadcast, and times the broadcast itself; 8 floor publishes, 8 wakes.
@@ -471,13 +475,13 @@ def test_the_floors_reader_gives_up_after_its_timeout() -> None:
     page = mmap.mmap(-1, mmap.PAGESIZE)
     fake = FakeFutex(publishes=False)
     floor = late_src.FutexFloor(fake, page, src=False)
-    # A wait that returned without the step (a signal, a spurious wake) sleeps again for what is left; at the
-    # deadline exactly, it gives up.
-    clock = mock.Mock(side_effect=[0.0, 1.0, late_src.FLOOR_TIMEOUT_S])
+    # A wait that returned without the step (a signal, a spurious wake) sleeps again for what is left, down to the
+    # last half second; at the deadline exactly, it gives up.
+    clock = mock.Mock(side_effect=[0.0, 1.0, late_src.FLOOR_TIMEOUT_S - 0.5, late_src.FLOOR_TIMEOUT_S])
     with mock.patch.object(late_src.time, "monotonic", clock), pytest.raises(TimeoutError) as err:
         floor.call()
     assert str(err.value) == "the floor's src did not publish step 1 within 60 s"
-    assert [seconds for _, _, seconds in fake.waits] == [late_src.FLOOR_TIMEOUT_S - 1.0]
+    assert [seconds for _, _, seconds in fake.waits] == [late_src.FLOOR_TIMEOUT_S - 1.0, 0.5]
     floor.close()
 
 

@@ -139,8 +139,9 @@ def test_format_latency_report_shows_each_path_the_ratios_and_the_deadline_cost(
         "legacy / shm: 60.00x at p50, 60.00x at the mean",
         "deadline thread cost: +0.0 us per step at p50, +0.5 us at the mean",
     ]
-    # The columns line up under their titles, two spaces apart, each 9 wide.
+    # The columns line up under their titles, two spaces apart, each 9 wide, after the labels, left-aligned.
     assert len({len(line) for line in lines[1:6]}) == 1
+    assert lines[1].startswith("path ")
     assert lines[1].endswith("     p50 us     p99 us    mean us")
 
 
@@ -381,7 +382,9 @@ def test_format_late_report_shows_wake_percentiles_cpu_and_publish_per_path_and_
 
 def test_load_pyplot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(RuntimeError, match=r"--plot needs matplotlib.*pip install 'fastdeploy-patch\[plot\]'"):
+    with pytest.raises(
+        RuntimeError, match=r"^--plot needs matplotlib, an optional extra: pip install 'fastdeploy-patch\[plot\]'$"
+    ):
         load_pyplot()
 
 

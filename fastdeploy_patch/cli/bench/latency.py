@@ -54,7 +54,7 @@ def latency_rank(iters: int, warmup: int) -> dict:
 
     def legacy_gpu() -> object:
         # Upstream's per-step code on NCCL: a device tensor, a kernel, then a host copy that waits for the GPU.
-        tensor = paddle.full([1], SIGNAL_VALUE, dtype="int32")
+        tensor = paddle.full([1], SIGNAL_VALUE, dtype=paddle.int32)
         dist.broadcast(tensor, src=0)
         return tensor.numpy()[0]
 

@@ -25,7 +25,7 @@ def percentile_us(samples_ns: Sequence[int], q: float) -> float:
     """The ``q``-th percentile (linear interpolation) of ``samples_ns``, in microseconds; 0.0 when empty."""
     if not len(samples_ns):
         return 0.0
-    return float(np.percentile(np.asarray(samples_ns, dtype=np.float64), q)) / 1000.0
+    return float(np.percentile(samples_ns, q)) / 1000.0
 
 
 def mean_us(samples_ns: Sequence[int]) -> float:
@@ -198,6 +198,26 @@ def format_jitter_report(report: Mapping[str, Any]) -> str:
 # --- late src ----------------------------------------------------------------------------------------------------
 
 
+def _late_path(name: str, label: str, src: dict, readers: Sequence[dict]) -> dict[str, Any]:
+    wakes = [
+        returned - called
+        for reader in readers
+        for returned, called in zip(reader["stamps_ns"][name], src["stamps_ns"][name], strict=True)
+    ]
+    cpu, wall = sum(r["cpu_s"][name] for r in readers), sum(r["wall_s"][name] for r in readers)
+    return {
+        "label": label,
+        "wake_p50_us": percentile_us(wakes, 50),
+        "wake_p90_us": percentile_us(wakes, 90),
+        "wake_p99_us": percentile_us(wakes, 99),
+        "wake_mean_us": mean_us(wakes),
+        "samples": len(wakes),
+        "reader_cpu_pct": cpu / wall * 100.0 if wall else 0.0,
+        "src_publish_p50_us": percentile_us(src["publish_ns"][name], 50),
+        "src_publish_p99_us": percentile_us(src["publish_ns"][name], 99),
+    }
+
+
 def build_late_report(
     results: Sequence[dict], *, nranks: int, iters: int, warmup: int, late_ms: float, paddle_version: str
 ) -> dict[str, Any]:
@@ -207,27 +227,11 @@ def build_late_report(
     over the floor's at p50 (None without a floor)."""
     src = next(r for r in results if r["rank"] == 0)
     readers = [r for r in results if r["rank"] != 0]
-    paths = {}
-    for name, label in late_src.LABELS.items():
-        if name not in src["stamps_ns"]:
-            continue
-        wakes = [
-            returned - called
-            for reader in readers
-            for returned, called in zip(reader["stamps_ns"][name], src["stamps_ns"][name], strict=True)
-        ]
-        cpu, wall = sum(r["cpu_s"][name] for r in readers), sum(r["wall_s"][name] for r in readers)
-        paths[name] = {
-            "label": label,
-            "wake_p50_us": percentile_us(wakes, 50),
-            "wake_p90_us": percentile_us(wakes, 90),
-            "wake_p99_us": percentile_us(wakes, 99),
-            "wake_mean_us": mean_us(wakes),
-            "samples": len(wakes),
-            "reader_cpu_pct": cpu / wall * 100.0 if wall else 0.0,
-            "src_publish_p50_us": percentile_us(src["publish_ns"][name], 50),
-            "src_publish_p99_us": percentile_us(src["publish_ns"][name], 99),
-        }
+    paths = {
+        name: _late_path(name, label, src, readers)
+        for name, label in late_src.LABELS.items()
+        if name in src["stamps_ns"]
+    }
     kind, detail = src["wait"]
     floor = paths.get("futex_floor")
     return {
@@ -296,7 +300,7 @@ def plot_report(results: Sequence[dict], report: Mapping[str, Any], path: str, p
     """Save each path's distribution of per-step times (an empirical CDF, log-scaled time) to ``path``."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, values in pooled(results, report["paths"]).items():
-        ordered = np.sort(np.asarray(values, dtype=np.float64)) / 1000.0
+        ordered = np.sort(values) / 1000.0
         fraction = np.arange(1, len(ordered) + 1) / len(ordered)
         summary = report["paths"][name]
         ax.step(ordered, fraction, where="post", label=f"{summary['label']} (p50 {summary['p50_us']:.0f} us)")
