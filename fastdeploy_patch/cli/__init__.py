@@ -1,5 +1,5 @@
 """The ``fastdeploy-patch`` command (also ``python -m fastdeploy_patch``): the parser and ``main`` here, one module
-per subcommand (``demo``, ``bench``, ``doctor``, ``smoke``).
+per subcommand (``demo``, ``bench``, ``doctor``, ``smoke``; ``bench`` is a package, one module per mode).
 
 This is a tool beside the patch, not part of it. It may import the patch and the harness in ``testing/``, and takes
 signal-group names only from ``fastdeploy_patch.signal_group``, never from that package's internal modules; the
@@ -291,46 +291,25 @@ def _bench(args: argparse.Namespace) -> int:
     import paddle
 
     from fastdeploy_patch.cli import bench
+    from fastdeploy_patch.cli.bench import reports
     from fastdeploy_patch.testing.launcher import RankError, run_ranks
 
     # Fail before minutes of measuring, not after.
     try:
-        plt = bench.load_pyplot() if args.plot else None
+        plt = reports.load_pyplot() if args.plot else None
     except RuntimeError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    backend = bench.pick_backend(args.nranks)
-    late_s = (args.src_late or 0.0) / 1000.0
-    # Each timed late step sleeps late_s on each late path (warm-up steps do not), with a quarter to spare.
-    late_sleeps = args.iters * len(bench.LATE_LABELS) * 1.25 * late_s
-    timeout = args.timeout or 120.0 + (args.iters + args.warmup) * 0.02 + late_sleeps
-    if args.src_late is not None:
-        what = f"steps with the src {args.src_late:g} ms late"
-    elif args.jitter:
-        what = "loop steps with per-rank CPU work"
-    else:
-        what = "timed steps"
-    # stdout carries only the result, so that --json output is one JSON object.
-    print(
-        f"bench: {args.nranks} ranks ({backend}), {args.warmup} warm-up + {args.iters} {what} per path...",
-        file=sys.stderr,
-        flush=True,
+    mode = bench.mode_for(args.jitter, args.src_late)
+    run = bench.Run(
+        args.nranks, args.iters, args.warmup, bench.pick_backend(args.nranks), paddle.__version__, args.src_late
     )
-    kwargs: dict[str, float] = {"iters": args.iters, "warmup": args.warmup}
-    if args.src_late is not None:
-        target = "fastdeploy_patch.cli.bench:late_rank"
-        kwargs["late_ms"] = args.src_late
-    elif args.jitter:
-        target = "fastdeploy_patch.cli.bench:jitter_rank"
-    else:
-        target = "fastdeploy_patch.cli.bench:bench_rank"
+    # stdout carries only the result, so that --json output is one JSON object.
+    print(mode.progress(run), file=sys.stderr, flush=True)
+    timeout = args.timeout or run.default_timeout()
     try:
         results = run_ranks(
-            target,
-            args.nranks,
-            kwargs=kwargs,
-            timeout=timeout,
-            backend=backend,
+            mode.rank_function, run.nranks, kwargs=run.rank_kwargs(), timeout=timeout, backend=run.backend
         )
     except KeyboardInterrupt:
         print("bench: interrupted; every rank stopped", file=sys.stderr)
@@ -338,19 +317,10 @@ def _bench(args: argparse.Namespace) -> int:
     except RankError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
-    figures = {"nranks": args.nranks, "iters": args.iters, "warmup": args.warmup, "paddle_version": paddle.__version__}
-    if args.src_late is not None:
-        report = bench.build_late_report(results, late_ms=args.src_late, **figures)
-        text = bench.format_late_report(report)
-    elif args.jitter:
-        report = bench.build_jitter_report(results, **figures)
-        text = bench.format_jitter_report(report)
-    else:
-        report = bench.build_report(results, backend=backend, **figures)
-        text = bench.format_report(report)
-    print(json.dumps(report, indent=2) if args.json else text)
+    report = mode.report(results, run)
+    print(json.dumps(report, indent=2) if args.json else mode.table(report))
     if plt is not None:
-        bench.plot_report(results, report, args.plot, plt)
+        reports.plot_report(results, report, args.plot, plt)
         print(f"bench: distributions saved to {args.plot}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fastdeploy_patch.cli.bench import percentile_us
+from fastdeploy_patch.cli.bench.reports import percentile_us
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.status import ModelWeightsStatus
 

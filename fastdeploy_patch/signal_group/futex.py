@@ -70,7 +70,6 @@ class Futex:
     syscall: Syscall
     number: int
     get_errno: Callable[[], int] = ctypes.get_errno
-    machine: str = ""
 
     def wait(self, address: int, expected: int, seconds: float) -> str:
         """Sleep while the 32-bit word at ``address`` holds ``expected``, for at most ``seconds``.
@@ -157,7 +156,7 @@ def probe(
         syscall = load_syscall()
     except (OSError, AttributeError) as exc:
         return Support(None, f"libc's syscall() cannot be loaded: {exc}")
-    futex = Futex(syscall, number, get_errno, machine)
+    futex = Futex(syscall, number, get_errno)
     word = ctypes.c_uint32(1)
     try:
         woken = futex.wake(ctypes.addressof(word), 1)

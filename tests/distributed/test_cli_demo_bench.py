@@ -1,4 +1,5 @@
-"""The `demo`, `bench` and `doctor` commands end to end: the real CLI in a subprocess, starting real CPU ranks.
+"""The `demo`, `bench`, `smoke` and `doctor` commands end to end: the real CLI in a subprocess, starting real CPU
+ranks.
 
 Each CLI process carries the suite's run tag, so the autouse check in conftest proves that no rank it started
 outlived the test.
@@ -140,7 +141,7 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
         "paddle_version": paddle.__version__,
     }
     paths = report["paths"]
-    assert list(paths) == ["legacy", "gloo", "gloo_direct", "gloo_deadline", "shm"]
+    assert list(paths) == ["legacy", "gloo", "gloo_deadline", "shm"]
     for path in paths.values():
         assert path["samples"] == 200 and sorted(path["per_rank"]) == ["0", "1"]
         assert 0 < path["p50_us"] <= path["p99_us"] and path["mean_us"] > 0
@@ -151,8 +152,8 @@ def test_bench_json_reports_each_path_over_every_rank_and_the_ratios() -> None:
     }.items():
         assert report["ratios"][name]["p50"] == pytest.approx(paths[top]["p50_us"] / paths[bottom]["p50_us"])
         assert report["ratios"][name]["mean"] == pytest.approx(paths[top]["mean_us"] / paths[bottom]["mean_us"])
-    public = paths["gloo"]["p50_us"] - paths["gloo_direct"]["p50_us"]
-    assert report["public_broadcast_cost_us"]["p50"] == pytest.approx(public)
+    deadline = paths["gloo_deadline"]["p50_us"] - paths["gloo"]["p50_us"]
+    assert report["deadline_thread_cost_us"]["p50"] == pytest.approx(deadline)
     assert "bench: 2 ranks (gloo), 10 warm-up + 100 timed steps per path..." in done.stderr
 
 
@@ -178,6 +179,23 @@ def test_bench_jitter_json_reports_loop_time_and_overhead_per_path() -> None:
         assert path["samples"] == 200 and path["mean_us"] >= 200
         assert path["overhead_pct"] == pytest.approx((path["mean_us"] - base) / base * 100)
     assert "loop steps with per-rank CPU work per path..." in done.stderr
+
+
+@pytest.mark.timeout(CLI_TEST_TIMEOUT_S)
+def test_smoke_on_three_real_ranks_sees_every_src_and_a_broadcast_after_the_restart() -> None:
+    # The CLI's own timeout ends its ranks first; run_cli's (longer) interrupts the CLI itself, which ends them too.
+    done = run_cli("smoke", "--nranks", "3", "--timeout", "240")
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert lines[0] == "smoke: starting 3 CPU rank(s)..."
+    # Every rank received each src's value; on CPU every group is gloo, so the safe shutdown had nothing to shut
+    # down, and the signal group still carried a value after Paddle's restart.
+    for rank in range(3):
+        assert f"rank {rank}: received {{'0': 1000, '1': 1001, '2': 1002}}, shut down [], after restart -7" in lines, (
+            done.stdout
+        )
+    assert lines[-1] == "smoke: OK (3 ranks agree)"
+    assert "FAILED" not in done.stderr
 
 
 @pytest.mark.timeout(CLI_TEST_TIMEOUT_S)

@@ -14,7 +14,8 @@ import pytest
 
 from fastdeploy_patch import cli, ipc_signal
 from fastdeploy_patch.cli import bench
-from fastdeploy_patch.cli.bench import build_report, format_report
+from fastdeploy_patch.cli.bench import reports
+from fastdeploy_patch.cli.bench.reports import build_latency_report, format_latency_report
 from fastdeploy_patch.cli.demo import DEFAULT_STEP_INTERVAL_S, format_table
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.status import ModelWeightsStatus
@@ -247,7 +248,7 @@ def test_demo_interrupted_stops_the_engine_removes_the_segments_and_exits_130(dr
 
 # --- bench ------------------------------------------------------------------------------------------------------
 
-PATHS = ("legacy", "gloo", "gloo_direct", "gloo_deadline", "shm")
+PATHS = ("legacy", "gloo", "gloo_deadline", "shm")
 RESULTS = [
     {"rank": rank, "samples_ns": {name: [(900 - 100 * i + rank) * 1000] * 2 for i, name in enumerate(PATHS)}}
     for rank in (0, 1)
@@ -284,7 +285,7 @@ JITTER_RESULTS = [
 
 def _report(**overrides: object) -> dict:
     fields = {"nranks": 2, "iters": 5000, "warmup": 200, "backend": "gloo", "paddle_version": paddle.__version__}
-    return build_report(RESULTS, **{**fields, **overrides})
+    return build_latency_report(RESULTS, **{**fields, **overrides})
 
 
 @pytest.fixture
@@ -294,24 +295,24 @@ def gloo():
 
 
 def _jitter_table() -> str:
-    report = bench.build_jitter_report(
+    report = reports.build_jitter_report(
         JITTER_RESULTS, nranks=2, iters=5000, warmup=200, paddle_version=paddle.__version__
     )
-    return bench.format_jitter_report(report)
+    return reports.format_jitter_report(report)
 
 
 def _late_table() -> str:
-    report = bench.build_late_report(
+    report = reports.build_late_report(
         LATE_RESULTS, nranks=2, iters=5000, warmup=200, late_ms=2.0, paddle_version=paddle.__version__
     )
-    return bench.format_late_report(report)
+    return reports.format_late_report(report)
 
 
 def test_bench_src_late_runs_the_late_ranks_and_prints_the_wake_table(gloo, capsys) -> None:
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=LATE_RESULTS) as run:
         assert cli.main(["bench", "--src-late", "2"]) == 0
     run.assert_called_once_with(
-        "fastdeploy_patch.cli.bench:late_rank",
+        "fastdeploy_patch.cli.bench.late_src:late_rank",
         2,
         kwargs={"iters": 5000, "warmup": 200, "late_ms": 2.0},
         # Each timed step sleeps 2 ms on each of the three paths, with a quarter to spare; warm-up steps do not.
@@ -326,7 +327,7 @@ def test_bench_src_late_runs_the_late_ranks_and_prints_the_wake_table(gloo, caps
 def test_bench_src_late_json_prints_the_late_report(gloo, capsys) -> None:
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=LATE_RESULTS):
         assert cli.main(["bench", "--src-late", "0.3", "--json", "--iters", "9", "--warmup", "1"]) == 0
-    assert json.loads(capsys.readouterr().out) == bench.build_late_report(
+    assert json.loads(capsys.readouterr().out) == reports.build_late_report(
         LATE_RESULTS, nranks=2, iters=9, warmup=1, late_ms=0.3, paddle_version=paddle.__version__
     )
 
@@ -350,8 +351,8 @@ def test_bench_src_late_refuses_flags_it_cannot_honour_before_starting_ranks(cap
 @pytest.mark.parametrize(
     ("extra", "target", "results", "table", "what"),
     [
-        ([], "bench_rank", RESULTS, lambda: format_report(_report()), "timed steps"),
-        (["--jitter"], "jitter_rank", JITTER_RESULTS, _jitter_table, "loop steps with per-rank CPU work"),
+        ([], "latency:latency_rank", RESULTS, lambda: format_latency_report(_report()), "timed steps"),
+        (["--jitter"], "jitter:jitter_rank", JITTER_RESULTS, _jitter_table, "loop steps with per-rank CPU work"),
     ],
 )
 def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target, results, table, what) -> None:
@@ -359,7 +360,7 @@ def test_bench_runs_every_rank_and_prints_its_table(gloo, capsys, extra, target,
         assert cli.main(["bench", *extra]) == 0
     gloo.assert_called_once_with(2)
     run.assert_called_once_with(
-        f"fastdeploy_patch.cli.bench:{target}",
+        f"fastdeploy_patch.cli.bench.{target}",
         2,
         kwargs={"iters": 5000, "warmup": 200},
         timeout=pytest.approx(120.0 + 5200 * 0.02),
@@ -388,7 +389,7 @@ def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=JITTER_RESULTS):
         assert cli.main(["bench", "--jitter", "--json", "--iters", "7", "--warmup", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report == bench.build_jitter_report(
+    assert report == reports.build_jitter_report(
         JITTER_RESULTS, nranks=2, iters=7, warmup=0, paddle_version=paddle.__version__
     )
     assert report["mode"] == "jitter"
@@ -396,7 +397,7 @@ def test_bench_jitter_json_prints_the_jitter_report(gloo, capsys) -> None:
 
 def test_bench_plot_without_matplotlib_fails_before_starting_ranks(gloo, capsys) -> None:
     with (
-        mock.patch.object(bench, "load_pyplot", side_effect=RuntimeError("--plot needs matplotlib, ...")),
+        mock.patch.object(reports, "load_pyplot", side_effect=RuntimeError("--plot needs matplotlib, ...")),
         mock.patch("fastdeploy_patch.testing.launcher.run_ranks") as run,
     ):
         assert cli.main(["bench", "--plot", "out.png"]) == 1
@@ -407,8 +408,8 @@ def test_bench_plot_without_matplotlib_fails_before_starting_ranks(gloo, capsys)
 def test_bench_plot_saves_the_distributions(gloo, capsys) -> None:
     plt = object()
     with (
-        mock.patch.object(bench, "load_pyplot", return_value=plt),
-        mock.patch.object(bench, "plot_report") as plot,
+        mock.patch.object(reports, "load_pyplot", return_value=plt),
+        mock.patch.object(reports, "plot_report") as plot,
         mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=RESULTS),
     ):
         assert cli.main(["bench", "--plot", "out.png"]) == 0
@@ -418,8 +419,8 @@ def test_bench_plot_saves_the_distributions(gloo, capsys) -> None:
 
 def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:
     with (
-        mock.patch.object(bench, "load_pyplot") as load,
-        mock.patch.object(bench, "plot_report") as plot,
+        mock.patch.object(reports, "load_pyplot") as load,
+        mock.patch.object(reports, "plot_report") as plot,
         mock.patch("fastdeploy_patch.testing.launcher.run_ranks", return_value=RESULTS),
     ):
         assert cli.main(["bench", "--json"]) == 0

@@ -32,3 +32,12 @@ def test_the_gpu_extra_and_the_readme_name_the_same_paddle_release() -> None:
         "python -m pip install -e '.[gpu]' --extra-index-url https://www.paddlepaddle.org.cn/packages/stable/cu126/"
         in readme
     )
+
+
+def test_the_wheel_lists_every_package_of_the_tree() -> None:
+    # setuptools ships only the packages listed: a subpackage left out installs from a checkout (-e) but is missing
+    # from a wheel.
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    tree = REPO / "fastdeploy_patch"
+    found = [".".join(init.parent.relative_to(REPO).parts) for init in tree.rglob("__init__.py")]
+    assert sorted(listed) == sorted(found)

@@ -128,7 +128,7 @@ def _loader(fake: FakeSyscall):
 def test_the_probe_wakes_nobody_and_sees_a_stale_wait_refused(machine: str, number: int) -> None:
     fake = FakeSyscall([0, -1], [errno.EAGAIN])
     support = probe("Linux", machine, _loader(fake), fake.get_errno)
-    assert support.futex == Futex(fake, number, fake.get_errno, machine)
+    assert support.futex == Futex(fake, number, fake.get_errno)
     assert support.reason == f"SYS_futex {number} on {machine}"
     (wake, wait) = fake.calls
     assert wake[0] == number and wake[2:4] == (FUTEX_WAKE, 1)

@@ -233,6 +233,21 @@ def test_the_loop_sleeps_the_interval_after_each_step(rank: Rank, interval: floa
     assert worker.steps == 3
 
 
+def test_a_loop_of_one_step_runs_that_step(rank: Rank) -> None:
+    worker = WorkerProcess(_model(), status_signal=_signal())
+    assert worker.event_loop(1) == 1
+    rank.broadcast_signal.assert_called_once_with(0, src=SIGNAL_SRC, group=rank.group)
+    assert worker.steps == 1
+
+
+def test_by_default_the_loop_runs_its_steps_back_to_back(rank: Rank) -> None:
+    worker = WorkerProcess(_model(), status_signal=_signal())
+    with mock.patch.object(worker_process.time, "sleep") as sleep:
+        assert worker.event_loop(3) == 3
+    sleep.assert_not_called()
+    assert rank.broadcast_signal.call_count == 3
+
+
 def test_a_real_model_is_released_and_reloaded_through_the_loop(rank: Rank) -> None:
     """The worker driving the real weight manager in a world of one rank."""
     rank.world_size.return_value = 1
