@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # docs/benchmarks.md (the bench modes and their figures). Until a page is merged, links to it are not checked and the
 # tests that read it skip. Remove each page from this set when its branch is merged:
 # tests/unit/test_doc_links.py fails until then.
-PAGES_FROM_OTHER_BRANCHES = frozenset({"docs/paddle_ranks.md", "docs/benchmarks.md"})
+PAGES_FROM_OTHER_BRANCHES = frozenset({"docs/paddle_ranks.md"})
 
 
 def pages() -> list[Path]:
