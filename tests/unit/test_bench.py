@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import pytest
 
-from fastdeploy_patch import signal_group
+from fastdeploy_patch import procfs, signal_group
 from fastdeploy_patch.cli import bench
 from fastdeploy_patch.cli.bench import jitter, late_src, latency, reports, timing
 from fastdeploy_patch.signal_group import GLOO_OP_TIMEOUT_S, futex
@@ -504,7 +504,7 @@ def test_a_shared_page_is_one_memory_for_every_rank_and_leaves_no_descriptor() -
             names.append(os.readlink(boxes[0][0]))
             pages[1] = late_src.shared_page(1)
 
-    fds_before = set(os.listdir("/proc/self/fd"))
+    fds_before = procfs.fds("self")
     with (
         mock.patch("paddle.distributed.broadcast_object_list", side_effect=broadcast_object_list),
         mock.patch("paddle.distributed.barrier", side_effect=barrier),
@@ -516,7 +516,7 @@ def test_a_shared_page_is_one_memory_for_every_rank_and_leaves_no_descriptor() -
     assert pages[1][:4] == b"ping"
     for page in pages.values():
         page.close()
-    assert set(os.listdir("/proc/self/fd")) == fds_before
+    assert procfs.fds("self") == fds_before
 
 
 # --- the table of modes ---------------------------------------------------------------------------------

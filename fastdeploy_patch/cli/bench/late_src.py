@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.cli.bench.timing import SIGNAL_VALUE
 
 LABELS = {
@@ -69,8 +70,8 @@ class FutexFloor:
 
 
 def _descriptor_path(fd: int) -> str:
-    """Where another process of this host opens this process's descriptor ``fd``: the bench's one ``/proc`` path."""
-    return f"/proc/{os.getpid()}/fd/{fd}"
+    """Where another process of this host opens this process's descriptor ``fd``."""
+    return procfs.fd_path(os.getpid(), fd)
 
 
 def shared_page(rank: int) -> mmap.mmap:
