@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fastdeploy_patch.signal_group.shm_transport import SHM_RING_SLOTS
+from fastdeploy_patch.signal_group.shm_layout import SHM_RING_SLOTS
 
 GLOO_OP_TIMEOUT_S = 30.0
 """Paddle 3.3 builds every gloo process group with this fixed op timeout and ignores ``new_group(timeout=...)``."""

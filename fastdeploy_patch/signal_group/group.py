@@ -13,7 +13,8 @@ from fastdeploy_patch.signal_group import arguments, rendezvous
 from fastdeploy_patch.signal_group.arguments import INT32_MAX, INT32_MIN
 from fastdeploy_patch.signal_group.errors import SignalGroupError, unusable_message
 from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S, GlooTransport
-from fastdeploy_patch.signal_group.shm_transport import ShmTransport, segment_tag
+from fastdeploy_patch.signal_group.shm_segment import segment_tag
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 
 # Creation is collective, so every rank increments this in the same order and derives the same keys.
 _created = 0

@@ -14,7 +14,8 @@ import pytest
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import rendezvous
 from fastdeploy_patch.signal_group.rendezvous import ATTACHED, negotiate_shm
-from fastdeploy_patch.signal_group.shm_transport import SHM_DIR, ShmHandle, ShmRing, ShmTransport
+from fastdeploy_patch.signal_group.shm_segment import SHM_DIR, ShmHandle, ShmRing
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 
 KEY = "fastdeploy_patch/signal_group/9"
 

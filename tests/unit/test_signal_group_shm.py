@@ -32,10 +32,18 @@ from fastdeploy_patch.signal_group import (
     broadcast_signal,
     futex,
     liveness,
+    shm_layout,
+    shm_segment,
     shm_transport,
     waiting,
 )
-from fastdeploy_patch.signal_group.shm_transport import (
+from fastdeploy_patch.signal_group.shm_diagnostics import (
+    Leftover,
+    check_shm_usable,
+    leftover_segments,
+    segment_creator,
+)
+from fastdeploy_patch.signal_group.shm_layout import (
     BROKEN_AT,
     CURSOR_AT,
     HEADER_BYTES,
@@ -45,31 +53,29 @@ from fastdeploy_patch.signal_group.shm_transport import (
     PARKED_AT,
     PID_AT,
     PIDNS_AT,
-    SEGMENT_PREFIX,
-    SEGMENT_TAG_ENV,
     SEQUENCE_SHIFT,
-    SHM_DIR,
     SHM_RING_SLOTS,
     START_AT,
     WORD_BYTES,
-    Leftover,
-    ShmHandle,
-    ShmRing,
-    ShmTransport,
-    check_shm_usable,
-    leftover_segments,
     member_word,
     members_at,
     pack_slot,
     ring_at,
     segment_bytes,
-    segment_creator,
-    segment_tag,
     sequence_of,
     slot_sequence,
     slot_value,
     slot_word,
 )
+from fastdeploy_patch.signal_group.shm_segment import (
+    SEGMENT_PREFIX,
+    SEGMENT_TAG_ENV,
+    SHM_DIR,
+    ShmHandle,
+    ShmRing,
+    segment_tag,
+)
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 
 INITIAL = -7
 
@@ -84,7 +90,7 @@ def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
 
 
 def test_a_slot_word_is_the_sequence_of_its_call_above_the_value() -> None:
-    assert SEQUENCE_SHIFT == 32 and shm_transport.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
+    assert SEQUENCE_SHIFT == 32 and shm_layout.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
     # Call m is published with sequence m + 1, modulo 2**32: 0 is never a published call's.
     assert [sequence_of(call) for call in (0, 1, 2**32 - 2, 2**32 - 1, 2**32)] == [1, 2, 2**32 - 1, 0, 1]
     assert pack_slot(0, 5) == (1 << 32) | 5
@@ -226,7 +232,7 @@ def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_head
 
 def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+    with mock.patch.object(shm_segment.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
         ShmRing.create([0, 1], shm_dir=str(tmp_path))
     assert err.value is full
     assert os.listdir(tmp_path) == []
@@ -266,7 +272,7 @@ def test_a_new_mapping_never_takes_or_removes_an_existing_file(tmp_path: Path) -
     taken = tmp_path / f"{SEGMENT_PREFIX}taken"
     taken.write_bytes(b"someone else's")
     with pytest.raises(FileExistsError):
-        shm_transport._new_mapping(str(taken), 4096)
+        shm_segment._new_mapping(str(taken), 4096)
     assert taken.read_bytes() == b"someone else's"
 
 
@@ -306,7 +312,7 @@ def test_a_creator_whose_segment_cannot_be_made_unregisters_its_name(
     tracker: list[tuple[str, str, str, bool]],
 ) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+    with mock.patch.object(shm_segment.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
         ShmRing.create([0, 1])
     assert err.value is full
     (_, name, _, _), unregistered = tracker
@@ -980,7 +986,7 @@ def fake_futex(pair: tuple[ShmRing, ShmRing]) -> Iterator[FakeFutex]:
 
 
 def _sequence_address(ring: ShmRing, call: int) -> int:
-    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + shm_transport.SEQUENCE_HALF_AT
+    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + shm_layout.SEQUENCE_HALF_AT
 
 
 def test_the_mapping_address_is_where_the_words_are(pair: tuple[ShmRing, ShmRing]) -> None:
