@@ -36,7 +36,7 @@ two steps, in this order: the src publishes (``_publish``), then every member ta
 
 from __future__ import annotations
 
-import collections
+import logging
 import time
 from collections.abc import Callable
 
@@ -59,11 +59,18 @@ from fastdeploy_patch.signal_group.shm_layout import (
 )
 from fastdeploy_patch.signal_group.shm_segment import ShmRing
 
+logger = logging.getLogger("fastdeploy_patch")
+
+UNJUDGED_TIMEOUT_S = 300.0
+"""What ``timeout=None`` means for a wait on a peer whose liveness cannot be judged from here (another PID
+namespace, no readable ``/proc``): such a peer could be gone for good, and nothing else would ever end the wait. The
+``TimeoutError`` can be retried like any other."""
+
 
 class ShmTransport:
     """One member's end of a shared-memory signal group: ``broadcast`` is the per-call protocol above."""
 
-    def __init__(self, ring: ShmRing, rank: int, *, timeout: float, lookahead: int, initial: int) -> None:
+    def __init__(self, ring: ShmRing, rank: int, *, timeout: float | None, lookahead: int, initial: int) -> None:
         self.ring = ring
         self._ranks = list(ring.handle.ranks)
         self._members = len(self._ranks)
@@ -72,6 +79,7 @@ class ShmTransport:
         self._lookahead = lookahead
         self._initial = initial
         me = self._ranks.index(rank)
+        self._rank = rank
         self._cursors = [member_word(i, CURSOR_AT) for i in range(self._members)]
         self._my_cursor = self._cursors[me]
         self._others = [i for i in range(self._members) if i != me]
@@ -84,23 +92,42 @@ class ShmTransport:
         # after an idle spell runs as few instructions as it can before its wake.
         self._slots = [slot_word(self._members, call) for call in range(SHM_RING_SLOTS)]
         self._wakers = [self._futex.waker(self._sequence_address(at)) for at in self._slots] if self._futex else []
-        self._calls = 0
-        # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
-        self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
+        # Whether each member's exit can be seen from here: a wait on one that cannot is bounded even with None.
+        self._judgeable = [liveness.can_judge(ring.identity(i)) for i in range(self._members)]
+        # The src of each call still in the ring, by call % SHM_RING_SLOTS: a store that a retry of the same call
+        # repeats harmlessly (lookahead <= SHM_RING_SLOTS // 2, so a call's entry outlives its take).
+        self._srcs = [0] * SHM_RING_SLOTS
+        # The slot word this member took last: a retry of a call whose take had already moved the cursor (so the
+        # writer may have reused the slot) returns it.
+        self._taken = 0
         # The writer may publish every call up to this one without looking at the cursors again.
         self._room_until = SHM_RING_SLOTS - 1
         self._next_reader_check = 0.0
 
-    def broadcast(self, value: int | None, src: int) -> int:
-        """Publish ``value`` (on src; None elsewhere) as this call's value and return call n - lookahead's."""
-        n = self._calls
+    def broadcast(self, value: int | None, src: int, n: int) -> int:
+        """Publish ``value`` (on src; None elsewhere) as call ``n``'s value and return call n - lookahead's.
+
+        Every step may be repeated by a retry (``resume``) of the same call: the src's entry and the cursor store
+        write the same words again, and the publish and the take are skipped by ``resume`` once done."""
         if value is not None:
             self._publish(n, value, src)
-        self._srcs.append(src)
-        self._calls = n + 1
+        self._srcs[n & SLOT_MASK] = src
         if value is not None:
             self._look_at_readers(n, src)
         return self._take(n - self._lookahead, src)
+
+    def resume(self, value: int | None, src: int, n: int) -> int:
+        """Finish call ``n``, which an earlier ``broadcast`` left at any point (an exception or a timeout), and
+        return what that call would have returned. On the src, a value already published stays: ``value`` is then
+        ignored."""
+        m = n - self._lookahead
+        words = self._words
+        if m >= 0 and words[self._my_cursor] > m:
+            # Taken already: the writer may have reused the slot since.
+            return slot_value(self._taken)
+        if value is not None and slot_sequence(words[self._slots[n & SLOT_MASK]]) == sequence_of(n):
+            value = None
+        return self.broadcast(value, src, n)
 
     def _publish(self, n: int, value: int, src: int) -> None:
         """Make ``value`` call ``n``'s, visible to every reader, and wake those asleep on it: room, store, wake,
@@ -130,6 +157,8 @@ class ShmTransport:
         if slot_sequence(word) != sequence:
             self._wait_for_value(slot, sequence, m, src)
             word = words[slot]
+        # Kept before the cursor moves: from then on the writer may overwrite the slot.
+        self._taken = word
         words[self._my_cursor] = m + 1
         return slot_value(word)
 
@@ -213,7 +242,7 @@ class ShmTransport:
 
     def _wait_for_value(self, slot: int, sequence: int, m: int, src: int) -> None:
         words = self._words
-        writer = self._ranks.index(self._srcs[0])
+        writer = self._ranks.index(self._srcs[m & SLOT_MASK])
         park = None
         if self._futex is not None:
             wait, address, parked = self._futex.wait, self._sequence_address(slot), self._my_parked
@@ -250,15 +279,41 @@ class ShmTransport:
         Raises ``SignalGroupError`` for a member found gone (and marks the segment so that the others know), and
         ``TimeoutError`` after the group's timeout, naming the late ranks through ``stuck_detail``."""
         started = time.monotonic()
+        timeout, unjudged = self._timeout, ""
+        if timeout is None and not all(self._judgeable[i] for i in waited_on()):
+            timeout = UNJUDGED_TIMEOUT_S
+            unjudged = (
+                "; whether it is alive cannot be judged from here (another PID namespace, or no readable /proc), so "
+                f"timeout=None waits {UNJUDGED_TIMEOUT_S:g} s per call"
+            )
 
         def find_lost() -> SignalGroupError | None:
             return self._find_lost(lambda: self._gone(waited_on()), src, started)
 
-        if not waiting.wait_until(ready, self._timeout, find_lost, park):
+        def warn(waited: float) -> None:
+            late = [self._ranks[i] for i in waited_on()]
+            logger.warning(
+                "signal group (ranks %s): rank %d has waited %.0f s for a broadcast from src %d%s; still waiting, "
+                "as long as the peers are alive",
+                self._ranks,
+                self._rank,
+                waited,
+                src,
+                stuck_detail(late),
+            )
+
+        if not waiting.wait_until(ready, timeout, find_lost, park, warn):
             late = [self._ranks[i] for i in waited_on()]
             raise TimeoutError(
-                stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout, stuck_detail(late))
+                stuck_peer_message(
+                    self._ranks, src, time.monotonic() - started, timeout, stuck_detail(late) + unjudged
+                )
             )
+
+    def broken_by(self, exc: BaseException, src: int) -> str | None:
+        """Why this end cannot go on after a call from ``src`` raised ``exc``: only a lost peer; any other exception
+        (a timeout, an interrupt) leaves a call that ``resume`` finishes."""
+        return f"a broadcast from src {src} lost a peer" if isinstance(exc, SignalGroupError) else None
 
     def close(self) -> None:
         """Unmap the segment; this end cannot be used afterwards."""
