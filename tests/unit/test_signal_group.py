@@ -43,6 +43,7 @@ from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 from fastdeploy_patch.status import ModelWeightsStatus
 
 from .conftest import FakeGlobalStore, FakeTCPStore, GlooLikePG
+from .shm_calls import Injected, source_line, traced
 
 FREE_PORT = 41234
 FREE_PORT_TRIES = 5
@@ -655,7 +656,9 @@ def full() -> Iterator[mock.Mock]:
         yield spy
 
 
-def _gloo_group(world: FakeWorld, ranks: list[int] | None = None, timeout: float = GLOO_OP_TIMEOUT_S) -> SignalGroup:
+def _gloo_group(
+    world: FakeWorld, ranks: list[int] | None = None, timeout: float | None = GLOO_OP_TIMEOUT_S
+) -> SignalGroup:
     # What the group's first member would have published, for when this rank is not that member.
     key = f"fastdeploy_patch/signal_group/{api._created + 1}"
     world.global_store.values.setdefault(key, f"127.0.0.1:{FREE_PORT}".encode())
@@ -993,3 +996,73 @@ def test_deadline_caller_gives_up_after_the_timeout() -> None:
         assert caller.call(lambda: release.wait(10), 0.05) is False
     finally:
         release.set()
+
+
+# --- gloo calls that end early ------------------------------------------------------------------------------------
+
+GLOO_FILES = {api.__file__, gloo_transport.__file__}
+
+
+def test_a_gloo_group_without_timeout_runs_on_the_callers_thread_up_to_gloos_own_limit(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    group = _gloo_group(world, timeout=None)
+    assert group.timeout is None and group._endpoint._caller is None
+    assert repr(group) == "SignalGroup(transport='gloo', ranks=[0, 1], timeout=None, lookahead=0)"
+    assert broadcast_signal(4, src=0, group=group) == 4
+    assert sent.calls[0][3] == threading.current_thread().name
+
+
+def test_a_gloo_call_interrupted_while_gloo_ran_it_leaves_the_group_unusable(
+    world: FakeWorld, sent: FakeBroadcast, full: mock.Mock
+) -> None:
+    group = _gloo_group(world)
+    sent.error = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        broadcast_signal(1, src=0, group=group)
+    _assert_unusable(
+        group,
+        sent,
+        full,
+        "a broadcast from src 0 was interrupted while gloo ran it, so this rank cannot know whether it took part in "
+        "it",
+    )
+    with pytest.raises(SignalGroupError) as err:
+        broadcast_signal(1, src=0, group=group)
+    assert str(err.value).endswith(
+        "a rank of the group can no longer take part in step with the others, and a new group cannot be made with a "
+        "rank missing (creation is collective over the whole world): restart every rank of the world"
+    )
+
+
+def test_a_gloo_call_interrupted_before_its_op_is_made_again_with_the_retrys_value(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    group = _gloo_group(world)
+    with pytest.raises(Injected):
+        traced(
+            lambda: broadcast_signal(1, src=0, group=group),
+            GLOO_FILES,
+            lambda frame: source_line(frame) == "self._sent = n",
+        )
+    assert sent.sent_values == []
+    assert broadcast_signal(2, src=0, group=group) == 2
+    assert sent.sent_values == [2]
+
+
+def test_a_gloo_call_interrupted_after_its_op_returns_the_ops_value_without_a_second_op(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    world.rank = 1
+    group = _gloo_group(world)
+    sent.arriving = 6
+    with pytest.raises(Injected):
+        traced(
+            lambda: broadcast_signal(0, src=0, group=group),
+            GLOO_FILES,
+            lambda frame: source_line(frame) == "return int(buffer.item())",
+        )
+    sent.arriving = 8
+    assert broadcast_signal(0, src=0, group=group) == 6
+    assert len(sent.calls) == 1
+    assert broadcast_signal(0, src=0, group=group) == 8 and len(sent.calls) == 2
