@@ -32,6 +32,14 @@ two steps, in this order: the src publishes (``_publish``), then every member ta
   taken a value): it then made no more calls than the writer, so it can never make this one. A reader that made
   every call and exited (with a lookahead it may finish d calls before the writer) has a cursor past the
   writer's and fails nobody.
+
+Calls that end early. The group numbers the calls and passes call n in; it counts a call as made only when the
+call returns (``group``). A call that raised anywhere (a timeout, an interrupt, a signal handler's exception) is
+made again as ``resume``, with the same n and src, and every step of ``broadcast`` may run twice: the src's entry
+for call n and the cursor store write the same words again; the publish is skipped when slot n already holds call
+n's sequence (the first value stands: a reader may have taken it); the take is skipped when the cursor already
+moved past call m, and the word kept just before that store is returned (the writer may have reused the slot
+since). Nothing of this runs before the src's publishing store on the fast path.
 """
 
 from __future__ import annotations

@@ -500,11 +500,16 @@ def test_a_non_member_follows_the_decision_without_a_mapping(world: FakeWorld) -
 CANNOT = "no /dev/shm here"
 
 
-def test_auto_falls_back_to_gloo_when_a_member_cannot_map_the_segment(world: FakeWorld) -> None:
+@pytest.mark.parametrize(("timeout", "seconds"), [(10, 10.0), (None, None)])
+def test_auto_falls_back_to_gloo_when_a_member_cannot_map_the_segment(
+    world: FakeWorld, timeout: float | None, seconds: float | None
+) -> None:
     world.answer(1, 1, CANNOT)
-    group = new_signal_group(timeout=10)
-    assert (group.transport, group.lookahead, group.timeout) == ("gloo", 0, 10.0)
+    group = new_signal_group(timeout=timeout) if timeout is not None else new_signal_group()
+    assert (group.transport, group.lookahead, group.timeout) == ("gloo", 0, seconds)
     assert isinstance(group._endpoint, GlooTransport)
+    # No deadline thread where gloo's own 30 s is the bound.
+    assert (group._endpoint._caller is None) is (timeout is None)
     # The gloo rendezvous uses the creation's own key, apart from the shared-memory handshake's.
     assert world.global_store.sets[-1] == ("fastdeploy_patch/signal_group/1", f"127.0.0.1:{FREE_PORT}")
     assert [call[:2] for call in world.new_group_calls] == [([0, 1], "gloo")]
