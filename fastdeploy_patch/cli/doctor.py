@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fastdeploy_patch import procfs
-from fastdeploy_patch.signal_group import SEGMENT_PREFIX, Leftover
+from fastdeploy_patch.signal_group import SEGMENT_PREFIX
+from fastdeploy_patch.signal_group.shm_diagnostics import Leftover
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -340,7 +341,8 @@ def leftover_facts(find: Callable[[], list[Leftover]], clean: bool) -> LeftoverF
 
 def run(*, clean: bool = False) -> list[Finding]:
     """Gather this machine's facts and return the findings; with ``clean``, remove the leftover segments first."""
-    from fastdeploy_patch.signal_group import SHM_DIR, check_shm_usable, leftover_segments, shm_reader_sleep
+    from fastdeploy_patch.signal_group import SHM_DIR, shm_reader_sleep
+    from fastdeploy_patch.signal_group.shm_diagnostics import check_shm_usable, leftover_segments
 
     return diagnose(
         paddle_facts(),

@@ -9,8 +9,11 @@ gloo group; Paddle's global TCP store is also where every rank agrees which tran
 and copy device to host, which waits for all queued GPU work.
 
 Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
-``shm_transport``, ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux),
-``liveness`` (is a peer process alive), ``store_sockets`` (Nagle off on a store's connections), ``errors``.
+``shm_transport`` (the ring protocol), ``shm_layout`` (where each word of the segment lives), ``shm_segment`` (the
+segment's lifetime: create, attach, unlink, close), ``gloo_transport``, ``waiting`` (the one wait loop), ``futex``
+(its sleep on Linux), ``liveness`` (is a peer process alive), ``store_sockets`` (Nagle off on a store's
+connections), ``errors``. ``shm_diagnostics`` (can shared memory work here, which segments were left behind) serves
+``fastdeploy-patch doctor`` and the test harness, which import it by its own name; the group never calls it.
 """
 
 from __future__ import annotations
@@ -28,15 +31,8 @@ from fastdeploy_patch.signal_group.arguments import (
 )
 from fastdeploy_patch.signal_group.errors import SignalGroupError
 from fastdeploy_patch.signal_group.futex import available as futex_support
-from fastdeploy_patch.signal_group.shm_transport import (
-    SEGMENT_PREFIX,
-    SEGMENT_TAG_ENV,
-    SHM_DIR,
-    SHM_RING_SLOTS,
-    Leftover,
-    check_shm_usable,
-    leftover_segments,
-)
+from fastdeploy_patch.signal_group.shm_layout import SHM_RING_SLOTS
+from fastdeploy_patch.signal_group.shm_segment import SEGMENT_PREFIX, SEGMENT_TAG_ENV, SHM_DIR
 from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 from fastdeploy_patch.signal_group.waiting import shm_reader_sleep
 
@@ -76,13 +72,10 @@ __all__ = [
     "SHM_DIR",
     "SHM_RING_SLOTS",
     "TRANSPORTS",
-    "Leftover",
     "SignalGroup",
     "SignalGroupError",
     "broadcast_signal",
-    "check_shm_usable",
     "futex_support",
-    "leftover_segments",
     "new_signal_group",
     "shm_reader_sleep",
     "store_without_delay",

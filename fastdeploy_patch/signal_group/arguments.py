@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fastdeploy_patch.signal_group.shm_transport import SHM_RING_SLOTS
+from fastdeploy_patch.signal_group.shm_layout import SHM_RING_SLOTS
 
 GLOO_OP_TIMEOUT_S = 30.0
 """Paddle 3.3 builds every gloo process group with this fixed op timeout and ignores ``new_group(timeout=...)``."""
@@ -26,21 +26,24 @@ MAX_LOOKAHEAD = SHM_RING_SLOTS // 2
 TRANSPORTS = ("auto", "shm", "gloo")
 
 
-def timeout_seconds(timeout: object, transport: str) -> float:
-    """``timeout`` (seconds or a timedelta) as float seconds; at most a day, and at most gloo's 30 s for gloo."""
+def timeout_seconds(timeout: object, transport: str) -> float | None:
+    """``timeout`` (seconds or a timedelta) as float seconds; at most a day, and at most gloo's 30 s for gloo. None
+    stays None: no bound of ours (shared memory waits while every peer is alive; gloo keeps its own 30 s)."""
+    if timeout is None:
+        return None
     if isinstance(timeout, datetime.timedelta):
         seconds = timeout.total_seconds()
     elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
         seconds = float(timeout)
     else:
-        raise TypeError(f"timeout must be seconds (int or float) or a datetime.timedelta, got {timeout!r}")
+        raise TypeError(f"timeout must be None, seconds (int or float) or a datetime.timedelta, got {timeout!r}")
     if not 0 < seconds <= MAX_TIMEOUT_S:
         raise ValueError(f"timeout must be > 0 and <= {MAX_TIMEOUT_S:g} s (one day), got {timeout!r}")
     if transport == "gloo" and seconds > GLOO_OP_TIMEOUT_S:
         raise ValueError(
             f"timeout must be <= {GLOO_OP_TIMEOUT_S:g} s with transport='gloo', got {timeout!r}: Paddle's gloo "
             f"backend fails every op after a fixed {GLOO_OP_TIMEOUT_S:g} s; use transport='shm' (ranks on one host) "
-            "for a longer one"
+            "for a longer one, or timeout=None"
         )
     return seconds
 

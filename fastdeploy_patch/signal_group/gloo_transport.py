@@ -33,17 +33,25 @@ class _DeadlineCaller:
     name: str
     _requests: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _thread: threading.Thread | None = None
+    _unfinished: tuple[threading.Event, list[BaseException]] | None = None
+    """The call handed to the thread that no caller has seen finish yet (a timeout, or an exception while waiting)."""
 
     def call(self, fn: Callable[[], object], timeout: float) -> bool:
-        """Run ``fn`` and wait at most ``timeout`` seconds. Re-raises what ``fn`` raised; False on timeout."""
+        """Run ``fn`` and wait at most ``timeout`` seconds. Re-raises what ``fn`` raised; False on timeout. When an
+        earlier call was left unfinished, waits for that one instead and does not run ``fn``."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
             self._thread.start()
-        done = threading.Event()
-        outcome: list[BaseException] = []
-        self._requests.put((fn, done, outcome))
+        request = self._unfinished
+        if request is None:
+            request = (threading.Event(), [])
+            # Recorded, then queued, with no call between: no signal can land after one and before the other.
+            self._unfinished = request
+            self._requests.put((fn, *request))
+        done, outcome = request
         if not done.wait(timeout):
             return False
+        self._unfinished = None
         if outcome:
             raise outcome[0]
         return True
@@ -65,25 +73,58 @@ class _DeadlineCaller:
 class GlooTransport:
     """One member's end of a gloo signal group (``paddle_group``, made on the group's own rendezvous ``store``)."""
 
-    def __init__(self, paddle_group: dist.communication.group.Group, *, timeout: float, store: object) -> None:
+    def __init__(self, paddle_group: dist.communication.group.Group, *, timeout: float | None, store: object) -> None:
         self.paddle_group = paddle_group
         self._ranks = sorted(paddle_group.ranks)
         self._timeout = timeout
         # The group's own rendezvous store (the group's object holds it too, for as long as the group lives).
         self._store = store
         # Pay for a deadline thread only when the caller wants less than gloo's own limit.
-        self._caller = _DeadlineCaller(f"signal-{paddle_group.name}") if timeout < GLOO_OP_TIMEOUT_S else None
+        self._caller = (
+            _DeadlineCaller(f"signal-{paddle_group.name}")
+            if timeout is not None and timeout < GLOO_OP_TIMEOUT_S
+            else None
+        )
+        # The last call whose op was started, and the last whose op is known finished: a call interrupted between
+        # the two, with the op run on the caller's thread, may or may not have taken part.
+        self._sent = -1
+        self._done = -1
+        self._failed: str | None = None
         # One CPU int32 reused by every broadcast: gloo sets up its transfer buffers per tensor address, so a fresh
         # tensor each step roughly doubled the step time here (about 240 against 130 us at 2 ranks).
         self.buffer = paddle.full([1], 0, dtype="int32", device="cpu")
 
-    def broadcast(self, value: int | None, src: int) -> int:
-        """Send ``value`` from src (None elsewhere: the buffer is overwritten by what arrives) and return src's."""
+    def broadcast(self, value: int | None, src: int, n: int) -> int:
+        """Send ``value`` from src (None elsewhere: the buffer is overwritten by what arrives) as call ``n`` and
+        return src's."""
         buffer = self.buffer
         if value is not None:
             buffer.fill_(value)
+        self._sent = n
         self._run(lambda: dist.broadcast(buffer, src=src, group=self.paddle_group), src)
+        self._done = n
         return int(buffer.item())
+
+    def resume(self, value: int | None, src: int, n: int) -> int:
+        """Finish call ``n``, which an earlier ``broadcast`` left early (``broken_by`` said it can be finished): read
+        the value of an op that finished, wait for one still on the deadline thread (its value stands), or run a
+        call that never started."""
+        if self._done == n:
+            return int(self.buffer.item())
+        return self.broadcast(None if self._sent == n else value, src, n)
+
+    def broken_by(self, exc: BaseException, src: int) -> str | None:
+        """Why this end cannot go on after a call from ``src`` raised ``exc``; None when ``resume`` can finish it."""
+        if self._failed is not None:
+            return self._failed
+        if isinstance(exc, SignalGroupError):
+            return f"a broadcast from src {src} lost a peer"
+        if self._caller is None and self._sent != self._done:
+            return (
+                f"a broadcast from src {src} was interrupted while gloo ran it, so this rank cannot know whether it "
+                "took part in it"
+            )
+        return None
 
     def _run(self, send: Callable[[], object], src: int) -> None:
         started = time.monotonic()
@@ -96,7 +137,13 @@ class GlooTransport:
         except RuntimeError as exc:
             waited = time.monotonic() - started
             if waited >= GLOO_OP_TIMEOUT_S - _GLOO_LIMIT_SLACK_S:
-                raise TimeoutError(stuck_peer_message(self._ranks, src, waited, self._timeout)) from exc
+                # gloo's own limit: its op failed, and gloo cannot take part in a later one in step.
+                self._failed = f"a broadcast from src {src} failed at gloo's own {GLOO_OP_TIMEOUT_S:g} s limit"
+                raise TimeoutError(
+                    f"signal broadcast from src {src} on the signal group (ranks {self._ranks}) got no answer after "
+                    f"{waited:.1f} s: gloo fails every op after a fixed {GLOO_OP_TIMEOUT_S:g} s, and its group "
+                    "cannot be used after that"
+                ) from exc
             raise SignalGroupError(lost_peer_message(self._ranks, src, waited, str(exc))) from exc
         if not finished:
             raise TimeoutError(stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout))

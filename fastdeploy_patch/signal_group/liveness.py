@@ -4,8 +4,8 @@ signalling it.
 A process is named by its pid, its start time (``/proc/<pid>/stat`` field 22, in clock ticks since boot) and its
 PID namespace (the inode of ``/proc/self/ns/pid``). The start time tells a reused pid apart from the process we
 knew. Where it cannot work: a peer in another PID namespace (another container) has a pid that means nothing
-here, so it is never judged; only the group's timeout then bounds a wait on it. The same holds where ``/proc``
-cannot be read.
+here, so it is never judged; only a timeout then bounds a wait on it (with ``timeout=None``, 300 s per call). The
+same holds where ``/proc`` cannot be read.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ def this_process() -> ProcessIdentity:
     if me is None:
         return ProcessIdentity(pid, 0, 0)
     return ProcessIdentity(pid, me.start_ticks, procfs.pid_namespace(root=PROC))
+
+
+def can_judge(peer: ProcessIdentity) -> bool:
+    """Whether ``gone_reason`` can ever tell that ``peer`` exited, from here: it lives in this PID namespace, and
+    ``/proc`` can be read."""
+    return peer.pid_namespace != 0 and peer.pid_namespace == procfs.pid_namespace(root=PROC)
 
 
 def gone_reason(peer: ProcessIdentity) -> str | None:

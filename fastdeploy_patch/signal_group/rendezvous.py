@@ -15,7 +15,7 @@ import time
 import paddle.distributed as dist
 
 from fastdeploy_patch import paddle_internals
-from fastdeploy_patch.signal_group.shm_transport import ShmHandle, ShmRing
+from fastdeploy_patch.signal_group.shm_segment import ShmHandle, ShmRing
 from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 
 RENDEZVOUS_TIMEOUT_S = 300

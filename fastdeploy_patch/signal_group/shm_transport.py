@@ -1,31 +1,6 @@
-"""The shared-memory signal transport: a ring of packed 8-byte slots in one segment under /dev/shm.
+"""The shared-memory signal transport: the ring protocol over a segment that every member maps.
 
-Segment layout (every number below is a named constant of this module; all words are native uint64,
-little-endian on x86-64 and AArch64)::
-
-    offset                          what                                             written by
-    0                     HEADER    MAGIC_AT      magic "FDPSIG" + 0x0001          creator, once
-                                    VERSION_AT    LAYOUT_VERSION                   creator, once
-                                    SLOTS_AT      SHM_RING_SLOTS                   creator, once
-                                    MEMBERS_AT    member count                     creator, once
-                                    NONCE_AT      random 64-bit nonce (in handle)  creator, once
-                                    BROKEN_AT     0, or r + 1: rank r found gone   any member that finds it
-    HEADER_BYTES (64)     MEMBER i  + CURSOR_AT   values consumed by member i      member i, every call
-      + i * MEMBER_BYTES            + PID_AT      pid of member i                  member i, at attach
-      (one 64-byte line             + START_AT    its start time (clock ticks)     member i, at attach
-       per member; member           + PIDNS_AT    its PID-namespace inode          member i, at attach
-       0 is the creator)            + PARKED_AT   m + 1 while member i may sleep   member i, when it parks
-                                                  in FUTEX_WAIT for call m; else 0   and when it returns
-    ring_at(n)            SLOT k    pack_slot(call, value):                        the src of the call
-      + k * SLOT_BYTES                sequence_of(call) << SEQUENCE_SHIFT
-                                      | (value & 0xffffffff)
-                                    k = call % SHM_RING_SLOTS, sequence_of(call) = (call + 1) mod 2**32
-
-A slot's word means:
-
-    slot_sequence(word) == sequence_of(m)   the value of call m is published; a reader of call m takes
-                                            slot_value(word)
-    anything else (0 at start)              call m is not published yet; its reader waits
+The segment's words are drawn in ``shm_layout``; the segment is made, attached and removed by ``shm_segment``.
 
 Protocol, for call number n (counted from 0 on every member; every member makes the same calls). Each call is
 two steps, in this order: the src publishes (``_publish``), then every member takes (``_take``).
@@ -58,396 +33,52 @@ two steps, in this order: the src publishes (``_publish``), then every member ta
   every call and exited (with a lookahead it may finish d calls before the writer) has a cursor past the
   writer's and fails nobody.
 
-The segment is a file made with ``os.open(O_CREAT | O_EXCL, 0o600)``, sized with ``posix_fallocate`` and mapped
-with ``mmap``; ``multiprocessing.shared_memory`` is not used: it registers the segment with the resource tracker in
-every process that attaches, and that tracker would unlink it when such a process exits (Python < 3.13 has no
-``track=False``); ``posix_fallocate`` also makes a full /dev/shm fail here with ``ENOSPC`` instead of a SIGBUS at
-the first store.
-
-Who removes the name. The creator unlinks it as soon as every member has reported attached, or on any exception
-or timeout out of the handshake (see ``rendezvous``); from then on the mapping lives exactly as long as the
-processes that use it. Until then, a creator killed at any moment (SIGKILL, the OOM killer) runs no code of its
-own, so the creator alone registers the name with ``multiprocessing.resource_tracker`` (a helper process per
-creator, which unlinks what a dead creator left registered) before the file exists, and unregisters it once the
-name is gone. Attachers never register: they must never unlink. What is still left (a tracker killed with its
-creator, say by a kill of the whole process group) is found by ``leftover_segments``: ``fastdeploy-patch doctor``
-lists it and ``doctor --clean`` removes it.
+Calls that end early. The group numbers the calls and passes call n in; it counts a call as made only when the
+call returns (``group``). A call that raised anywhere (a timeout, an interrupt, a signal handler's exception) is
+made again as ``resume``, with the same n and src, and every step of ``broadcast`` may run twice: the src's entry
+for call n and the cursor store write the same words again; the publish is skipped when slot n already holds call
+n's sequence (the first value stands: a reader may have taken it); the take is skipped when the cursor already
+moved past call m, and the word kept just before that store is returned (the writer may have reused the slot
+since). Nothing of this runs before the src's publishing store on the fast path.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import ctypes
-import errno
-import json
-import mmap
-import os
-import re
-import secrets
-import sys
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing import resource_tracker
 
 from fastdeploy_patch.signal_group import futex, liveness, waiting
 from fastdeploy_patch.signal_group.errors import SignalGroupError, lost_peer_message, stuck_peer_message
+from fastdeploy_patch.signal_group.shm_layout import (
+    BROKEN_AT,
+    CURSOR_AT,
+    PARKED_AT,
+    SEQUENCE_HALF_AT,
+    SHM_RING_SLOTS,
+    SLOT_MASK,
+    WORD_BYTES,
+    member_word,
+    pack_slot,
+    sequence_of,
+    slot_sequence,
+    slot_value,
+    slot_word,
+)
+from fastdeploy_patch.signal_group.shm_segment import ShmRing
 
-SHM_DIR = "/dev/shm"
-"""Where segments live: the tmpfs that POSIX shared memory uses on Linux."""
+logger = logging.getLogger("fastdeploy_patch")
 
-SEGMENT_PREFIX = "fdp_signal_"
-"""Every segment's file name starts with this (then SEGMENT_TAG_ENV's tag and ``_`` when it is set, then a random
-token); leak checks and ``doctor`` scan SHM_DIR for it."""
-
-SEGMENT_TAG_ENV = "FASTDEPLOY_PATCH_SEGMENT_TAG"
-"""When set, every segment this process creates is named SEGMENT_PREFIX + tag + ``_`` + the random token. A test suite
-sets it for its processes, so that its leak checks look only at its own segments while other suites on the host
-create and remove theirs."""
-
-_TAG = re.compile(r"[A-Za-z0-9]{1,32}")
-
-
-def segment_tag() -> str:
-    """The tag that SEGMENT_TAG_ENV sets ('' when unset or empty). Raises ``ValueError`` naming the variable when it
-    is not 1 to 32 ASCII letters and digits (a name in /dev/shm must not take a path separator or a dot)."""
-    tag = os.environ.get(SEGMENT_TAG_ENV, "")
-    if tag and not _TAG.fullmatch(tag):
-        raise ValueError(f"{SEGMENT_TAG_ENV} must be 1 to 32 ASCII letters and digits, got {tag!r}")
-    return tag
-
-
-SHM_RING_SLOTS = 64
-"""Slots in the ring: how far the src may run ahead of the slowest reader (minus the lookahead). A power of two,
-so that a call's slot is ``call & (SHM_RING_SLOTS - 1)``."""
-
-LAYOUT_VERSION = 2
-"""Version 2 added PARKED_AT (the futex announcement); members of another version refuse to attach."""
-MAGIC = int.from_bytes(b"FDPSIG\x00\x01", "little")
-
-WORD_BYTES = 8
-HEADER_BYTES = 64
-MAGIC_AT = 0
-VERSION_AT = 8
-SLOTS_AT = 16
-MEMBERS_AT = 24
-NONCE_AT = 32
-BROKEN_AT = 40
-
-# One cache line per member: each member stores its cursor every call, and must not slow the others' lines.
-MEMBER_BYTES = 64
-CURSOR_AT = 0
-PID_AT = 8
-START_AT = 16
-PIDNS_AT = 24
-PARKED_AT = 32
-
-SLOT_BYTES = 8
-SEQUENCE_SHIFT = 32
-"""A slot word holds its sequence in the high 32 bits and the value in the low 32."""
-SEQUENCE_HALF_AT = 4 if sys.byteorder == "little" else 0
-"""Byte offset of the sequence half inside a native slot word: the 32-bit word a reader sleeps on."""
-_SLOT_MASK = SHM_RING_SLOTS - 1
-_HALF_MASK = 0xFFFFFFFF
-_SIGN_BIT = 0x80000000
-
-_TRACKED_TYPE = "shared_memory"
-"""The resource tracker's name for POSIX shared memory: it removes a name of this type with ``shm_unlink``, which
-reaches only SHM_DIR."""
-
-
-def members_at(member: int) -> int:
-    """Byte offset of member ``member``'s record (its index among the sorted ranks)."""
-    return HEADER_BYTES + member * MEMBER_BYTES
-
-
-def ring_at(members: int) -> int:
-    """Byte offset of slot 0 in a segment for ``members`` members."""
-    return members_at(members)
-
-
-def segment_bytes(members: int) -> int:
-    """The size of a segment for ``members`` members."""
-    return ring_at(members) + SHM_RING_SLOTS * SLOT_BYTES
-
-
-def member_word(member: int, field: int) -> int:
-    """The word index of ``field`` (``CURSOR_AT``, ``PID_AT``, ...) in member ``member``'s record."""
-    return (members_at(member) + field) // WORD_BYTES
-
-
-def slot_word(members: int, call: int) -> int:
-    """The word index of the slot that carries call ``call``'s value, in a segment for ``members`` members."""
-    return ring_at(members) // WORD_BYTES + (call & _SLOT_MASK)
-
-
-def sequence_of(call: int) -> int:
-    """The sequence that marks call ``call``'s value as published: call + 1, modulo 2**32 (0 is never published)."""
-    return (call + 1) & _HALF_MASK
-
-
-def pack_slot(call: int, value: int) -> int:
-    """The slot word that publishes int32 ``value`` as call ``call``'s."""
-    return (sequence_of(call) << SEQUENCE_SHIFT) | (value & _HALF_MASK)
-
-
-def slot_sequence(word: int) -> int:
-    """The sequence a slot word holds."""
-    return word >> SEQUENCE_SHIFT
-
-
-def slot_value(word: int) -> int:
-    """The int32 a slot word holds."""
-    value = word & _HALF_MASK
-    return value - (1 << 32) if value & _SIGN_BIT else value
-
-
-@dataclass(frozen=True)
-class ShmHandle:
-    """What a member needs to attach: sent by the creator to the others through the rendezvous store."""
-
-    name: str
-    size: int
-    ranks: tuple[int, ...]
-    layout_version: int
-    nonce: int
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "name": self.name,
-                "size": self.size,
-                "ranks": list(self.ranks),
-                "layout_version": self.layout_version,
-                "nonce": self.nonce,
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> ShmHandle:
-        fields = json.loads(text)
-        return cls(fields["name"], fields["size"], tuple(fields["ranks"]), fields["layout_version"], fields["nonce"])
-
-
-def _tracker_name(name: str) -> str:
-    # shm_unlink's name: SHM_DIR's file name after a slash.
-    return "/" + name
-
-
-def _new_mapping(path: str, size: int) -> mmap.mmap:
-    """Create the file ``path`` (never an existing one), size it and map it; the file is removed again when sizing
-    or mapping fails."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return mmap.mmap(fd, size)
-    except BaseException:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-
-
-class ShmRing:
-    """One member's mapping of a group's segment. Make it with ``create`` (one member) or ``attach`` (the others)."""
-
-    def __init__(self, handle: ShmHandle, path: str, region: mmap.mmap, *, creator: bool, tracked: bool) -> None:
-        self.handle = handle
-        self.path = path
-        self._region = region
-        self.words = memoryview(region).cast("Q")
-        # Where the mapping starts, for futex calls; the temporary ctypes view is released at once, so that
-        # close() can unmap.
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(region))
-        self._creator = creator
-        self._linked = creator
-        self._tracked = tracked
-
-    @classmethod
-    def create(cls, ranks: list[int], *, shm_dir: str = SHM_DIR) -> ShmRing:
-        """Create, size and map a new segment for the sorted ``ranks``, and record this process in it as the first
-        member, its creator. In SHM_DIR the name is registered with the resource tracker until ``unlink``.
-
-        Raises ``OSError`` when the segment cannot be made (no /dev/shm, full, not permitted), ``ValueError`` for a
-        bad SEGMENT_TAG_ENV."""
-        tag = segment_tag()
-        name = SEGMENT_PREFIX + (f"{tag}_" if tag else "") + secrets.token_hex(8)
-        path = os.path.join(shm_dir, name)
-        size = segment_bytes(len(ranks))
-        tracked = shm_dir == SHM_DIR
-        if tracked:
-            # Before the file exists, so that no moment is left at which a SIGKILL leaves the name behind; the
-            # tracker's shm_unlink of a name never created only warns.
-            resource_tracker.register(_tracker_name(name), _TRACKED_TYPE)
-        try:
-            region = _new_mapping(path, size)
-        except BaseException:
-            if tracked:
-                resource_tracker.unregister(_tracker_name(name), _TRACKED_TYPE)
-            raise
-        handle = ShmHandle(name, size, tuple(ranks), LAYOUT_VERSION, secrets.randbits(64))
-        ring = cls(handle, path, region, creator=True, tracked=tracked)
-        for at, word in (
-            (MAGIC_AT, MAGIC),
-            (VERSION_AT, LAYOUT_VERSION),
-            (SLOTS_AT, SHM_RING_SLOTS),
-            (MEMBERS_AT, len(ranks)),
-            (NONCE_AT, handle.nonce),
-        ):
-            ring.words[at // WORD_BYTES] = word
-        ring._record(0)
-        return ring
-
-    @classmethod
-    def attach(cls, handle: ShmHandle, rank: int, *, shm_dir: str = SHM_DIR) -> ShmRing:
-        """Map the segment ``handle`` names and record ``rank`` (this process) in it.
-
-        Raises ``OSError`` saying why when the segment is not there (another host, another mount namespace) or is
-        not the one the handle describes."""
-        path = os.path.join(shm_dir, handle.name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError as exc:
-            raise OSError(
-                errno.ENOENT,
-                f"{path} does not exist here (is this rank on another host, or in another mount namespace?)",
-            ) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if size != handle.size:
-                raise OSError(errno.EINVAL, f"{path} holds {size} bytes, but the group's segment has {handle.size}")
-            region = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        ring = cls(handle, path, region, creator=False, tracked=False)
-        expected = {
-            MAGIC_AT: MAGIC,
-            VERSION_AT: handle.layout_version,
-            SLOTS_AT: SHM_RING_SLOTS,
-            MEMBERS_AT: len(handle.ranks),
-            NONCE_AT: handle.nonce,
-        }
-        found = {at: ring.words[at // WORD_BYTES] for at in expected}
-        if found != expected or handle.layout_version != LAYOUT_VERSION:
-            ring.close()
-            raise OSError(
-                errno.EINVAL,
-                f"{path} is not the group's segment (its header does not match the handle: another host's file of "
-                f"the same name, or mixed fastdeploy_patch versions; this one speaks layout {LAYOUT_VERSION})",
-            )
-        ring._record(handle.ranks.index(rank))
-        return ring
-
-    def _record(self, member: int) -> None:
-        me = liveness.this_process()
-        self.words[member_word(member, PID_AT)] = me.pid
-        self.words[member_word(member, START_AT)] = me.start_ticks
-        self.words[member_word(member, PIDNS_AT)] = me.pid_namespace
-
-    def identity(self, member: int) -> liveness.ProcessIdentity:
-        """The process recorded for member index ``member``."""
-        return _identity(self.words, member)
-
-    def unlink(self) -> None:
-        """Remove the segment's name (creator only; once) and its tracker registration. Mappings stay valid until
-        their processes unmap."""
-        if self._linked:
-            self._linked = False
-            # Someone else (an operator's clean-up of /dev/shm) may have removed the name already; the mappings
-            # do not need it, so closing must still succeed.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            if self._tracked:
-                resource_tracker.unregister(_tracker_name(self.handle.name), _TRACKED_TYPE)
-
-    def close(self) -> None:
-        """Unmap (and, on the creator, unlink if that has not happened yet). Idempotent."""
-        if self._creator:
-            self.unlink()
-        if not self._region.closed:
-            self.words.release()
-            self._region.close()
-
-
-def _identity(words: memoryview, member: int) -> liveness.ProcessIdentity:
-    return liveness.ProcessIdentity(
-        words[member_word(member, PID_AT)], words[member_word(member, START_AT)], words[member_word(member, PIDNS_AT)]
-    )
-
-
-def check_shm_usable(shm_dir: str = SHM_DIR) -> None:
-    """Create, map twice, check and remove a tiny segment in ``shm_dir``; raise ``OSError`` with a readable reason
-    when shared memory cannot work here."""
-    if not os.path.isdir(shm_dir):
-        raise OSError(errno.ENOENT, f"{shm_dir} is not a directory: shared memory needs a tmpfs mounted there")
-    try:
-        ring = ShmRing.create([0, 1], shm_dir=shm_dir)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot create a shared-memory segment in {shm_dir}: {exc.strerror}") from exc
-    try:
-        other = ShmRing.attach(ring.handle, 1, shm_dir=shm_dir)
-        try:
-            ring.words[slot_word(2, 0)] = MAGIC
-            if other.words[slot_word(2, 0)] != MAGIC:
-                raise OSError(
-                    errno.EIO,
-                    f"a word stored through one mapping of a segment in {shm_dir} did not show through another",
-                )
-        finally:
-            other.close()
-    finally:
-        ring.close()
-
-
-@dataclass(frozen=True)
-class Leftover:
-    """A segment of this package whose creator is known to have exited: nobody can attach it any more."""
-
-    path: str
-    creator: liveness.ProcessIdentity
-    reason: str
-    """Why the creator is known gone (``liveness.gone_reason``)."""
-
-
-def segment_creator(path: str) -> liveness.ProcessIdentity | None:
-    """The creator recorded in the segment at ``path``; None when that cannot be read there: not this package's
-    segment (its magic), too short, just being created (nothing recorded yet), or unreadable (gone meanwhile,
-    another user's)."""
-    try:
-        with open(path, "rb") as segment:
-            head = segment.read(members_at(1))
-    except OSError:
-        return None
-    if len(head) < members_at(1):
-        return None
-    words = memoryview(head).cast("Q")
-    if words[MAGIC_AT // WORD_BYTES] != MAGIC:
-        return None
-    return _identity(words, 0)
-
-
-def leftover_segments(shm_dir: str = SHM_DIR) -> list[Leftover]:
-    """This package's segments in ``shm_dir`` whose creator is gone (pid and start time, through ``liveness``), by
-    name. A creator that is alive, or that cannot be judged from here (another PID namespace, nothing recorded
-    yet), keeps its segment off the list."""
-    found = []
-    names = sorted(os.listdir(shm_dir)) if os.path.isdir(shm_dir) else []
-    for name in names:
-        if not name.startswith(SEGMENT_PREFIX):
-            continue
-        path = os.path.join(shm_dir, name)
-        creator = segment_creator(path)
-        reason = None if creator is None else liveness.gone_reason(creator)
-        if reason is not None:
-            found.append(Leftover(path, creator, reason))
-    return found
+UNJUDGED_TIMEOUT_S = 300.0
+"""What ``timeout=None`` means for a wait on a peer whose liveness cannot be judged from here (another PID
+namespace, no readable ``/proc``): such a peer could be gone for good, and nothing else would ever end the wait. The
+``TimeoutError`` can be retried like any other."""
 
 
 class ShmTransport:
     """One member's end of a shared-memory signal group: ``broadcast`` is the per-call protocol above."""
 
-    def __init__(self, ring: ShmRing, rank: int, *, timeout: float, lookahead: int, initial: int) -> None:
+    def __init__(self, ring: ShmRing, rank: int, *, timeout: float | None, lookahead: int, initial: int) -> None:
         self.ring = ring
         self._ranks = list(ring.handle.ranks)
         self._members = len(self._ranks)
@@ -456,6 +87,7 @@ class ShmTransport:
         self._lookahead = lookahead
         self._initial = initial
         me = self._ranks.index(rank)
+        self._rank = rank
         self._cursors = [member_word(i, CURSOR_AT) for i in range(self._members)]
         self._my_cursor = self._cursors[me]
         self._others = [i for i in range(self._members) if i != me]
@@ -468,23 +100,42 @@ class ShmTransport:
         # after an idle spell runs as few instructions as it can before its wake.
         self._slots = [slot_word(self._members, call) for call in range(SHM_RING_SLOTS)]
         self._wakers = [self._futex.waker(self._sequence_address(at)) for at in self._slots] if self._futex else []
-        self._calls = 0
-        # The srcs of the last lookahead + 1 calls: the first is the src of the call whose value we return.
-        self._srcs: collections.deque[int] = collections.deque(maxlen=lookahead + 1)
+        # Whether each member's exit can be seen from here: a wait on one that cannot is bounded even with None.
+        self._judgeable = [liveness.can_judge(ring.identity(i)) for i in range(self._members)]
+        # The src of each call still in the ring, by call % SHM_RING_SLOTS: a store that a retry of the same call
+        # repeats harmlessly (lookahead <= SHM_RING_SLOTS // 2, so a call's entry outlives its take).
+        self._srcs = [0] * SHM_RING_SLOTS
+        # The slot word this member took last: a retry of a call whose take had already moved the cursor (so the
+        # writer may have reused the slot) returns it.
+        self._taken = 0
         # The writer may publish every call up to this one without looking at the cursors again.
         self._room_until = SHM_RING_SLOTS - 1
         self._next_reader_check = 0.0
 
-    def broadcast(self, value: int | None, src: int) -> int:
-        """Publish ``value`` (on src; None elsewhere) as this call's value and return call n - lookahead's."""
-        n = self._calls
+    def broadcast(self, value: int | None, src: int, n: int) -> int:
+        """Publish ``value`` (on src; None elsewhere) as call ``n``'s value and return call n - lookahead's.
+
+        Every step may be repeated by a retry (``resume``) of the same call: the src's entry and the cursor store
+        write the same words again, and the publish and the take are skipped by ``resume`` once done."""
         if value is not None:
             self._publish(n, value, src)
-        self._srcs.append(src)
-        self._calls = n + 1
+        self._srcs[n & SLOT_MASK] = src
         if value is not None:
             self._look_at_readers(n, src)
         return self._take(n - self._lookahead, src)
+
+    def resume(self, value: int | None, src: int, n: int) -> int:
+        """Finish call ``n``, which an earlier ``broadcast`` left at any point (an exception or a timeout), and
+        return what that call would have returned. On the src, a value already published stays: ``value`` is then
+        ignored."""
+        m = n - self._lookahead
+        words = self._words
+        if m >= 0 and words[self._my_cursor] > m:
+            # Taken already: the writer may have reused the slot since.
+            return slot_value(self._taken)
+        if value is not None and slot_sequence(words[self._slots[n & SLOT_MASK]]) == sequence_of(n):
+            value = None
+        return self.broadcast(value, src, n)
 
     def _publish(self, n: int, value: int, src: int) -> None:
         """Make ``value`` call ``n``'s, visible to every reader, and wake those asleep on it: room, store, wake,
@@ -492,7 +143,7 @@ class ShmTransport:
         if n > self._room_until:
             self._make_room(n, src)
         words = self._words
-        index = n & _SLOT_MASK
+        index = n & SLOT_MASK
         # The publishing store: sequence and value in one aligned 8-byte word, which x86-64 and AArch64 store
         # single-copy atomically, so a reader sees the old word or the new one whole and needs no fence. (The
         # cursor store that follows a reader's load depends on the loaded sequence, which orders the two.)
@@ -508,12 +159,14 @@ class ShmTransport:
         if m < 0:
             return self._initial
         words = self._words
-        slot = self._slots[m & _SLOT_MASK]
+        slot = self._slots[m & SLOT_MASK]
         sequence = sequence_of(m)
         word = words[slot]
         if slot_sequence(word) != sequence:
             self._wait_for_value(slot, sequence, m, src)
             word = words[slot]
+        # Kept before the cursor moves: from then on the writer may overwrite the slot.
+        self._taken = word
         words[self._my_cursor] = m + 1
         return slot_value(word)
 
@@ -597,7 +250,7 @@ class ShmTransport:
 
     def _wait_for_value(self, slot: int, sequence: int, m: int, src: int) -> None:
         words = self._words
-        writer = self._ranks.index(self._srcs[0])
+        writer = self._ranks.index(self._srcs[m & SLOT_MASK])
         park = None
         if self._futex is not None:
             wait, address, parked = self._futex.wait, self._sequence_address(slot), self._my_parked
@@ -634,15 +287,41 @@ class ShmTransport:
         Raises ``SignalGroupError`` for a member found gone (and marks the segment so that the others know), and
         ``TimeoutError`` after the group's timeout, naming the late ranks through ``stuck_detail``."""
         started = time.monotonic()
+        timeout, unjudged = self._timeout, ""
+        if timeout is None and not all(self._judgeable[i] for i in waited_on()):
+            timeout = UNJUDGED_TIMEOUT_S
+            unjudged = (
+                "; whether it is alive cannot be judged from here (another PID namespace, or no readable /proc), so "
+                f"timeout=None waits {UNJUDGED_TIMEOUT_S:g} s per call"
+            )
 
         def find_lost() -> SignalGroupError | None:
             return self._find_lost(lambda: self._gone(waited_on()), src, started)
 
-        if not waiting.wait_until(ready, self._timeout, find_lost, park):
+        def warn(waited: float) -> None:
+            late = [self._ranks[i] for i in waited_on()]
+            logger.warning(
+                "signal group (ranks %s): rank %d has waited %.0f s for a broadcast from src %d%s; still waiting, "
+                "as long as the peers are alive",
+                self._ranks,
+                self._rank,
+                waited,
+                src,
+                stuck_detail(late),
+            )
+
+        if not waiting.wait_until(ready, timeout, find_lost, park, warn):
             late = [self._ranks[i] for i in waited_on()]
             raise TimeoutError(
-                stuck_peer_message(self._ranks, src, time.monotonic() - started, self._timeout, stuck_detail(late))
+                stuck_peer_message(
+                    self._ranks, src, time.monotonic() - started, timeout, stuck_detail(late) + unjudged
+                )
             )
+
+    def broken_by(self, exc: BaseException, src: int) -> str | None:
+        """Why this end cannot go on after a call from ``src`` raised ``exc``: only a lost peer; any other exception
+        (a timeout, an interrupt) leaves a call that ``resume`` finishes."""
+        return f"a broadcast from src {src} lost a peer" if isinstance(exc, SignalGroupError) else None
 
     def close(self) -> None:
         """Unmap the segment; this end cannot be used afterwards."""

@@ -14,6 +14,7 @@ futex here) it sleeps with a doubling interval capped at ``SLEEP_CAP_S``, so a v
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -68,24 +69,36 @@ still, but the wake after 300 ms grew from 0.8-1.0x to 1.3-1.4x the floor's: a C
 At 10 looks a second a peer that exited is still reported well within 1 s."""
 
 
+SLOW_PEER_WARNING_S = 30.0
+"""A waiter that has waited this long (a reader for its value, a src for room) logs a warning naming whom it waits
+for: with ``timeout=None`` a slow peer is not a failure, but an operator must be able to see the wait."""
+
+SLOW_PEER_REPEAT_S = 60.0
+"""After the first warning, a waiter that still waits warns again this often (as vLLM's message queue does)."""
+
+
 def wait_until(
     ready: Callable[[], bool],
-    timeout: float,
+    timeout: float | None,
     find_lost: Callable[[], BaseException | None],
     park: Callable[[float], object] | None = None,
+    warn: Callable[[float], object] | None = None,
 ) -> bool:
-    """Wait until ``ready()`` is true; return True then, or False once ``timeout`` seconds have passed.
+    """Wait until ``ready()`` is true; return True then, or False once ``timeout`` seconds have passed (never, for
+    None: only ``find_lost`` ends such a wait).
 
     Every ``LIVENESS_INTERVAL_S`` (``PARKED_LIVENESS_INTERVAL_S`` once it has parked) it calls ``find_lost()``,
     which returns the error to raise when a peer that the wait depends on is gone. ``ready()`` is asked once more
     before that error is raised, so a peer that published what we need and then exited never fails the wait. After
     the spin and yield phases it calls ``park(seconds)`` when given, which may sleep up to ``seconds`` (at most
     ``FUTEX_FIRST_WAIT_S`` the first time, then until the next liveness check; never past the deadline) and must
-    return early once ``ready()`` may have become true; without it, it sleeps in capped steps.
+    return early once ``ready()`` may have become true; without it, it sleeps in capped steps. ``warn(waited)`` is
+    called once ``SLOW_PEER_WARNING_S`` have passed, then every ``SLOW_PEER_REPEAT_S``, at a liveness check.
     """
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = math.inf if timeout is None else start + timeout
     next_check = start + LIVENESS_INTERVAL_S
+    next_warning = start + SLOW_PEER_WARNING_S
     sleep = SLEEP_FIRST_S
     first_park = True
     while not ready():
@@ -97,6 +110,9 @@ def wait_until(
                     return True
                 raise lost
             next_check = now + (LIVENESS_INTERVAL_S if first_park else PARKED_LIVENESS_INTERVAL_S)
+            if now >= next_warning and warn is not None:
+                next_warning = now + SLOW_PEER_REPEAT_S
+                warn(now - start)
         if now >= deadline:
             return ready()
         waited = now - start

@@ -10,7 +10,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.rl.dynamic_weight_manager import DynamicWeightManager
-from fastdeploy_patch.signal_group import GLOO_OP_TIMEOUT_S, SignalGroup, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import SignalGroup, broadcast_signal, new_signal_group
 from fastdeploy_patch.status import ModelWeightsStatus
 
 SIGNAL_SRC = 0
@@ -33,7 +33,7 @@ class WorkerProcess:
         model: paddle.nn.Layer,
         *,
         status_signal: StatusSignal | None = None,
-        signal_timeout: float | datetime.timedelta = GLOO_OP_TIMEOUT_S,
+        signal_timeout: float | datetime.timedelta | None = None,
         signal_transport: str = "auto",
         signal_lookahead: int = 0,
         forward_input: paddle.Tensor | None = None,

@@ -431,7 +431,9 @@ def stuck_peer(
             error = _error(exc)
         elapsed = time.monotonic() - started
     again_started = time.monotonic()
-    again = _call_error(lambda: broadcast_signal(stuck_at, src=stuck, group=group))
+    # The call that timed out can be made again, with its own src only: another src is refused at once.
+    other_src = (stuck + 1) % dist.get_world_size()
+    again = _call_error(lambda: broadcast_signal(stuck_at, src=other_src, group=group))
     # The abandoned broadcast still sits in gloo on a daemon thread; do not let teardown wait for it.
     exit_after_reply(
         {

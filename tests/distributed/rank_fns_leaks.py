@@ -17,7 +17,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import SHM_DIR, new_signal_group
-from fastdeploy_patch.signal_group.shm_transport import ShmRing
+from fastdeploy_patch.signal_group.shm_segment import ShmRing
 
 
 def stalled_in_the_handshake(*, name_file: str, stall_s: float) -> dict:

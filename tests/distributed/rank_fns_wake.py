@@ -14,7 +14,7 @@ from unittest import mock
 import paddle.distributed as dist
 
 from fastdeploy_patch.signal_group import SignalGroupError, broadcast_signal, futex, new_signal_group
-from fastdeploy_patch.signal_group.shm_transport import CURSOR_AT, WORD_BYTES, members_at
+from fastdeploy_patch.signal_group.shm_layout import CURSOR_AT, WORD_BYTES, members_at
 from fastdeploy_patch.testing import exit_after_reply
 
 

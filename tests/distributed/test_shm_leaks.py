@@ -15,7 +15,7 @@ import pytest
 
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
 from fastdeploy_patch.signal_group.liveness import gone_reason
-from fastdeploy_patch.signal_group.shm_transport import segment_creator
+from fastdeploy_patch.signal_group.shm_diagnostics import segment_creator
 from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns, rank_fns_leaks
 from tests.distributed.conftest import leaked_segments, our_segments

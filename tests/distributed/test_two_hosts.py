@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdeploy_patch.signal_group.shm_transport import SEGMENT_PREFIX
+from fastdeploy_patch.signal_group.shm_segment import SEGMENT_PREFIX
 from fastdeploy_patch.testing.launcher import RankPlacement
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR, run_ranks_or_fail
 

@@ -11,7 +11,7 @@ from paddle.distributed.communication.group import Group
 
 from fastdeploy_patch.paddle_internals import paddle_private
 from fastdeploy_patch.signal_group import group as signal_group_api
-from fastdeploy_patch.signal_group.shm_transport import ShmRing
+from fastdeploy_patch.signal_group.shm_segment import ShmRing
 
 
 @pytest.fixture(autouse=True)

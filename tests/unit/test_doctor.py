@@ -27,8 +27,9 @@ from fastdeploy_patch.cli.doctor import (
     ShmFacts,
 )
 from fastdeploy_patch.procfs import Mount
-from fastdeploy_patch.signal_group import Leftover
+from fastdeploy_patch.signal_group import shm_diagnostics
 from fastdeploy_patch.signal_group.liveness import ProcessIdentity
+from fastdeploy_patch.signal_group.shm_diagnostics import Leftover
 
 CPU = PaddleFacts(version="3.3.1", cuda=None, has_gloo=True, gpus=0)
 GPU_NO_GLOO = PaddleFacts(version="3.3.0", cuda="12.6", has_gloo=False, gpus=8)
@@ -390,7 +391,7 @@ def test_run_gathers_this_machines_facts(clean: bool) -> None:
         mock.patch.object(doctor, "network_facts", return_value=NETWORK) as network,
         mock.patch.object(doctor, "leftover_facts", return_value=leftovers) as left,
         mock.patch.object(signal_group, "shm_reader_sleep", return_value=("capped sleep", "why")),
-        mock.patch.object(signal_group, "leftover_segments", return_value=LEFT) as scan,
+        mock.patch.object(shm_diagnostics, "leftover_segments", return_value=LEFT) as scan,
         mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": "3"}),
         mock.patch.object(os, "listdir", return_value=["lo"]) as listdir,
     ):
@@ -401,7 +402,7 @@ def test_run_gathers_this_machines_facts(clean: bool) -> None:
         assert find() == LEFT and cleaning is clean
     assert findings == doctor.diagnose(CPU, "3", HEALTHY_SHM, error, ("capped sleep", "why"), NETWORK, leftovers)
     assert shm.call_args.args[0] == "/dev/shm" and shm.call_args.args[1:] == (doctor._read_mounts, os.statvfs)
-    probe.assert_called_once_with(signal_group.check_shm_usable)
+    probe.assert_called_once_with(shm_diagnostics.check_shm_usable)
     listdir.assert_called_once_with("/sys/class/net")
     scan.assert_called_once_with("/dev/shm")
 

@@ -2,7 +2,9 @@
 ``testing/``.
 
 The patch never imports ``cli/`` or ``testing/``; those two may import the patch, but take signal-group names only
-from ``fastdeploy_patch.signal_group`` itself, never from its internal modules.
+from ``fastdeploy_patch.signal_group`` itself, never from its internal modules, with one exception: the diagnostics
+that only tools use (``shm_diagnostics``) are imported from their own module, so the group's public API does not
+carry them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "fastdeploy_patch"
 TOOLS = ("cli", "testing")
 """The subpackages that are tools beside the patch, not part of it."""
+TOOLS_ONLY = ("shm_diagnostics",)
+"""Modules of ``signal_group`` that serve the tools alone: the tools import them by their own name."""
 ENTRY_POINTS = ("__main__.py",)
 """Root modules that only start the command (``python -m fastdeploy_patch``): they belong with ``cli/``."""
 
@@ -73,6 +77,8 @@ def layout_violations(package: Path) -> list[str]:
                 problems.setdefault(where, f"{where}: the patch imports {module}")
             if in_tools and module.startswith(signal_group + "."):
                 submodule = module[len(signal_group) + 1 :].split(".")[0]
+                if submodule in TOOLS_ONLY:
+                    continue
                 if (package / "signal_group" / f"{submodule}.py").exists() or (
                     package / "signal_group" / submodule
                 ).is_dir():
@@ -107,6 +113,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         "testing/__init__.py": "",
         "signal_group/__init__.py": "",
         "signal_group/arguments.py": "",
+        "signal_group/shm_diagnostics.py": "",
         **files,
     }.items():
         (package / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +158,8 @@ def test_a_broken_import_rule_is_reported_with_its_file_and_line(
     ("rel", "source"),
     [
         ("cli/x.py", "from fastdeploy_patch.signal_group import TRANSPORTS, new_signal_group\n"),
+        ("cli/doctor.py", "from fastdeploy_patch.signal_group.shm_diagnostics import leftover_segments\n"),
+        ("testing/x.py", "from fastdeploy_patch.signal_group import shm_diagnostics\n"),
         ("testing/x.py", "from fastdeploy_patch import status\nimport fastdeploy_patch.signal_group\n"),
         ("cli/x.py", "from fastdeploy_patch.testing import launcher\nfrom . import demo\n"),
         ("signal_group/group.py", "from fastdeploy_patch.signal_group.arguments import TRANSPORTS\n"),

@@ -43,6 +43,7 @@ from fastdeploy_patch.signal_group.shm_transport import ShmTransport
 from fastdeploy_patch.status import ModelWeightsStatus
 
 from .conftest import FakeGlobalStore, FakeTCPStore, GlooLikePG
+from .shm_calls import Injected, source_line, traced
 
 FREE_PORT = 41234
 FREE_PORT_TRIES = 5
@@ -161,7 +162,7 @@ def test_first_member_publishes_its_own_store_and_lends_it_to_new_group(world: F
     # Lent for the new_group call only: the global store is the default again afterwards.
     assert world.default_stores == [own_store, world.global_store]
     assert isinstance(group, SignalGroup)
-    assert (group.transport, group.ranks, group.timeout, group.lookahead) == ("gloo", [0, 1, 2], 30.0, 0)
+    assert (group.transport, group.ranks, group.timeout, group.lookahead) == ("gloo", [0, 1, 2], None, 0)
     assert group.paddle_group.name == "_default_pg1"
     assert group._endpoint._store == own_store and group._endpoint._caller is None
     assert getattr(group.paddle_group, GROUP_STORE_ATTRIBUTE) is group._endpoint._store
@@ -275,7 +276,7 @@ def test_a_gloo_timeout_above_gloos_limit_is_refused(world: FakeWorld, timeout: 
         new_signal_group(timeout=timeout, transport="gloo")
     assert str(err.value) == (
         f"timeout must be <= 30 s with transport='gloo', got {timeout!r}: Paddle's gloo backend fails every op "
-        "after a fixed 30 s; use transport='shm' (ranks on one host) for a longer one"
+        "after a fixed 30 s; use transport='shm' (ranks on one host) for a longer one, or timeout=None"
     )
     _no_communication(world)
 
@@ -305,11 +306,11 @@ def test_a_timeout_outside_a_day_is_refused(world: FakeWorld, transport: str, ti
     _no_communication(world)
 
 
-@pytest.mark.parametrize("timeout", [True, False, "5", None, [5]])
+@pytest.mark.parametrize("timeout", [True, False, "5", [5]])
 def test_a_timeout_that_is_not_seconds_is_a_type_error(world: FakeWorld, timeout: object) -> None:
     with pytest.raises(TypeError) as err:
         new_signal_group(timeout=timeout)
-    assert str(err.value) == f"timeout must be seconds (int or float) or a datetime.timedelta, got {timeout!r}"
+    assert str(err.value) == (f"timeout must be None, seconds (int or float) or a datetime.timedelta, got {timeout!r}")
     _no_communication(world)
 
 
@@ -499,11 +500,16 @@ def test_a_non_member_follows_the_decision_without_a_mapping(world: FakeWorld) -
 CANNOT = "no /dev/shm here"
 
 
-def test_auto_falls_back_to_gloo_when_a_member_cannot_map_the_segment(world: FakeWorld) -> None:
+@pytest.mark.parametrize(("timeout", "seconds"), [(10, 10.0), (None, None)])
+def test_auto_falls_back_to_gloo_when_a_member_cannot_map_the_segment(
+    world: FakeWorld, timeout: float | None, seconds: float | None
+) -> None:
     world.answer(1, 1, CANNOT)
-    group = new_signal_group(timeout=10)
-    assert (group.transport, group.lookahead, group.timeout) == ("gloo", 0, 10.0)
+    group = new_signal_group(timeout=timeout) if timeout is not None else new_signal_group()
+    assert (group.transport, group.lookahead, group.timeout) == ("gloo", 0, seconds)
     assert isinstance(group._endpoint, GlooTransport)
+    # No deadline thread where gloo's own 30 s is the bound.
+    assert (group._endpoint._caller is None) is (timeout is None)
     # The gloo rendezvous uses the creation's own key, apart from the shared-memory handshake's.
     assert world.global_store.sets[-1] == ("fastdeploy_patch/signal_group/1", f"127.0.0.1:{FREE_PORT}")
     assert [call[:2] for call in world.new_group_calls] == [([0, 1], "gloo")]
@@ -530,7 +536,7 @@ def test_auto_refuses_a_timeout_gloo_cannot_honour_and_says_why_shm_was_not_poss
     assert str(err.value) == (
         f"ranks [1] of the signal group (ranks [0, 1]) cannot map its shared-memory segment (rank 1: {CANNOT}), so "
         "transport='auto' falls back to gloo, whose ops fail after a fixed 30 s: timeout 45 s is too long; pass a "
-        "timeout <= 30 s or put the ranks on one host"
+        "timeout <= 30 s, or None, or put the ranks on one host"
     )
     assert world.new_group_calls == []
 
@@ -577,7 +583,7 @@ def test_close_is_idempotent_and_later_broadcasts_fail(world: FakeWorld) -> None
         broadcast_signal(1, src=0, group=group)
     assert str(err.value) == (
         "the signal group (ranks [0, 1]) is unusable: it was closed; every rank must create a new group with "
-        "new_signal_group() (after restarting the ranks that failed)"
+        "new_signal_group(), in the same order"
     )
 
 
@@ -655,7 +661,9 @@ def full() -> Iterator[mock.Mock]:
         yield spy
 
 
-def _gloo_group(world: FakeWorld, ranks: list[int] | None = None, timeout: float = GLOO_OP_TIMEOUT_S) -> SignalGroup:
+def _gloo_group(
+    world: FakeWorld, ranks: list[int] | None = None, timeout: float | None = GLOO_OP_TIMEOUT_S
+) -> SignalGroup:
     # What the group's first member would have published, for when this rank is not that member.
     key = f"fastdeploy_patch/signal_group/{api._created + 1}"
     world.global_store.values.setdefault(key, f"127.0.0.1:{FREE_PORT}".encode())
@@ -869,12 +877,24 @@ def test_a_stuck_peer_times_out_at_the_groups_deadline(world: FakeWorld, sent: F
         broadcast_signal(1, src=0, group=group)
     message = str(err.value)
     assert "signal broadcast from src 0 on the signal group (ranks [0, 1]) got no answer after" in message
-    assert message.endswith("(timeout 0.2 s): a peer is stuck and is not taking part")
+    assert message.endswith(
+        "(timeout 0.2 s): a peer is slow or stuck; the group is still usable: call broadcast_signal() again with "
+        "src 0 to go on waiting for this call"
+    )
     waited = float(message.split("got no answer after ")[1].split(" s")[0])
     assert waited >= 0.2
     # The broadcast was left behind on the group's deadline thread, not on the caller's.
     assert sent.calls[0][3] == f"signal-{group.paddle_group.name}"
-    _assert_unusable(group, sent, full, "a broadcast from src 0 timed out")
+    # A retry waits for that same broadcast, whose value stands: nothing is sent or written again.
+    with pytest.raises(TimeoutError):
+        broadcast_signal(2, src=0, group=group)
+    sent.arriving = 7
+    sent.block.set()
+    assert broadcast_signal(3, src=0, group=group) == 7
+    assert sent.sent_values == [1] and full.call_count == 1
+    # The next call is a new broadcast.
+    sent.block = None
+    assert broadcast_signal(4, src=0, group=group) == 7 and sent.sent_values == [1, 4]
 
 
 def test_a_deadline_group_delivers_srcs_value_through_its_thread(world: FakeWorld, sent: FakeBroadcast) -> None:
@@ -912,12 +932,12 @@ def test_gloos_own_limit_on_a_group_without_thread_is_a_timeout(
     ):
         broadcast_signal(5, src=0, group=group)
     assert str(err.value) == (
-        "signal broadcast from src 0 on the signal group (ranks [0, 1]) got no answer after 30.2 s "
-        "(timeout 30 s): a peer is stuck and is not taking part"
+        "signal broadcast from src 0 on the signal group (ranks [0, 1]) got no answer after 30.2 s: gloo fails every "
+        "op after a fixed 30 s, and its group cannot be used after that"
     )
     assert err.value.__cause__ is gloo_timeout
     assert sent.calls[0][3] == threading.current_thread().name
-    _assert_unusable(group, sent, full, "a broadcast from src 0 timed out")
+    _assert_unusable(group, sent, full, "a broadcast from src 0 failed at gloo's own 30 s limit")
 
 
 @pytest.mark.parametrize(("waited", "error"), [(29.0, TimeoutError), (28.99, SignalGroupError)])
@@ -981,3 +1001,73 @@ def test_deadline_caller_gives_up_after_the_timeout() -> None:
         assert caller.call(lambda: release.wait(10), 0.05) is False
     finally:
         release.set()
+
+
+# --- gloo calls that end early ------------------------------------------------------------------------------------
+
+GLOO_FILES = {api.__file__, gloo_transport.__file__}
+
+
+def test_a_gloo_group_without_timeout_runs_on_the_callers_thread_up_to_gloos_own_limit(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    group = _gloo_group(world, timeout=None)
+    assert group.timeout is None and group._endpoint._caller is None
+    assert repr(group) == "SignalGroup(transport='gloo', ranks=[0, 1], timeout=None, lookahead=0)"
+    assert broadcast_signal(4, src=0, group=group) == 4
+    assert sent.calls[0][3] == threading.current_thread().name
+
+
+def test_a_gloo_call_interrupted_while_gloo_ran_it_leaves_the_group_unusable(
+    world: FakeWorld, sent: FakeBroadcast, full: mock.Mock
+) -> None:
+    group = _gloo_group(world)
+    sent.error = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        broadcast_signal(1, src=0, group=group)
+    _assert_unusable(
+        group,
+        sent,
+        full,
+        "a broadcast from src 0 was interrupted while gloo ran it, so this rank cannot know whether it took part in "
+        "it",
+    )
+    with pytest.raises(SignalGroupError) as err:
+        broadcast_signal(1, src=0, group=group)
+    assert str(err.value).endswith(
+        "a rank of the group can no longer take part in step with the others, and a new group cannot be made with a "
+        "rank missing (creation is collective over the whole world): restart every rank of the world"
+    )
+
+
+def test_a_gloo_call_interrupted_before_its_op_is_made_again_with_the_retrys_value(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    group = _gloo_group(world)
+    with pytest.raises(Injected):
+        traced(
+            lambda: broadcast_signal(1, src=0, group=group),
+            GLOO_FILES,
+            lambda frame: source_line(frame) == "self._sent = n",
+        )
+    assert sent.sent_values == []
+    assert broadcast_signal(2, src=0, group=group) == 2
+    assert sent.sent_values == [2]
+
+
+def test_a_gloo_call_interrupted_after_its_op_returns_the_ops_value_without_a_second_op(
+    world: FakeWorld, sent: FakeBroadcast
+) -> None:
+    world.rank = 1
+    group = _gloo_group(world)
+    sent.arriving = 6
+    with pytest.raises(Injected):
+        traced(
+            lambda: broadcast_signal(0, src=0, group=group),
+            GLOO_FILES,
+            lambda frame: source_line(frame) == "return int(buffer.item())",
+        )
+    sent.arriving = 8
+    assert broadcast_signal(0, src=0, group=group) == 6
+    assert len(sent.calls) == 1
+    assert broadcast_signal(0, src=0, group=group) == 8 and len(sent.calls) == 2

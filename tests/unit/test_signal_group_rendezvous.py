@@ -14,7 +14,9 @@ import pytest
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import rendezvous
 from fastdeploy_patch.signal_group.rendezvous import ATTACHED, negotiate_shm
-from fastdeploy_patch.signal_group.shm_transport import SHM_DIR, ShmHandle, ShmRing, ShmTransport
+from fastdeploy_patch.signal_group.shm_segment import SHM_DIR, ShmHandle, ShmRing
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+from tests.unit.shm_calls import call
 
 KEY = "fastdeploy_patch/signal_group/9"
 
@@ -84,7 +86,7 @@ def test_every_member_maps_the_one_segment_and_its_name_is_gone(store: BlockingS
         assert {store.values[f"{KEY}/shm/{r}"].decode() for r in (1, 2, 3)} == {ATTACHED}
         assert store.counters[f"{KEY}/shm/read"] == 4
         ends = [ShmTransport(rings[r], r, timeout=5, lookahead=0, initial=0) for r in (1, 2, 3)]
-        assert [end.broadcast(9 if i == 0 else None, 1) for i, end in enumerate(ends)] == [9, 9, 9]
+        assert [call(end, 9 if i == 0 else None, 1) for i, end in enumerate(ends)] == [9, 9, 9]
     finally:
         for ring in rings.values():
             ring.close()

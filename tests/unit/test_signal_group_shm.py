@@ -32,10 +32,18 @@ from fastdeploy_patch.signal_group import (
     broadcast_signal,
     futex,
     liveness,
+    shm_layout,
+    shm_segment,
     shm_transport,
     waiting,
 )
-from fastdeploy_patch.signal_group.shm_transport import (
+from fastdeploy_patch.signal_group.shm_diagnostics import (
+    Leftover,
+    check_shm_usable,
+    leftover_segments,
+    segment_creator,
+)
+from fastdeploy_patch.signal_group.shm_layout import (
     BROKEN_AT,
     CURSOR_AT,
     HEADER_BYTES,
@@ -45,33 +53,36 @@ from fastdeploy_patch.signal_group.shm_transport import (
     PARKED_AT,
     PID_AT,
     PIDNS_AT,
-    SEGMENT_PREFIX,
-    SEGMENT_TAG_ENV,
     SEQUENCE_SHIFT,
-    SHM_DIR,
     SHM_RING_SLOTS,
     START_AT,
     WORD_BYTES,
-    Leftover,
-    ShmHandle,
-    ShmRing,
-    ShmTransport,
-    check_shm_usable,
-    leftover_segments,
     member_word,
     members_at,
     pack_slot,
     ring_at,
     segment_bytes,
-    segment_creator,
-    segment_tag,
     sequence_of,
     slot_sequence,
     slot_value,
     slot_word,
 )
+from fastdeploy_patch.signal_group.shm_segment import (
+    SEGMENT_PREFIX,
+    SEGMENT_TAG_ENV,
+    SHM_DIR,
+    ShmHandle,
+    ShmRing,
+    segment_tag,
+)
+from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+from tests.unit.shm_calls import call
 
 INITIAL = -7
+RETRY_FROM_0, RETRY_FROM_5, RETRY_FROM_6 = (
+    f"; the group is still usable: call broadcast_signal() again with src {src} to go on waiting for this call"
+    for src in (0, 5, 6)
+)
 
 
 def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
@@ -84,7 +95,7 @@ def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
 
 
 def test_a_slot_word_is_the_sequence_of_its_call_above_the_value() -> None:
-    assert SEQUENCE_SHIFT == 32 and shm_transport.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
+    assert SEQUENCE_SHIFT == 32 and shm_layout.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
     # Call m is published with sequence m + 1, modulo 2**32: 0 is never a published call's.
     assert [sequence_of(call) for call in (0, 1, 2**32 - 2, 2**32 - 1, 2**32)] == [1, 2, 2**32 - 1, 0, 1]
     assert pack_slot(0, 5) == (1 << 32) | 5
@@ -226,7 +237,7 @@ def test_a_handle_of_another_layout_version_is_refused_even_with_a_matching_head
 
 def test_create_removes_its_file_when_the_segment_cannot_be_sized(tmp_path: os.PathLike) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+    with mock.patch.object(shm_segment.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
         ShmRing.create([0, 1], shm_dir=str(tmp_path))
     assert err.value is full
     assert os.listdir(tmp_path) == []
@@ -266,7 +277,7 @@ def test_a_new_mapping_never_takes_or_removes_an_existing_file(tmp_path: Path) -
     taken = tmp_path / f"{SEGMENT_PREFIX}taken"
     taken.write_bytes(b"someone else's")
     with pytest.raises(FileExistsError):
-        shm_transport._new_mapping(str(taken), 4096)
+        shm_segment._new_mapping(str(taken), 4096)
     assert taken.read_bytes() == b"someone else's"
 
 
@@ -306,7 +317,7 @@ def test_a_creator_whose_segment_cannot_be_made_unregisters_its_name(
     tracker: list[tuple[str, str, str, bool]],
 ) -> None:
     full = OSError(errno.ENOSPC, "No space left on device")
-    with mock.patch.object(shm_transport.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
+    with mock.patch.object(shm_segment.os, "posix_fallocate", side_effect=full), pytest.raises(OSError) as err:
         ShmRing.create([0, 1])
     assert err.value is full
     (_, name, _, _), unregistered = tracker
@@ -453,7 +464,7 @@ def _call(ends: list[ShmTransport], value: int, src: int) -> list[int]:
     order = sorted(range(2), key=lambda i: ranks[i] != src)
     got = [0, 0]
     for i in order:
-        got[i] = ends[i].broadcast(value if ranks[i] == src else None, src)
+        got[i] = call(ends[i], value if ranks[i] == src else None, src)
     return got
 
 
@@ -484,7 +495,7 @@ def test_the_slot_word_packs_the_sequence_above_the_value(pair: tuple[ShmRing, S
 def test_the_sequence_wraps_at_two_to_the_32(pair: tuple[ShmRing, ShmRing]) -> None:
     ends = _ends(pair)
     for end in ends:
-        end._calls = 2**32 - 2
+        end.calls_made = 2**32 - 2
         end._room_until = 2**33
     assert _call(ends, 5, 0) == [5, 5]
     assert _call(ends, 6, 5) == [6, 6]
@@ -507,32 +518,34 @@ def test_lookahead_returns_the_value_published_that_many_calls_earlier(
 
 def test_a_reader_waits_only_when_more_than_lookahead_calls_ahead_of_the_src(pair: tuple[ShmRing, ShmRing]) -> None:
     reader = _ends(pair, lookahead=2, timeout=0.05)[1]
-    assert [reader.broadcast(None, 0), reader.broadcast(None, 0)] == [INITIAL, INITIAL]
+    assert [call(reader, None, 0), call(reader, None, 0)] == [INITIAL, INITIAL]
     with pytest.raises(TimeoutError) as err:
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert str(err.value).startswith("signal broadcast from src 0 on the signal group (ranks [0, 5]) got no answer")
     assert str(err.value).endswith(
-        "(timeout 0.05 s): a peer is stuck and is not taking part (rank 0 has not published the value of call 0)"
+        "(timeout 0.05 s): a peer is slow or stuck (rank 0 has not published the value of call 0); the group is "
+        "still usable: call broadcast_signal() again with src 0 to go on waiting for this call"
     )
 
 
 def test_the_src_runs_ahead_by_the_ring_and_then_waits_for_the_slowest_reader(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, _ = _ends(pair, lookahead=4, timeout=0.05)
     for step in range(SHM_RING_SLOTS):
-        writer.broadcast(step, 0)
+        call(writer, step, 0)
     with pytest.raises(TimeoutError) as err:
-        writer.broadcast(SHM_RING_SLOTS, 0)
+        call(writer, SHM_RING_SLOTS, 0)
     assert str(err.value).endswith(
-        "(timeout 0.05 s): a peer is stuck and is not taking part (ranks [5] have not taken the value of call 0 yet)"
+        "(timeout 0.05 s): a peer is slow or stuck (ranks [5] have not taken the value of call 0 yet); the group is "
+        "still usable: call broadcast_signal() again with src 0 to go on waiting for this call"
     )
 
 
 def test_the_src_takes_the_room_readers_made(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, reader = _ends(pair, timeout=0.05)
     for step in range(3 * SHM_RING_SLOTS):
-        assert writer.broadcast(step, 0) == step
+        assert call(writer, step, 0) == step
         if step >= SHM_RING_SLOTS - 1:
-            assert reader.broadcast(None, 0) == step - SHM_RING_SLOTS + 1
+            assert call(reader, None, 0) == step - SHM_RING_SLOTS + 1
     assert writer._room_until >= 3 * SHM_RING_SLOTS - 1
 
 
@@ -547,7 +560,7 @@ def test_threads_in_lockstep_and_with_lookahead_see_the_whole_stream(pair: tuple
             rank = (0, 5)[me]
             for step in range(steps):
                 src = (0, 5)[(step // 7) % 2]
-                got[me].append(ends[me].broadcast(step * 3 if rank == src else None, src))
+                got[me].append(call(ends[me], step * 3 if rank == src else None, src))
 
         threads = [threading.Thread(target=run, args=(me,)) for me in (0, 1)]
         for thread in threads:
@@ -583,7 +596,7 @@ def test_a_src_that_exited_fails_its_readers_within_a_second(pair: tuple[ShmRing
     _pretend_member_is(pair[0], 0, pid)
     started = time.monotonic()
     with pytest.raises(SignalGroupError) as err:
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert time.monotonic() - started < 1.0
     message = str(err.value)
     assert message.startswith("signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.")
@@ -596,7 +609,7 @@ def test_a_mark_left_by_another_member_fails_a_waiter_fast(pair: tuple[ShmRing, 
     _, reader = _ends(pair, timeout=30)
     pair[0].words[BROKEN_AT // 8] = 7 + 1
     with pytest.raises(SignalGroupError) as err:
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert str(err.value).endswith("a peer exited or dropped its connection (rank 7 exited, as another member found)")
 
 
@@ -607,18 +620,18 @@ def test_a_reader_that_exited_fails_the_src_once_the_ring_is_full(pair: tuple[Sh
     pid = _gone_pid()
     _pretend_member_is(pair[0], 1, pid)
     for step in range(SHM_RING_SLOTS):
-        writer.broadcast(step, 0)
+        call(writer, step, 0)
     with pytest.raises(SignalGroupError) as err:
-        writer.broadcast(0, 0)
+        call(writer, 0, 0)
     assert str(err.value).endswith(f"a peer exited or dropped its connection (rank 5: process {pid} is gone)")
 
 
 def test_a_src_that_published_and_exited_fails_nobody(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, reader = _ends(pair, lookahead=2, timeout=30)
     for value in (1, 2, 3):
-        writer.broadcast(value, 0)
+        call(writer, value, 0)
     _pretend_member_is(pair[0], 0, _gone_pid())
-    assert [reader.broadcast(None, 0) for _ in range(4)] == [INITIAL, INITIAL, 1, 2]
+    assert [call(reader, None, 0) for _ in range(4)] == [INITIAL, INITIAL, 1, 2]
 
 
 def test_a_reader_judges_the_src_of_the_call_it_waits_for_not_of_this_call(pair: tuple[ShmRing, ShmRing]) -> None:
@@ -626,29 +639,33 @@ def test_a_reader_judges_the_src_of_the_call_it_waits_for_not_of_this_call(pair:
     _, reader = _ends(pair, lookahead=2, timeout=30)
     pid = _gone_pid()
     _pretend_member_is(pair[0], 0, pid)
-    assert reader.broadcast(None, 0) == INITIAL
-    assert reader.broadcast(11, 5) == INITIAL
+    assert call(reader, None, 0) == INITIAL
+    assert call(reader, 11, 5) == INITIAL
     with pytest.raises(SignalGroupError, match=rf"\(rank 0: process {pid} is gone\)$"):
-        reader.broadcast(12, 5)
+        call(reader, 12, 5)
 
 
-def test_a_shm_groups_failure_leaves_it_unusable(pair: tuple[ShmRing, ShmRing]) -> None:
+def test_a_shm_timeout_leaves_the_group_usable_and_only_a_lost_peer_breaks_it(pair: tuple[ShmRing, ShmRing]) -> None:
     ends = _ends(pair, timeout=0.05)
     groups = [
         SignalGroup(transport="shm", ranks=[0, 5], rank=rank, timeout=0.05, lookahead=0, endpoint=end)
         for rank, end in zip((0, 5), ends, strict=True)
     ]
-    with pytest.raises(TimeoutError):
-        broadcast_signal(0, src=0, group=groups[1])
-    with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 timed out; "):
-        broadcast_signal(0, src=0, group=groups[1])
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            broadcast_signal(0, src=0, group=groups[1])
+    with pytest.raises(ValueError, match=r"^src 5 is not the src of the call that ended early on this rank \(src 0\)"):
+        broadcast_signal(0, src=5, group=groups[1])
+    assert broadcast_signal(41, src=0, group=groups[0]) == 41
+    assert broadcast_signal(0, src=0, group=groups[1]) == 41
+    assert [broadcast_signal(42, src=5, group=groups[1]), broadcast_signal(0, src=5, group=groups[0])] == [42, 42]
     _pretend_member_is(pair[0], 1, _gone_pid())
     ends[0]._next_reader_check = math.inf
     for step in range(SHM_RING_SLOTS):
         broadcast_signal(step, src=0, group=groups[0])
     with pytest.raises(SignalGroupError, match=r"process \d+ is gone\)$"):
         broadcast_signal(1, src=0, group=groups[0])
-    with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 lost a peer; "):
+    with pytest.raises(SignalGroupError, match=r"is unusable: a broadcast from src 0 lost a peer; .*restart every"):
         broadcast_signal(1, src=0, group=groups[0])
 
 
@@ -660,27 +677,27 @@ def test_a_slow_reader_keeps_every_value_the_src_may_not_overwrite_an_untaken_sl
 ) -> None:
     writer, reader = _ends(pair, timeout=0.05)
     for step in range(SHM_RING_SLOTS):
-        writer.broadcast(step, 0)
-    assert reader.broadcast(None, 0) == 0
+        call(writer, step, 0)
+    assert call(reader, None, 0) == 0
     # One value taken: room for exactly one more call, and not two.
-    writer.broadcast(SHM_RING_SLOTS, 0)
+    call(writer, SHM_RING_SLOTS, 0)
     with pytest.raises(TimeoutError) as err:
-        writer.broadcast(SHM_RING_SLOTS + 1, 0)
-    assert str(err.value).endswith("(ranks [5] have not taken the value of call 1 yet)")
-    assert [reader.broadcast(None, 0) for _ in range(SHM_RING_SLOTS)] == list(range(1, SHM_RING_SLOTS + 1))
-    assert writer.broadcast(SHM_RING_SLOTS + 1, 0) == SHM_RING_SLOTS + 1
-    assert reader.broadcast(None, 0) == SHM_RING_SLOTS + 1
+        call(writer, SHM_RING_SLOTS + 1, 0)
+    assert str(err.value).endswith("(ranks [5] have not taken the value of call 1 yet)" + RETRY_FROM_0)
+    assert [call(reader, None, 0) for _ in range(SHM_RING_SLOTS)] == list(range(1, SHM_RING_SLOTS + 1))
+    assert call(writer, SHM_RING_SLOTS + 1, 0) == SHM_RING_SLOTS + 1
+    assert call(reader, None, 0) == SHM_RING_SLOTS + 1
 
 
 def test_a_src_waiting_for_room_goes_on_as_soon_as_a_reader_takes_a_value(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, reader = _ends(pair, timeout=20.0)
     for step in range(SHM_RING_SLOTS):
-        writer.broadcast(step, 0)
+        call(writer, step, 0)
     taken: list[int] = []
-    late_reader = threading.Timer(0.05, lambda: taken.append(reader.broadcast(None, 0)))
+    late_reader = threading.Timer(0.05, lambda: taken.append(call(reader, None, 0)))
     late_reader.start()
     started = time.monotonic()
-    assert writer.broadcast(SHM_RING_SLOTS, 0) == SHM_RING_SLOTS
+    assert call(writer, SHM_RING_SLOTS, 0) == SHM_RING_SLOTS
     late_reader.join()
     assert taken == [0]
     # Far below the 20 s timeout, which a readiness check that is never true would run into.
@@ -697,13 +714,13 @@ def test_a_src_that_waited_for_room_in_vain_names_itself_and_only_the_readers_be
             ShmTransport(r, rank, timeout=0.05, lookahead=0, initial=INITIAL)
             for r, rank in zip(rings, (0, 5, 6), strict=True)
         )
-        assert [writer.broadcast(step, 5) for step in range(SHM_RING_SLOTS)] == list(range(SHM_RING_SLOTS))
-        assert first.broadcast(None, 5) == 0
+        assert [call(writer, step, 5) for step in range(SHM_RING_SLOTS)] == list(range(SHM_RING_SLOTS))
+        assert call(first, None, 5) == 0
         with pytest.raises(TimeoutError) as err:
-            writer.broadcast(SHM_RING_SLOTS, 5)
+            call(writer, SHM_RING_SLOTS, 5)
         message = str(err.value)
         assert message.startswith("signal broadcast from src 5 on the signal group (ranks [0, 5, 6]) got no answer")
-        assert message.endswith("(ranks [6] have not taken the value of call 0 yet)")
+        assert message.endswith("(ranks [6] have not taken the value of call 0 yet)" + RETRY_FROM_5)
     finally:
         for ring in reversed(rings):
             ring.close()
@@ -719,13 +736,13 @@ def test_a_reader_watches_the_src_of_the_call_it_waits_for_among_three_members()
             ShmTransport(r, rank, timeout=0.2, lookahead=1, initial=INITIAL)
             for r, rank in zip(rings, (0, 5, 6), strict=True)
         ]
-        assert ends[0].broadcast(10, 0) == INITIAL
+        assert call(ends[0], 10, 0) == INITIAL
         _pretend_member_is(creator, 0, _gone_pid())
-        assert ends[1].broadcast(None, 0) == INITIAL
-        assert ends[1].broadcast(None, 6) == 10
+        assert call(ends[1], None, 0) == INITIAL
+        assert call(ends[1], None, 6) == 10
         with pytest.raises(TimeoutError) as err:
-            ends[1].broadcast(None, 6)
-        assert str(err.value).endswith("(rank 6 has not published the value of call 1)")
+            call(ends[1], None, 6)
+        assert str(err.value).endswith("(rank 6 has not published the value of call 1)" + RETRY_FROM_6)
     finally:
         for ring in reversed(rings):
             ring.close()
@@ -740,7 +757,7 @@ def _waited(message: str, pattern: str) -> float:
 def test_a_timeout_reports_the_time_it_waited(pair: tuple[ShmRing, ShmRing]) -> None:
     _, reader = _ends(pair, timeout=0.3)
     with pytest.raises(TimeoutError) as err:
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert 0.3 <= _waited(str(err.value), r"got no answer after (\d+\.\d) s \(timeout 0\.3 s\)") < 5.0
 
 
@@ -748,7 +765,7 @@ def test_a_lost_peer_reports_the_time_it_waited(pair: tuple[ShmRing, ShmRing]) -
     _, reader = _ends(pair, timeout=30)
     _pretend_member_is(pair[0], 0, _gone_pid())
     with pytest.raises(SignalGroupError) as err:
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert 0.05 <= _waited(str(err.value), r"failed after (\d+\.\d\d) s") < 1.0
 
 
@@ -768,10 +785,10 @@ def test_a_dead_reader_fails_the_src_at_its_first_check_once_it_has_taken_a_valu
     _pretend_member_is(pair[0], 1, pid)
     for step in range(lookahead + 1):
         _checking_every_call(writer)
-        writer.broadcast(step, 0)
+        call(writer, step, 0)
     _checking_every_call(writer)
     with pytest.raises(SignalGroupError) as err:
-        writer.broadcast(99, 0)
+        call(writer, 99, 0)
     assert str(err.value).startswith(
         "signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.00 s: "
     )
@@ -827,15 +844,15 @@ def test_the_src_publishes_and_wakes_before_it_reads_the_clock_or_proc(
             mock.patch.object(shm_transport.time, "monotonic", monotonic),
             mock.patch.object(shm_transport.liveness, "gone_reason", gone_reason),
         ):
-            assert writer.broadcast(10, 0) == 10
-            assert [reader.broadcast(None, 0) for reader in readers] == [10, 10]
+            assert call(writer, 10, 0) == 10
+            assert [call(reader, None, 0) for reader in readers] == [10, 10]
             moments.clear()
             now[0] += waiting.LIVENESS_INTERVAL_S
             # Rank 5 announced that it sleeps for call 1; rank 6 is gone.
             creator.words[member_word(1, PARKED_AT)] = 1 + 1
             fake_proc(creator, 2)
             with pytest.raises(SignalGroupError, match=r"\(rank 6: process 4242 is gone\)$"):
-                writer.broadcast(11, 0)
+                call(writer, 11, 0)
     finally:
         for ring in reversed(rings):
             ring.close()
@@ -849,17 +866,17 @@ def test_a_reader_asleep_for_this_very_call_is_judged_at_the_next(
     pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex, fake_proc: Callable[[ShmRing, int], None]
 ) -> None:
     writer, reader = _ends(pair, timeout=30)
-    writer.broadcast(1, 0)
-    assert reader.broadcast(None, 0) == 1
+    call(writer, 1, 0)
+    assert call(reader, None, 0) == 1
     # The reader announced that it sleeps for call 1, then died there.
     fake_proc(pair[0], 1)
     pair[0].words[member_word(1, PARKED_AT)] = 1 + 1
     _checking_every_call(writer)
-    assert writer.broadcast(2, 0) == 2
+    assert call(writer, 2, 0) == 2
     assert fake_futex.wakes == [_sequence_address(pair[0], 1)]
     _checking_every_call(writer)
     with pytest.raises(SignalGroupError, match=r"\(rank 5: process 4242 is gone\)$"):
-        writer.broadcast(3, 0)
+        call(writer, 3, 0)
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])
@@ -871,7 +888,7 @@ def test_a_dead_reader_fails_a_src_calling_every_few_ms_within_a_second(
     started = time.monotonic()
     with pytest.raises(SignalGroupError, match=r"\(rank 5: process \d+ is gone\)$"):
         for step in range(SHM_RING_SLOTS - 1):
-            writer.broadcast(step, 0)
+            call(writer, step, 0)
             time.sleep(0.005)
     assert time.monotonic() - started < 1.0
 
@@ -889,8 +906,8 @@ def test_the_src_reads_proc_at_most_every_liveness_interval(pair: tuple[ShmRing,
         mock.patch.object(shm_transport.liveness, "gone_reason", gone_reason),
     ):
         for step in range(100):
-            writer.broadcast(step, 0)
-            reader.broadcast(None, 0)
+            call(writer, step, 0)
+            call(reader, None, 0)
             now[0] += 0.004
     # 100 calls 4 ms apart span 0.4 s: a look every 50 ms. The first, at call 0, needs no /proc read (no value
     # taken yet); each later one reads it once.
@@ -902,7 +919,7 @@ def test_a_live_reader_behind_the_src_fails_nothing(pair: tuple[ShmRing, ShmRing
     writer, _ = _ends(pair, timeout=30)
     for step in range(SHM_RING_SLOTS):
         _checking_every_call(writer)
-        assert writer.broadcast(step, 0) == step
+        assert call(writer, step, 0) == step
 
 
 def test_readers_that_made_every_call_and_exited_fail_no_src_behind_them(pair: tuple[ShmRing, ShmRing]) -> None:
@@ -910,30 +927,30 @@ def test_readers_that_made_every_call_and_exited_fail_no_src_behind_them(pair: t
     writer, reader = _ends(pair, lookahead=2, timeout=30)
     for value in (1, 2, 3):
         _checking_every_call(writer)
-        writer.broadcast(value, 0)
-    assert [reader.broadcast(None, 0) for _ in range(5)] == [INITIAL, INITIAL, 1, 2, 3]
+        call(writer, value, 0)
+    assert [call(reader, None, 0) for _ in range(5)] == [INITIAL, INITIAL, 1, 2, 3]
     _pretend_member_is(pair[0], 1, _gone_pid())
     for value in (4, 5):
         _checking_every_call(writer)
-        writer.broadcast(value, 0)
+        call(writer, value, 0)
     assert pair[0].words[BROKEN_AT // 8] == 0
 
 
 def test_a_reader_that_takes_a_value_and_exits_while_being_judged_fails_nobody(pair: tuple[ShmRing, ShmRing]) -> None:
     writer, reader = _ends(pair, lookahead=1, timeout=30)
-    writer.broadcast(1, 0)
-    writer.broadcast(2, 0)
-    reader.broadcast(None, 0)
+    call(writer, 1, 0)
+    call(writer, 2, 0)
+    call(reader, None, 0)
 
     def takes_a_value_then_exits(peer: liveness.ProcessIdentity) -> str:
         # The reader's last two calls land between the src's first look at its cursor and the verdict.
-        reader.broadcast(None, 0)
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
+        call(reader, None, 0)
         return "process 4242 is gone"
 
     _checking_every_call(writer)
     with mock.patch.object(shm_transport.liveness, "gone_reason", takes_a_value_then_exits):
-        writer.broadcast(3, 0)
+        call(writer, 3, 0)
     assert pair[0].words[BROKEN_AT // 8] == 0
 
 
@@ -942,11 +959,11 @@ def test_a_mark_left_by_another_member_fails_the_src_right_after_it_publishes(pa
     pair[0].words[BROKEN_AT // 8] = 7 + 1
     _checking_every_call(writer)
     with pytest.raises(SignalGroupError) as err:
-        writer.broadcast(1, 0)
+        call(writer, 1, 0)
     assert str(err.value).endswith("a peer exited or dropped its connection (rank 7 exited, as another member found)")
     assert pair[0].words[ring_at(2) // 8] == pack_slot(0, 1)
-    # The call counts as made: a live reader takes its value.
-    assert (writer._calls, reader.broadcast(None, 0)) == (1, 1)
+    # The value stays published: a live reader takes it.
+    assert call(reader, None, 0) == 1
 
 
 # --- the futex phase: announce, look again, sleep; wake only the announced -------------------------------------
@@ -980,7 +997,7 @@ def fake_futex(pair: tuple[ShmRing, ShmRing]) -> Iterator[FakeFutex]:
 
 
 def _sequence_address(ring: ShmRing, call: int) -> int:
-    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + shm_transport.SEQUENCE_HALF_AT
+    return ring.address + ring_at(2) + (call % SHM_RING_SLOTS) * 8 + shm_layout.SEQUENCE_HALF_AT
 
 
 def test_the_mapping_address_is_where_the_words_are(pair: tuple[ShmRing, ShmRing]) -> None:
@@ -994,35 +1011,35 @@ def test_the_src_wakes_only_for_the_call_a_reader_announced(
     pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
 ) -> None:
     writer, reader = _ends(pair)
-    writer.broadcast(0, 0)
+    call(writer, 0, 0)
     assert fake_futex.wakes == []
     # Rank 5 announces it may sleep for call 2: call 1 wakes nobody, call 2 wakes its slot.
     pair[0].words[(members_at(1) + PARKED_AT) // 8] = 2 + 1
-    writer.broadcast(1, 0)
+    call(writer, 1, 0)
     assert fake_futex.wakes == []
-    writer.broadcast(2, 0)
+    call(writer, 2, 0)
     assert fake_futex.wakes == [_sequence_address(pair[0], 2)]
     # Its own announcement never makes a src wake.
     pair[0].words[(members_at(1) + PARKED_AT) // 8] = 0
     pair[0].words[(members_at(0) + PARKED_AT) // 8] = 3 + 1
-    writer.broadcast(3, 0)
+    call(writer, 3, 0)
     assert fake_futex.wakes == [_sequence_address(pair[0], 2)]
-    assert [reader.broadcast(None, 0) for _ in range(4)] == [0, 1, 2, 3]
+    assert [call(reader, None, 0) for _ in range(4)] == [0, 1, 2, 3]
 
 
 def test_a_reader_announces_then_sleeps_on_the_sequence_it_saw_and_the_src_wakes_it(
     pair: tuple[ShmRing, ShmRing], fake_futex: FakeFutex
 ) -> None:
     writer, reader = _ends(pair)
-    writer.broadcast(5, 0)
-    reader.broadcast(None, 0)
+    call(writer, 5, 0)
+    call(reader, None, 0)
 
     def src_publishes(waits: int) -> str:
-        writer.broadcast(6, 0)
+        call(writer, 6, 0)
         return "woken"
 
     fake_futex.during_wait = src_publishes
-    assert reader.broadcast(None, 0) == 6
+    assert call(reader, None, 0) == 6
     ((address, expected, seconds, parked),) = fake_futex.waits
     # Slot 1 still held its initial 0 when the reader went to sleep on it (in its own mapping), having announced
     # call 1; the src woke the same slot through its mapping.
@@ -1041,11 +1058,11 @@ def test_a_reader_looks_again_after_any_return_from_its_sleep(
 
     def publishes_on_the_third(waits: int) -> str:
         if waits == 3:
-            writer.broadcast(8, 0)
+            call(writer, 8, 0)
         return outcome
 
     fake_futex.during_wait = publishes_on_the_third
-    assert reader.broadcast(None, 0) == 8
+    assert call(reader, None, 0) == 8
     assert len(fake_futex.waits) == 3
     assert {expected for _, expected, _, _ in fake_futex.waits} == {0}
     # Only the first sleep, the one a lost wake-up can hit, is short; the later ones last until the liveness check.
@@ -1060,14 +1077,14 @@ def test_a_value_that_lands_after_the_last_look_but_before_the_sleep_is_taken_wi
     writer, reader = _ends(pair)
     real_wait_until = waiting.wait_until
 
-    def lands_before_park(ready, timeout, find_lost, park):
+    def lands_before_park(ready, timeout, find_lost, park, warn):
         assert not ready()
-        writer.broadcast(4, 0)
+        call(writer, 4, 0)
         park(0.01)
-        return real_wait_until(ready, timeout, find_lost, park)
+        return real_wait_until(ready, timeout, find_lost, park, warn)
 
     with mock.patch.object(shm_transport.waiting, "wait_until", lands_before_park):
-        assert reader.broadcast(None, 0) == 4
+        assert call(reader, None, 0) == 4
     assert fake_futex.waits == []
     assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
 
@@ -1077,7 +1094,7 @@ def test_the_announcement_is_withdrawn_when_the_wait_fails(
 ) -> None:
     _, reader = _ends(pair, timeout=0.05)
     with pytest.raises(TimeoutError):
-        reader.broadcast(None, 0)
+        call(reader, None, 0)
     assert fake_futex.waits and {parked[1] for *_, parked in fake_futex.waits} == {1}
     assert pair[0].words[(members_at(1) + PARKED_AT) // 8] == 0
 
@@ -1091,14 +1108,14 @@ def test_without_futex_readers_sleep_in_capped_steps_and_the_src_never_reads_ann
     parks: list[object] = []
     real_wait_until = waiting.wait_until
 
-    def recording(ready, timeout, find_lost, park):
+    def recording(ready, timeout, find_lost, park, warn):
         parks.append(park)
-        return real_wait_until(ready, timeout, find_lost, park)
+        return real_wait_until(ready, timeout, find_lost, park, warn)
 
-    late_src = threading.Timer(0.02, lambda: writer.broadcast(3, 0))
+    late_src = threading.Timer(0.02, lambda: call(writer, 3, 0))
     late_src.start()
     with mock.patch.object(shm_transport.waiting, "wait_until", recording):
-        assert reader.broadcast(None, 0) == 3
+        assert call(reader, None, 0) == 3
     late_src.join()
     assert parks == [None]
 
@@ -1120,13 +1137,13 @@ def test_a_real_futex_wakes_a_reader_thread_on_another_mapping(pair: tuple[ShmRi
     with mock.patch.object(shm_transport.futex, "available", return_value=futex.Support(Counting(), "counting")):
         writer, reader = _ends(pair, timeout=30)
     got: list[int] = []
-    thread = threading.Thread(target=lambda: got.append(reader.broadcast(None, 0)))
+    thread = threading.Thread(target=lambda: got.append(call(reader, None, 0)))
     thread.start()
     # Long past spin and yield: the reader has announced and sleeps in the kernel.
     deadline = time.monotonic() + 20
     while pair[0].words[(members_at(1) + PARKED_AT) // 8] != 1 and time.monotonic() < deadline:
         time.sleep(0.005)
-    writer.broadcast(-9, 0)
+    call(writer, -9, 0)
     thread.join(30)
     assert got == [-9]
     assert wakes == [_sequence_address(pair[0], 0)] and waits

@@ -363,3 +363,43 @@ def test_a_command_name_with_spaces_and_parentheses_is_parsed(monkeypatch: pytes
     here = os.stat(tmp_path / "self" / "ns" / "pid").st_ino
     assert gone_reason(ProcessIdentity(42, 777, here)) is None
     assert gone_reason(ProcessIdentity(42, 778, here)) == "process 42 is gone (its pid now belongs to another process)"
+
+
+def test_a_slow_peer_warning_comes_after_30_s_then_every_60_s() -> None:
+    assert (waiting.SLOW_PEER_WARNING_S, waiting.SLOW_PEER_REPEAT_S) == (30.0, 60.0)
+
+
+def test_without_a_timeout_it_waits_past_any_deadline_and_warns_on_schedule(clock: Clock) -> None:
+    warnings: list[float] = []
+    start = clock.now
+    parks: list[float] = []
+
+    def park(seconds: float) -> None:
+        parks.append(seconds)
+        clock.now += seconds
+
+    assert wait_until(_until(clock, start + 200.0), None, lambda: None, park, warnings.append) is True
+    # Each warning says how long this wait has lasted: first at 30 s, then 60 s apart; the checks run every 0.1 s.
+    assert len(warnings) == 3
+    assert [round(w) for w in warnings] == [30, 90, 150]
+    assert all(0 <= w - expected < 0.11 for w, expected in zip(warnings, (30, 90, 150), strict=True))
+    assert max(parks) <= waiting.PARKED_LIVENESS_INTERVAL_S + 1e-9
+
+
+def test_a_wait_shorter_than_the_warning_threshold_never_warns(clock: Clock) -> None:
+    warn = mock.Mock()
+    assert wait_until(_until(clock, clock.now + 29.9), None, lambda: None, None, warn) is True
+    warn.assert_not_called()
+
+
+def test_a_timeout_still_bounds_a_wait_that_warns(clock: Clock) -> None:
+    warnings: list[float] = []
+    assert wait_until(lambda: False, 31.0, lambda: None, None, warnings.append) is False
+    assert len(warnings) == 1 and 30.0 <= warnings[0] < 30.06
+
+
+def test_a_peer_in_another_pid_namespace_or_unknown_cannot_be_judged() -> None:
+    me = this_process()
+    assert liveness.can_judge(me) is True
+    assert liveness.can_judge(ProcessIdentity(me.pid, me.start_ticks, 0)) is False
+    assert liveness.can_judge(ProcessIdentity(me.pid, me.start_ticks, me.pid_namespace + 1)) is False

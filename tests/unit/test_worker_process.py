@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from fastdeploy_patch import GLOO_OP_TIMEOUT_S, ModelWeightsStatus
+from fastdeploy_patch import ModelWeightsStatus
 from fastdeploy_patch.rl import dynamic_weight_manager as dwm
 from fastdeploy_patch.rl.dynamic_weight_manager import DynamicWeightManager
 from fastdeploy_patch.worker import worker_process
@@ -69,11 +69,9 @@ def test_the_signal_group_is_created_once_at_start(rank: Rank) -> None:
     assert rank.broadcast_signal.call_args_list == [mock.call(0, src=SIGNAL_SRC, group=rank.group)] * 5
 
 
-def test_the_defaults_are_gloos_limit_the_auto_transport_and_lockstep(rank: Rank) -> None:
+def test_the_defaults_are_no_timeout_the_auto_transport_and_lockstep(rank: Rank) -> None:
     WorkerProcess(_model(), status_signal=_signal())
-    rank.new_signal_group.assert_called_once_with(
-        timeout=GLOO_OP_TIMEOUT_S, transport="auto", lookahead=0, initial=S.NORMAL
-    )
+    rank.new_signal_group.assert_called_once_with(timeout=None, transport="auto", lookahead=0, initial=S.NORMAL)
 
 
 def test_a_single_rank_makes_no_group(rank: Rank) -> None:
