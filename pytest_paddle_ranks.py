@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -158,17 +158,6 @@ def visible_gpus(environ: Mapping[str, str] = os.environ) -> int:
     return min(listed, installed)
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    marker = item.get_closest_marker("paddle_gpus")
-    if marker is None:
-        return
-    if len(marker.args) != 1 or isinstance(marker.args[0], bool) or not isinstance(marker.args[0], int):
-        raise pytest.UsageError(f"{item.nodeid}: paddle_gpus takes one integer (the GPUs needed), got {marker.args}")
-    needed, seen = marker.args[0], visible_gpus()
-    if seen < needed:
-        pytest.skip(f"needs {needed} GPU(s), {seen} visible")
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     # Kept logs are named after the test whose call failed, whichever fixture made the call.
@@ -177,6 +166,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_short_of_gpus(items)
     session = config.stash[_SESSION]
     session.guard_wanted = session.settings.check_leaks or any(
         "paddle_ranks_leak_guard" in getattr(item, "fixturenames", ()) for item in items
@@ -186,6 +176,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if guard is not None:
             # Before the first fixture: every rank and segment of the session carries the tag the guard looks for.
             guard.tag_this_process()
+
+
+def skip_short_of_gpus(items: list[pytest.Item], count: Callable[[], int] = visible_gpus) -> None:
+    """Mark every item whose ``paddle_gpus(n)`` asks for more GPUs than ``count()`` sees to be skipped, with why
+    (a ``skipif`` marker: the report names the test's own line); ``pytest.UsageError`` for a marker without one
+    integer."""
+    seen = None
+    for item in items:
+        marker = item.get_closest_marker("paddle_gpus")
+        if marker is None:
+            continue
+        if len(marker.args) != 1 or isinstance(marker.args[0], bool) or not isinstance(marker.args[0], int):
+            raise pytest.UsageError(f"{item.nodeid}: paddle_gpus takes one integer (GPUs needed), got {marker.args}")
+        seen = count() if seen is None else seen
+        if seen < marker.args[0]:
+            item.add_marker(pytest.mark.skipif(True, reason=f"needs {marker.args[0]} GPU(s), {seen} visible"))
 
 
 def _load(name: str) -> ModuleType | None:
