@@ -22,7 +22,9 @@ from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SEGMENT_TAG_ENV, SHM_D
 RUN_TAG_VAR = "PADDLE_RANKS_RUN"
 """Every rank of the session's pools carries this variable, set to ``RUN_TAG``; give it to any process a test starts
 that the guard should watch."""
-RUN_TAG = uuid.uuid4().hex
+RUN_TAG = os.environ.get(RUN_TAG_VAR) or uuid.uuid4().hex
+"""This run's tag: a pytest session started by a test of another, with the tag in its environment, belongs to that
+run, and so do its ranks."""
 SEGMENT_TAG = f"{RUN_TAG[:8]}p{os.getpid()}"
 LEFTOVER_GRACE_S = 5.0
 """How long tagged processes get to end after a test: helpers (multiprocessing's resource tracker) exit on their own

@@ -108,3 +108,13 @@ def test_leaks_names_the_processes_and_segments_a_test_left(tmp_path: Path, monk
     assert len(problems) == 2 and problems[1] == "shared-memory segments leaked: ['status_left']"
     assert problems[0].startswith(f"rank processes outlived the test: {{{child.pid}: ")
     assert "time.sleep(60)" in problems[0]
+
+
+def test_a_session_started_with_a_runs_tag_belongs_to_that_run() -> None:
+    code = "from fastdeploy_patch.testing import leak_guard; print(leak_guard.RUN_TAG)"
+    env = {**os.environ, leak_guard.RUN_TAG_VAR: "outer"}
+    inner = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert inner.stdout == "outer\n"
+    env.pop(leak_guard.RUN_TAG_VAR)
+    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert len(fresh.stdout.strip()) == 32 and fresh.stdout.strip() not in ("outer", leak_guard.RUN_TAG)
