@@ -1,6 +1,6 @@
-"""The README's paddle_ranks example, run as a user would: copied out of README.md into a temporary directory outside
-this repository (no conftest, no PYTHONPATH to the checkout), collected by a pytest that finds the plugin only
-through the installed package's entry point."""
+"""The user guide's paddle_ranks example, run as a user would: copied out of docs/paddle_ranks.md into a temporary
+directory outside this repository (no conftest, no PYTHONPATH to the checkout), collected by a pytest that finds the
+plugin only through the installed package's entry point."""
 
 from __future__ import annotations
 
@@ -11,25 +11,25 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "paddle_ranks.md"
 START, END = "<!-- paddle_ranks example -->", "<!-- end of paddle_ranks example -->"
 
 
-def readme_example() -> tuple[str, str]:
-    """The example's file name (from its first line) and its source, exactly as the README shows them."""
-    block = README.read_text(encoding="utf-8").split(START, 1)[1].split(END, 1)[0]
+def guide_example() -> tuple[str, str]:
+    """The example's file name (from its first line) and its source, exactly as the guide shows them."""
+    block = GUIDE.read_text(encoding="utf-8").split(START, 1)[1].split(END, 1)[0]
     source = re.fullmatch(r"\s*```python\n(.*)```\s*", block, re.S).group(1)
     name = re.match(r"# (test_\w+)\.py: run with `pytest test_\w+\.py`\n", source).group(1)
     return name, source
 
 
-def test_the_readme_example_passes_from_a_directory_outside_the_repository(
+def test_the_guide_example_passes_from_a_directory_outside_the_repository(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    name, source = readme_example()
+    name, source = guide_example()
     pytester.makepyfile(**{name: source})
-    assert README.parent not in pytester.path.parents
+    assert GUIDE.parents[1] not in pytester.path.parents
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"{name}.py", timeout=300)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["paddle_ranks: 1 pool start, 3 calls served, 0 recycles"])
@@ -54,7 +54,7 @@ def test_the_plugin_under_xdist_keeps_pools_per_worker_and_sums_their_summary(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    name, source = readme_example()
+    name, source = guide_example()
     pytester.makepyfile(**{name: source, "test_other": OTHER_FILE})
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile", "--rootdir", str(pytester.path), timeout=300
@@ -62,7 +62,7 @@ def test_the_plugin_under_xdist_keeps_pools_per_worker_and_sums_their_summary(
     result.assert_outcomes(passed=3)
     workers = sorted(p.name for p in pytester.path.glob("worker-*"))
     assert workers in (["worker-gw0"], ["worker-gw1"]), workers
-    # Each worker started the pool its file used, and served its file's calls (3 in the README's, 1 in the other):
+    # Each worker started the pool its file used, and served its file's calls (3 in the guide's, 1 in the other):
     # the controller's one line adds them up.
     result.stdout.fnmatch_lines(["paddle_ranks: 2 pool starts, 4 calls served, 0 recycles"])
 
