@@ -6,9 +6,13 @@ what each rank runs and how it replies; this module owns the processes.
 
 ``start_rank`` is the one place a rank process is made. Its input, ``RankSpec``, says all a start method needs: the
 rank, the command (any placement prefix such as ``nsenter``, the interpreter, its arguments), the exact environment,
-the working directory, the log file, and the file descriptors the rank inherits. Whatever starts the process, the
-result is a ``RankProcess``: a session leader (so that killing its session reaches everything it started), its
-output in its log file, and a pidfd that becomes readable when it exits.
+the working directory, the log file, the file descriptors the rank inherits, and the start method's name.
+``START_METHODS`` maps that name to the function that makes the process: ``"spawn"`` (``subprocess.Popen`` of the
+command) is the only one today; another (a fork of a warm parent that imported Paddle once) registers there and
+returns an object with ``Popen``'s ``pid``, ``returncode``, ``poll()``, ``wait(timeout)`` and ``send_signal(sig)``,
+its process leading a session of its own, its output in the spec's log file. Whatever made the process,
+``start_rank`` returns a ``RankProcess`` with a pidfd that becomes readable when it exits, and everything after
+(waiting, stacks, killing, reports) is the same.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -60,7 +64,8 @@ class RankSpec:
 
     ``argv``: the whole command (a placement's prefix, the interpreter, its arguments); ``env``: exactly the rank's
     environment (``start_rank`` adds only ``PYTHONUNBUFFERED`` and ``PARENT_VAR``); ``log_path``: where its stdout
-    and stderr go; ``cwd``: its working directory (``None``: ours); ``pass_fds``: descriptors it inherits.
+    and stderr go; ``cwd``: its working directory (``None``: ours); ``pass_fds``: descriptors it inherits;
+    ``start_method``: a key of ``START_METHODS``.
     """
 
     rank: int
@@ -69,11 +74,13 @@ class RankSpec:
     log_path: Path
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
+    start_method: str = "spawn"
 
 
 @dataclass
 class RankProcess:
-    """A started rank: its ``process`` (``poll``, ``wait``, ``pid``), its log, and its pidfd (``sentinel``)."""
+    """A started rank: its ``process`` (``pid``, ``returncode``, ``poll()``, ``wait(timeout)``, ``send_signal(sig)``,
+    as ``subprocess.Popen`` has them), its log, and its pidfd (``sentinel``)."""
 
     rank: int
     process: Any
@@ -112,13 +119,13 @@ class RankProcess:
             self.sentinel = -1
 
 
-def start_rank(spec: RankSpec) -> RankProcess:
-    """Start the rank ``spec`` describes: exactly its environment (plus unbuffered output and ``PARENT_VAR``), its
-    output in its log file, in a session of its own, keeping its ``pass_fds`` open; returns once it runs."""
+def spawn(spec: RankSpec, env: Mapping[str, str]) -> subprocess.Popen:
+    """The ``"spawn"`` start method: run ``spec.argv`` with exactly ``env``, in a session of its own, its output in
+    ``spec.log_path``."""
     with open(spec.log_path, "wb") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             list(spec.argv),
-            env={**spec.env, "PYTHONUNBUFFERED": "1", PARENT_VAR: str(os.getpid())},
+            env=dict(env),
             cwd=spec.cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -127,6 +134,20 @@ def start_rank(spec: RankSpec) -> RankProcess:
             start_new_session=True,
             pass_fds=tuple(spec.pass_fds),
         )
+
+
+START_METHODS: dict[str, Callable[[RankSpec, Mapping[str, str]], Any]] = {"spawn": spawn}
+"""How a rank process can be made, by name: each takes the spec and the environment to give the process."""
+
+
+def start_rank(spec: RankSpec) -> RankProcess:
+    """Start the rank ``spec`` describes with its start method: exactly its environment (plus unbuffered output and
+    ``PARENT_VAR``), its output in its log file, in a session of its own, keeping its ``pass_fds`` open; returns
+    once it runs. ``ValueError`` for an unknown start method, before anything starts."""
+    method = START_METHODS.get(spec.start_method)
+    if method is None:
+        raise ValueError(f"start_method must be one of {sorted(START_METHODS)}, got {spec.start_method!r}")
+    process = method(spec, {**spec.env, "PYTHONUNBUFFERED": "1", PARENT_VAR: str(os.getpid())})
     started = RankProcess(spec.rank, process, spec.log_path)
     try:
         started.sentinel = os.pidfd_open(process.pid)

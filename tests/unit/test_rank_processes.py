@@ -102,3 +102,23 @@ def test_a_failed_pidfd_open_kills_the_rank_it_started(tmp_path: Path, monkeypat
         start_rank(spec(tmp_path, 0, "import time; time.sleep(60)"))
     (process,) = started
     assert process.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+
+
+def test_a_start_method_is_looked_up_by_name_and_gets_the_ranks_whole_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[RankSpec, dict]] = []
+
+    def recording(spec: RankSpec, env: dict) -> subprocess.Popen:
+        calls.append((spec, env))
+        return rank_processes.spawn(spec, env)
+
+    monkeypatch.setitem(rank_processes.START_METHODS, "recording", recording)
+    wanted = spec(tmp_path, 0, "pass", start_method="recording")
+    started = start_rank(wanted)
+    kill_ranks([started], 0)
+    ((seen, env),) = calls
+    assert seen is wanted
+    assert env == {**wanted.env, "PYTHONUNBUFFERED": "1", rank_processes.PARENT_VAR: str(os.getpid())}
+    with pytest.raises(ValueError, match=r"^start_method must be one of \['recording', 'spawn'\], got 'fork'$"):
+        start_rank(spec(tmp_path, 0, "pass", start_method="fork"))
