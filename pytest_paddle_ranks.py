@@ -204,6 +204,7 @@ def _load(name: str) -> ModuleType | None:
         return None
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     # An xdist worker sends its workeroutput once every sessionfinish hook ran, and unconfigures only after that: its
     # pools close here, so that what closing them counts (calls nobody collected) reaches the controller's summary.

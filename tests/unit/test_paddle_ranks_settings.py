@@ -4,12 +4,18 @@ default, bad values as usage errors naming the option, and GPUs counted without 
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import pytest_paddle_ranks as entry
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeConfig:
@@ -142,3 +148,43 @@ def test_a_test_asking_for_more_gpus_than_there_are_is_skipped_with_the_counts()
 def test_a_gpu_marker_without_one_integer_is_a_usage_error(args: tuple) -> None:
     with pytest.raises(pytest.UsageError, match=r"^t: paddle_gpus takes one integer \(GPUs needed\), got "):
         entry.skip_short_of_gpus([an_item("t", pytest.mark.paddle_gpus(*args))], lambda: 0)
+
+
+LEAKING = """
+import os
+import subprocess
+import sys
+
+from fastdeploy_patch.testing.leak_guard import RUN_TAG, RUN_TAG_VAR
+
+
+def test_leaves_a_process_of_this_run():
+    env = {**os.environ, RUN_TAG_VAR: RUN_TAG}
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+
+
+def test_leaves_nothing():
+    pass
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_ini_switch_puts_every_test_under_the_leak_guard(tmp_path: Path) -> None:
+    (tmp_path / "test_leaking.py").write_text(LEAKING)
+    (tmp_path / "pytest.ini").write_text("[pytest]\npaddle_ranks_check_leaks = true\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTEST_", "COV_CORE_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "test_leaking.py"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert re.search(r"\b2 passed, 1 error\b", out), out
+    # The guard killed the process it names.
+    (pid,) = re.findall(r"rank processes outlived the test: \{(\d+): '[^']*time\.sleep\(60\)", out)
+    assert "ERROR at teardown of test_leaves_a_process_of_this_run" in out
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
