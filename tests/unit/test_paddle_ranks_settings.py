@@ -3,6 +3,7 @@ default, bad values as usage errors naming the option, and GPUs counted without 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -188,3 +189,15 @@ def test_the_ini_switch_puts_every_test_under_the_leak_guard(tmp_path: Path) -> 
     (pid,) = re.findall(r"rank processes outlived the test: \{(\d+): '[^']*time\.sleep\(60\)", out)
     assert "ERROR at teardown of test_leaves_a_process_of_this_run" in out
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+
+
+def test_the_entry_point_loads_the_top_level_module_which_imports_neither_paddle_nor_the_package() -> None:
+    code = (
+        "import json, sys, importlib.metadata as m; "
+        "ep = [e for e in m.entry_points(group='pytest11') if e.name == 'paddle_ranks'][0]; "
+        "plugin = ep.load(); "
+        "print(json.dumps([plugin.__name__, sorted({n.split('.')[0] for n in sys.modules} & {'paddle', "
+        "'fastdeploy_patch'})]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["pytest_paddle_ranks", []]
