@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,17 @@ from tests.unit.test_rank_pool import FAKE_BOOTSTRAP, rank_id, sleep_long
 TEST = "tests/unit/test_x.py::test_y[2-ranks]"
 
 
-def say_then_raise_on_one(word: str) -> int:
+def say_then_raise_on_one(word: str, said: str | None = None) -> int:
+    """Each rank prints; rank 1 then raises, once rank 0 has printed when ``said`` names the file rank 0 creates
+    after printing (else the pool may be killed before rank 0 got to the call)."""
     rank = os.environ["PADDLE_TRAINER_ID"]
     print(f"rank {rank} says {word}", flush=True)
+    if rank == "0" and said is not None:
+        Path(said).touch()
     if rank == "1":
+        deadline = time.monotonic() + 30
+        while said is not None and not Path(said).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         raise ValueError(f"one refuses {word}")
     return int(rank)
 
@@ -56,9 +64,9 @@ def test_a_failed_call_keeps_every_ranks_whole_log_of_that_call_only(kept) -> No
     # A warm pool: its first call (which succeeded) is not in the failed call's logs.
     pools.run(rank_id, 2, timeout=30)
     with pytest.raises(RankCallFailed):
-        pools.run(say_then_raise_on_one, 2, kwargs={"word": "late"}, timeout=30)
+        pools.run(say_then_raise_on_one, 2, kwargs={"word": "late", "said": str(logs.parent / "said")}, timeout=30)
     with pytest.raises(RankCallHung):
-        pools.run(say_then_hang, 2, kwargs={"word": "stuck"}, timeout=0.5)
+        pools.run(say_then_hang, 2, kwargs={"word": "stuck"}, timeout=2)
     names = sorted(path.name for path in logs.iterdir())
     stem = "gw3__tests_unit_test_x.py_test_y_2-ranks"
     assert names == [f"{stem}__call{call}__rank{rank}.log" for call in (3, 4) for rank in (0, 1)]
