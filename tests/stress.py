@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 SUITES = {
-    "unit": (["tests/unit", "tests/gate"], ["--timeout=120"]),
+    "unit": (["tests/unit", "tests/gate", "tests/nopaddle"], ["--timeout=120"]),
     "distributed": (["tests/distributed"], ["--timeout=150", "--dist", "loadfile", "-rs"]),
 }
 WORKERS = 4

@@ -1,11 +1,10 @@
-"""The ``paddle_ranks`` pytest plugin: multi-rank tests on a session's reusable Paddle ranks (``rank_pool``).
+"""What the ``paddle_ranks`` fixture gives a test: ``PaddleRanks`` (``run``, ``run_expecting_failure``, ``start``) on
+the session's reusable Paddle ranks (``rank_pool``), and ``StartedRanks`` for calls started in the background.
 
-Registered through the package's ``pytest11`` entry point, so installing ``fastdeploy-patch[cpu,test]`` is all a
-project needs. The fixtures are ``paddle_ranks`` (``run``, ``run_expecting_failure``) and ``paddle_ranks_env``; the
-README's "Testing your own multi-rank code" is their user guide. pytest imports this module before any coverage
-measurement starts, so it imports nothing heavy at module level (and never Paddle): the pool is created when the
-first test asks for it. Under pytest-xdist every worker keeps pools of its own, and the controller's summary line
-adds up what all of them did.
+The pytest side (options, markers, fixtures, hooks) is the top-level module ``pytest_paddle_ranks``, which pytest
+loads through the package's ``pytest11`` entry point whether or not Paddle is installed, and which imports this
+module when a test first asks for ``paddle_ranks``. docs/paddle_ranks.md is the user guide. Importing this module
+imports no Paddle.
 """
 
 from __future__ import annotations
@@ -15,24 +14,38 @@ from typing import Any
 
 import pytest
 
-from fastdeploy_patch.testing import rank_pool
+from fastdeploy_patch.testing import leak_guard, rank_pool
+from fastdeploy_patch.testing.rank_processes import RankError
 
 PADDLE_RANKS_TIMEOUT_S = 90.0
-"""A call's default timeout: longer than gloo's fixed 30 s op timeout (a stuck-peer test waits that out) plus the
-test's own work, and below the distributed suite's 150 s pytest timeout, so the ranks' stacks are shown first."""
+"""A call's default timeout unless the session sets another (``--paddle-ranks-timeout``, ini
+``paddle_ranks_timeout``): longer than gloo's fixed 30 s op timeout (a stuck-peer test waits that out) plus the test's
+own work, and below our distributed suite's 150 s pytest timeout, so the ranks' stacks are shown first."""
 
-_POOLS = pytest.StashKey[rank_pool.RankPools]()
-_WORKER_STATS = "paddle_ranks"
-"""The key of an xdist worker's pool statistics in its ``workeroutput``."""
+
+def new_pools(config: Any, settings: Any, current_test: Callable[[], str]) -> rank_pool.RankPools:
+    """The session's pools under ``settings`` (``pytest_paddle_ranks.Settings``); kept logs are named after the
+    xdist worker of ``config`` and the test ``current_test()`` names."""
+    workerinput = getattr(config, "workerinput", None)
+    return rank_pool.RankPools(
+        max_pools=settings.max_pools,
+        keep_logs=settings.keep_logs,
+        worker=workerinput["workerid"] if workerinput is not None else "main",
+        current_test=current_test,
+    )
 
 
 class PaddleRanks:
-    """What the ``paddle_ranks`` fixture gives a test: calls on the session's pools, with ``env`` (from
-    ``paddle_ranks_env``) added to every rank's environment."""
+    """Calls on the session's pools, with ``env`` (from ``paddle_ranks_env``) added to every rank's environment and
+    ``timeout`` as every call's default."""
 
-    def __init__(self, pools: rank_pool.RankPools, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, pools: rank_pool.RankPools, env: Mapping[str, str], *, timeout: float = PADDLE_RANKS_TIMEOUT_S
+    ) -> None:
         self._pools = pools
-        self._env = dict(env)
+        # The run's tag lets the leak guard tell this session's ranks from everyone else's.
+        self._env = {leak_guard.RUN_TAG_VAR: leak_guard.RUN_TAG, **env}
+        self.timeout = timeout
 
     def run(
         self,
@@ -43,19 +56,21 @@ class PaddleRanks:
         timeout: float | None = None,
         fresh: bool = False,
         env: Mapping[str, str] | None = None,
+        devices: str = "cpu",
     ) -> list[Any]:
         """Run module-level ``fn(**kwargs)`` on ``nranks`` ranks (each already ran ``init_parallel_env()``) and
         return every rank's return value (pickled across), by rank.
 
-        ``fresh``: on a world of its own, thrown away after the call. ``env``: more environment for the ranks (ranks
-        with another environment are another pool). ``timeout``: seconds for the call, ``PADDLE_RANKS_TIMEOUT_S`` by
-        default, counted once every rank joined the world. A rank that raises, skips, leaves a signal group open or
-        dies, a call past its timeout, and a call interrupted by pytest-timeout's signal method, fail the test with
-        every rank's report; the next call runs on a fresh pool.
+        ``fresh``: on a world of its own, thrown away after the call. ``env``: more environment for the ranks, which
+        wins over every default of ours (ranks with another environment are another pool). ``devices="gpu"``: rank
+        ``r`` uses GPU ``r`` and the world's backend is NCCL. ``timeout``: seconds for the call, the session's
+        default (90 s unless set) when ``None``, counted once every rank joined the world. A rank that raises,
+        skips, leaves a signal group open or dies, a call past its timeout, and a call interrupted by
+        pytest-timeout's signal method, fail the test with every rank's report; the next call runs on a fresh pool.
         """
         try:
-            return self._run(fn, nranks, kwargs, timeout, fresh, env)
-        except rank_pool.launcher.RankError as exc:
+            return self._pools.run(fn, nranks, kwargs=kwargs, fresh=fresh, **self._options(timeout, env, devices))
+        except RankError as exc:
             failure = str(exc)
         # Outside the except block: the report is the message alone, not chained to the exception that carried it.
         pytest.fail(failure, pytrace=False)
@@ -68,12 +83,13 @@ class PaddleRanks:
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        devices: str = "cpu",
     ) -> rank_pool.RankCallFailed:
         """Run ``fn`` on a fresh world of ``nranks`` ranks meant to fail; return the report of the first rank seen
         failing (``rank``, ``returncode``: ``None`` when it raised, ``reports``: every rank's log tail). A call in
         which every rank succeeds, or that hangs, fails the test."""
         try:
-            self._run(fn, nranks, kwargs, timeout, True, env)
+            self._pools.run(fn, nranks, kwargs=kwargs, fresh=True, **self._options(timeout, env, devices))
         except rank_pool.RankCallFailed as exc:
             return exc
         except rank_pool.RankCallHung as exc:
@@ -90,6 +106,7 @@ class PaddleRanks:
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         env: Mapping[str, str] | None = None,
+        devices: str = "cpu",
     ) -> StartedRanks:
         """Start ``fn(**kwargs)`` on a fresh world of ``nranks`` ranks in the background and return at once;
         ``.result()`` on what it returns waits for the ranks' results and fails the test as ``run`` does.
@@ -98,28 +115,22 @@ class PaddleRanks:
         ``timeout`` counts from the moment every rank joined the world. A started call nobody collects is killed at
         the end of the session.
         """
-        return StartedRanks(self._pools.start(fn, nranks, kwargs=kwargs, **self._options(timeout, env)))
+        return StartedRanks(self._pools.start(fn, nranks, kwargs=kwargs, **self._options(timeout, env, devices)))
 
     def live_pids(self) -> list[int]:
         """The process ids of the session's live pool ranks and started calls, which outlive a test on purpose."""
         return self._pools.live_pids()
 
-    def _run(
-        self,
-        fn: Callable[..., Any],
-        nranks: int,
-        kwargs: Mapping[str, Any] | None,
-        timeout: float | None,
-        fresh: bool,
-        env: Mapping[str, str] | None,
-    ) -> list[Any]:
-        return self._pools.run(fn, nranks, kwargs=kwargs, fresh=fresh, **self._options(timeout, env))
-
-    def _options(self, timeout: float | None, env: Mapping[str, str] | None) -> dict[str, Any]:
-        """A call's timeout (the default filled in) and its ranks' environment (the session's with ``env`` on top)."""
+    def _options(self, timeout: float | None, env: Mapping[str, str] | None, devices: str) -> dict[str, Any]:
+        """A call's timeout (the default filled in), devices, and its ranks' environment (the session's with ``env``
+        on top)."""
         if env is not None and not isinstance(env, Mapping):
             raise TypeError(f"env must map variable names to strings, got {env!r}")
-        return {"timeout": PADDLE_RANKS_TIMEOUT_S if timeout is None else timeout, "env": {**self._env, **(env or {})}}
+        return {
+            "timeout": self.timeout if timeout is None else timeout,
+            "env": {**self._env, **(env or {})},
+            "devices": devices,
+        }
 
 
 class StartedRanks:
@@ -138,60 +149,10 @@ class StartedRanks:
         timeout, fails the test with every rank's report, as ``run`` does."""
         try:
             return self._started.result()
-        except rank_pool.launcher.RankError as exc:
+        except RankError as exc:
             failure = str(exc)
         pytest.fail(failure, pytrace=False)
 
     def cancel(self) -> None:
         """Kill the call's ranks without waiting for its result; a no-op once ended."""
         self._started.cancel()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_POOLS] = rank_pool.RankPools()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    # An xdist worker sends its workeroutput once every sessionfinish hook ran, and unconfigures only after that: its
-    # pools close here, so that what closing them counts (calls nobody collected) reaches the controller's summary.
-    workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:
-        pools = session.config.stash[_POOLS]
-        pools.close()
-        workeroutput[_WORKER_STATS] = pools.stats()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: object) -> None:
-    """xdist's controller, as each worker finishes: add what the worker's pools did to the session's summary."""
-    stats = getattr(node, "workeroutput", {}).get(_WORKER_STATS)
-    if stats is not None:
-        node.config.stash[_POOLS].add_stats(stats)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    # pytest unconfigures every plugin even when a configure hook raised before ours ran: a KeyError here would
-    # replace that error with one about our stash.
-    pools = config.stash.get(_POOLS, None)
-    if pools is not None:
-        pools.close()
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    pools = config.stash[_POOLS]
-    if pools.starts:
-        terminalreporter.write_line(pools.summary())
-
-
-@pytest.fixture(scope="session")
-def paddle_ranks_env() -> dict[str, str]:
-    """Extra environment for every pool rank of the session; override it in a conftest (default: none)."""
-    return {}
-
-
-@pytest.fixture(scope="session")
-def paddle_ranks(request: pytest.FixtureRequest, paddle_ranks_env: Mapping[str, str]) -> PaddleRanks:
-    """Multi-rank calls on the session's reusable ranks: ``paddle_ranks.run(fn, nranks, ...)``. Session-scoped, so
-    fixtures of any scope can use it."""
-    return PaddleRanks(request.config.stash[_POOLS], paddle_ranks_env)

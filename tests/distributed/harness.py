@@ -1,24 +1,21 @@
 """Launching ranks the way the CLI does, ``fastdeploy_patch.testing.launcher.run_ranks``, for the tests of that
 launch itself and of ranks placed in network namespaces (every other test uses the ``paddle_ranks`` pools), with
-pytest-facing failures and the tag that lets the suite prove no rank outlived its test."""
+pytest-facing failures and the plugin's run tag, which lets the leak guard prove no rank outlived its test.
+"""
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fastdeploy_patch.testing.launcher import RankFailed, RankPlacement, RankTimeout, exit_description, run_ranks
+from fastdeploy_patch.testing.launcher import RankError, RankPlacement, run_ranks
+from fastdeploy_patch.testing.leak_guard import RUN_TAG, RUN_TAG_VAR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-RUN_TAG_VAR = "FDP_DISTRIBUTED_TEST_RUN"
-"""Every rank this suite starts carries this variable, set to ``RUN_TAG``; stray-process checks look for it."""
-RUN_TAG = uuid.uuid4().hex
 
 RANK_TIMEOUT_S = 90.0
 """How long one launch may take; below each test's pytest-timeout so the rank stacks get shown first."""
@@ -50,28 +47,15 @@ def run_ranks_or_fail(
     """Run ``fn(**kwargs)`` on ``nranks`` real ranks (placed by ``placements``, default all here on loopback) and
     return each rank's result, indexed by rank.
 
-    A rank that fails or a launch that times out becomes a pytest failure naming the rank(s), with the failing
-    rank's traceback first and the other ranks' log tails after; every rank is dead by then.
+    A rank that fails or a launch that times out becomes a pytest failure with the launcher's report (the failing
+    rank's log first, the other ranks' log tails after, or every hung rank's stack); every rank is dead by then.
     """
     target = target_of(fn)
     try:
         return run_ranks(
             target, nranks, kwargs=kwargs, timeout=timeout, backend=backend, env=rank_env(), placements=placements
         )
-    except RankFailed as exc:
-        others = "".join(
-            f"\n----- rank {rank} (killed) -----\n{tail}"
-            for rank, tail in sorted(exc.reports.items())
-            if rank != exc.rank
-        )
-        message = (
-            f"rank {exc.rank} of {nranks} failed in {target} ({exit_description(exc.returncode)}):\n"
-            f"----- rank {exc.rank} -----\n{exc.reports[exc.rank]}{others}"
-        )
-    except RankTimeout as exc:
-        stacks = "".join(f"\n----- rank {rank} -----\n{tail}" for rank, tail in sorted(exc.reports.items()))
-        message = (
-            f"ranks {sorted(exc.reports)} of {nranks} hung in {target}{exc.during} for {exc.timeout:g} s; their "
-            f"stacks:{stacks}"
-        )
-    pytest.fail(message, pytrace=False)
+    except RankError as exc:
+        failure = str(exc)
+    # Outside the except block: the report is the message alone, not chained to the exception that carried it.
+    pytest.fail(failure, pytrace=False)

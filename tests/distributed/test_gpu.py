@@ -14,8 +14,8 @@ import paddle
 import pytest
 
 from fastdeploy_patch.rl.dynamic_weight_manager import DynamicWeightManager
+from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns
-from tests.distributed.harness import run_ranks_or_fail
 
 GPUS_NEEDED = 2
 STEPS = 20
@@ -36,10 +36,14 @@ _ONE_GPU_SKIP = gpu_skip_reason(1, "weights on a GPU")
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.paddle_gpus(GPUS_NEEDED)
 @pytest.mark.skipif(_NCCL_SKIP is not None, reason=str(_NCCL_SKIP))
-def test_signal_broadcasts_launch_no_gpu_work_and_safe_shutdown_stops_and_restarts_nccl() -> None:
+def test_signal_broadcasts_launch_no_gpu_work_and_safe_shutdown_stops_and_restarts_nccl(
+    paddle_ranks: PaddleRanks,
+) -> None:
     nranks = GPUS_NEEDED
-    reports = run_ranks_or_fail(rank_fns.gpu_checks, nranks, kwargs={"steps": STEPS}, backend="nccl")
+    # A world of its own: the call shuts down and restarts the NCCL group, and profiles the device.
+    reports = paddle_ranks.run(rank_fns.gpu_checks, nranks, kwargs={"steps": STEPS}, devices="gpu", fresh=True)
 
     for report in reports:
         rank = report["rank"]

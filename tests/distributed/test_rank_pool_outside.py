@@ -1,40 +1,35 @@
-"""The paddle_ranks guide's example, run as a user would: copied out of docs/paddle_ranks.md into a temporary directory
-outside this repository (no conftest, no PYTHONPATH to the checkout), collected by a pytest that finds the plugin only
-through the installed package's entry point."""
+"""The user guide's paddle_ranks example, run as a user would: copied out of docs/paddle_ranks.md into a temporary
+directory outside this repository (no conftest, no PYTHONPATH to the checkout), collected by a pytest that finds the
+plugin only through the installed package's entry point."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from tests.doc_pages import PAGES_FROM_OTHER_BRANCHES, ROOT
-
 pytest_plugins = ["pytester"]
 
-GUIDE = "docs/paddle_ranks.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "paddle_ranks.md"
 START, END = "<!-- paddle_ranks example -->", "<!-- end of paddle_ranks example -->"
-needs_the_guide = pytest.mark.skipif(
-    GUIDE in PAGES_FROM_OTHER_BRANCHES, reason=f"{GUIDE}, which holds the example, comes with the plugin's branch"
-)
 
 
 def guide_example() -> tuple[str, str]:
     """The example's file name (from its first line) and its source, exactly as the guide shows them."""
-    block = (ROOT / GUIDE).read_text(encoding="utf-8").split(START, 1)[1].split(END, 1)[0]
+    block = GUIDE.read_text(encoding="utf-8").split(START, 1)[1].split(END, 1)[0]
     source = re.fullmatch(r"\s*```python\n(.*)```\s*", block, re.S).group(1)
     name = re.match(r"# (test_\w+)\.py: run with `pytest test_\w+\.py`\n", source).group(1)
     return name, source
 
 
-@needs_the_guide
 def test_the_guide_example_passes_from_a_directory_outside_the_repository(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PYTHONPATH", raising=False)
     name, source = guide_example()
     pytester.makepyfile(**{name: source})
-    assert ROOT not in pytester.path.parents
+    assert GUIDE.parents[1] not in pytester.path.parents
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"{name}.py", timeout=300)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["paddle_ranks: 1 pool start, 3 calls served, 0 recycles"])
@@ -55,7 +50,6 @@ def test_another_file_on_whichever_worker_gets_it(paddle_ranks):
 """
 
 
-@needs_the_guide
 def test_the_plugin_under_xdist_keeps_pools_per_worker_and_sums_their_summary(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,9 +16,9 @@ import pytest
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SHM_DIR
 from fastdeploy_patch.signal_group.liveness import gone_reason
 from fastdeploy_patch.signal_group.shm_diagnostics import segment_creator
+from fastdeploy_patch.testing.leak_guard import leaked_segments, our_segments
 from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns, rank_fns_leaks
-from tests.distributed.conftest import leaked_segments, our_segments
 
 RANKS_START_S = 240.0
 """Hang guard for a fresh world's start (import Paddle, join) on a loaded 2-core host."""

@@ -231,10 +231,15 @@ def test_demo_fails_when_the_ranks_disagree(driver, capsys) -> None:
 
 
 def test_demo_fails_when_a_rank_fails_and_still_removes_the_segments(driver, capsys) -> None:
-    ranks = FakeRanks(error=RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"}))
+    ranks = FakeRanks(
+        error=RankFailed(rank=1, nranks=2, target="m:f", returncode=1, reports={0: "fine", 1: "Traceback: boom"})
+    )
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", ranks):
         assert cli.main(["demo"]) == 1
-    assert "demo: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
+    assert (
+        "demo: FAILED: rank 1 of 2 failed in m:f: it exited before replying, exit code 1\n"
+        "----- rank 1 -----\nTraceback: boom\n----- rank 0 (log tail) -----\nfine\n"
+    ) in capsys.readouterr().err
     assert driver.instances[0].stopped and _gone(ranks.segments_seen)
 
 
@@ -429,12 +434,13 @@ def test_bench_without_plot_never_loads_matplotlib(gloo) -> None:
 
 
 def test_bench_fails_when_a_rank_fails(gloo, capsys) -> None:
-    error = RankFailed(0, 1, {0: "Traceback: gloo", 1: "fine"})
+    error = RankFailed(rank=0, nranks=2, target="m:f", returncode=1, reports={0: "Traceback: gloo", 1: "fine"})
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=error):
         assert cli.main(["bench", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "bench: FAILED: rank 0 failed with exit code 1:\nTraceback: gloo" in captured.err
+    assert "bench: FAILED: rank 0 of 2 failed in m:f: it exited before replying, exit code 1\n" in captured.err
+    assert "----- rank 0 -----\nTraceback: gloo\n----- rank 1 (log tail) -----\nfine\n" in captured.err
 
 
 def test_bench_interrupted_exits_130(gloo, capsys) -> None:

@@ -40,10 +40,13 @@ def test_smoke_fails_when_a_rank_saw_something_else(capsys):
 
 
 def test_smoke_fails_when_a_rank_fails(capsys):
-    error = RankFailed(1, 1, {0: "fine", 1: "Traceback: boom"})
+    error = RankFailed(rank=1, nranks=2, target="m:f", returncode=1, reports={0: "fine", 1: "Traceback: boom"})
     with mock.patch("fastdeploy_patch.testing.launcher.run_ranks", side_effect=error):
         assert cli.main(["smoke"]) == 1
-    assert "smoke: FAILED: rank 1 failed with exit code 1:\nTraceback: boom" in capsys.readouterr().err
+    assert (
+        "smoke: FAILED: rank 1 of 2 failed in m:f: it exited before replying, exit code 1\n----- rank 1 -----\n"
+        "Traceback: boom\n"
+    ) in capsys.readouterr().err
 
 
 def test_ctrl_c_during_smoke_exits_130_after_the_ranks_are_stopped(capsys):

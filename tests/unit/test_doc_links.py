@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.doc_pages import PAGES_FROM_OTHER_BRANCHES, ROOT, pages
+from tests.doc_pages import ROOT, pages
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
@@ -18,9 +18,8 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
-def broken_links(page: Path, root: Path = ROOT, pending: frozenset[str] = frozenset()) -> list[str]:
-    """The relative links of ``page`` (outside code blocks) whose file, or whose heading, does not exist; links to a
-    file in ``pending`` (paths relative to ``root``) are not checked while it is missing."""
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of ``page`` (outside code blocks) whose file, or whose heading, does not exist."""
     text = FENCE.sub("", page.read_text(encoding="utf-8"))
     broken = []
     for target in LINK.findall(text):
@@ -30,8 +29,7 @@ def broken_links(page: Path, root: Path = ROOT, pending: frozenset[str] = frozen
         linked = (page.parent / path).resolve() if path else page
         shown = linked.relative_to(root).as_posix() if linked.is_relative_to(root) else str(linked)
         if not linked.exists():
-            if shown not in pending:
-                broken.append(f"{page.name}: {target} (no file {shown})")
+            broken.append(f"{page.name}: {target} (no file {shown})")
         elif fragment and linked.suffix == ".md":
             anchors = {anchor(heading) for heading in HEADING.findall(FENCE.sub("", linked.read_text("utf-8")))}
             if fragment not in anchors:
@@ -40,15 +38,10 @@ def broken_links(page: Path, root: Path = ROOT, pending: frozenset[str] = frozen
 
 
 def test_every_relative_link_of_the_docs_leads_to_a_file_and_heading_that_exist() -> None:
-    assert [problem for page in pages() for problem in broken_links(page, pending=PAGES_FROM_OTHER_BRANCHES)] == []
+    assert [problem for page in pages() for problem in broken_links(page)] == []
 
 
-def test_the_pages_other_branches_write_are_still_to_come() -> None:
-    # Once a page is merged, its links must be checked like any other: take it out of PAGES_FROM_OTHER_BRANCHES.
-    assert sorted(page for page in PAGES_FROM_OTHER_BRANCHES if (ROOT / page).exists()) == []
-
-
-def test_a_missing_file_a_missing_heading_and_a_pending_page_are_told_apart(tmp_path: Path) -> None:
+def test_a_missing_file_and_a_missing_heading_are_told_apart(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
     guide = "# Guide\n\n## Limits and `--ipc=host`\n\n```md\n# Not a heading\n```\n"
     (tmp_path / "docs" / "guide.md").write_text(guide)
@@ -59,10 +52,6 @@ def test_a_missing_file_a_missing_heading_and_a_pending_page_are_told_apart(tmp_
         "```md\n[in a code block](docs/nowhere.md)\n```\n\n# Top\n"
     )
 
-    assert broken_links(page, tmp_path, pending=frozenset({"docs/later.md"})) == [
-        "README.md: docs/gone.md (no file docs/gone.md)",
-        "README.md: docs/guide.md#not-a-heading (no heading #not-a-heading in docs/guide.md)",
-    ]
     assert broken_links(page, tmp_path) == [
         "README.md: docs/gone.md (no file docs/gone.md)",
         "README.md: docs/guide.md#not-a-heading (no heading #not-a-heading in docs/guide.md)",

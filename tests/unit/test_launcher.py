@@ -13,13 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 from unittest import mock
 
 import pytest
 
-from fastdeploy_patch.testing import launcher
+from fastdeploy_patch.testing import launcher, rank_processes, rank_world
 from fastdeploy_patch.testing.launcher import RankFailed, RankTimeout, free_ports, rank_env, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,16 +83,37 @@ def fake_popen(monkeypatch):
                 if process.pid == pid:
                     process.killed = True
 
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(launcher.os, "killpg", killpg)
-    return killpg_calls
+    monkeypatch.setattr(rank_processes.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(rank_processes.os, "killpg", killpg)
+    with fake_sentinels(monkeypatch):
+        yield killpg_calls
+
+
+@contextlib.contextmanager
+def fake_sentinels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fake ranks get pidfds that never become readable (the read end of a pipe), and waiting for them is a
+    ``time.sleep`` of the timeout, which tests can patch."""
+    write_ends: list[int] = []
+
+    def pidfd_open(pid: int) -> int:
+        read_end, write_end = os.pipe()
+        write_ends.append(write_end)
+        return read_end
+
+    monkeypatch.setattr(rank_processes.os, "pidfd_open", pidfd_open)
+    monkeypatch.setattr(launcher, "wait_any", lambda ranks, others=(), timeout=None: launcher.time.sleep(timeout))
+    try:
+        yield
+    finally:
+        for fd in write_ends:
+            os.close(fd)
 
 
 @pytest.fixture
 def fake_ranks(fake_popen, monkeypatch):
     """FakeProcess ranks, and no real waiting for their stacks or their exit."""
-    monkeypatch.setattr(launcher, "_TRACEBACK_WAIT_S", 0.0)
-    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
+    monkeypatch.setattr(rank_processes, "STACK_WAIT_S", 0.0)
+    monkeypatch.setattr(rank_processes, "KILL_GRACE_S", 0.01)
     return fake_popen
 
 
@@ -144,7 +166,7 @@ def test_a_port_another_test_process_claimed_is_never_handed_out_until_its_claim
 
     with contextlib.ExitStack() as theirs:
         (taken,) = free_ports(1, theirs)
-        monkeypatch.setattr(launcher.socket, "socket", sockets)
+        monkeypatch.setattr(rank_world.socket, "socket", sockets)
         Probe.offers = [taken, taken + 1]
         with contextlib.ExitStack() as ours:
             assert free_ports(1, ours) == [taken + 1]
@@ -199,8 +221,12 @@ def test_one_failing_rank_kills_all_and_names_that_rank(fake_ranks):
     error = caught.value
     assert error.rank == 1
     assert error.returncode == 3
-    assert str(error).startswith("rank 1 failed with exit code 3:\nlog of rank 1\n")
-    assert "other ranks:\n--- rank 0 ---\nlog of rank 0" in str(error)
+    assert str(error) == (
+        "rank 1 of 3 failed in pkg.mod:fn: it exited before replying, exit code 3\n"
+        "----- rank 1 -----\nlog of rank 1\n\n"
+        "----- rank 0 (log tail) -----\nlog of rank 0\n\n"
+        "----- rank 2 (log tail) -----\nlog of rank 2\n"
+    )
     assert set(error.reports) == {0, 1, 2}
     assert all(process.killed for process in FakeProcess.instances)
 
@@ -214,7 +240,10 @@ def test_timeout_asks_each_live_rank_for_its_stack_then_kills_all(fake_ranks):
     assert error.timeout == 0.05
     assert FakeProcess.signals == [(0, signal.SIGUSR1)]
     assert error.reports == {0: "log of rank 0\n"}
-    assert str(error) == "ranks [0] did not finish within 0.05 s; their stacks:\n--- rank 0 ---\nlog of rank 0\n"
+    assert (
+        str(error)
+        == "ranks [0] of 2 hung in pkg.mod:fn for 0.05 s; their stacks:\n----- rank 0 -----\nlog of rank 0\n"
+    )
     assert all(process.killed for process in FakeProcess.instances)
 
 
@@ -224,7 +253,9 @@ def test_the_timeout_counts_from_the_moment_every_rank_is_ready_with_a_start_bou
     with pytest.raises(RankTimeout) as caught:
         run_ranks("pkg.mod:fn", 2, timeout=30, start_timeout=0.05, poll_interval=0.01)
     assert (caught.value.timeout, caught.value.during) == (0.05, " while the ranks started")
-    assert str(caught.value).startswith("ranks [0, 1] did not finish within 0.05 s while the ranks started; their")
+    assert str(caught.value).startswith(
+        "ranks [0, 1] of 2 hung in pkg.mod:fn while the ranks started for 0.05 s; their"
+    )
     # Ready: a rank that finished counts as ready too; only then does the call's timeout start.
     FakeProcess.instances = []
     FakeProcess.scripts = {0: [None], 1: [0]}
@@ -290,12 +321,12 @@ def test_keyboard_interrupt_kills_every_rank(fake_ranks, monkeypatch):
 
 def test_signals_to_a_vanished_session_are_ignored():
     process = mock.Mock(pid=1)
-    with mock.patch.object(launcher.os, "killpg", side_effect=ProcessLookupError):
-        launcher._signal_session(process, signal.SIGTERM)
+    with mock.patch.object(rank_processes.os, "killpg", side_effect=ProcessLookupError):
+        rank_processes._signal_session(process, signal.SIGTERM)
 
 
 def test_log_tail_is_empty_before_the_log_exists_and_capped_after(tmp_path):
-    rank = launcher._Rank(0, mock.Mock(), tmp_path / "rank0.log", tmp_path / "rank0.json")
+    rank = rank_processes.RankProcess(0, mock.Mock(), tmp_path / "rank0.log")
     assert rank.log_tail() == ""
     rank.log_path.write_text("x" * 4010 + "END")
     assert rank.log_tail() == "x" * 3997 + "END"
@@ -365,7 +396,10 @@ def test_real_child_that_crashes_names_the_rank_the_signal_and_every_threads_sta
     report = str(caught.value)
     assert caught.value.rank == 0
     assert caught.value.returncode == -signal.SIGSEGV
-    assert report.startswith("rank 0 failed with exit code -11 (SIGSEGV):\n")
+    assert report.startswith(
+        "rank 0 of 1 failed in tests.unit.rank_targets:crash_on_purpose: it exited before replying, exit code -11 "
+        "(SIGSEGV)\n----- rank 0 -----\n"
+    )
     assert "Fatal Python error: Segmentation fault" in report
     targets = REPO / "tests" / "unit" / "rank_targets.py"
     # The crashing thread names the function that crashed; the idle thread is shown too (all_threads).

@@ -9,12 +9,14 @@ import json
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fastdeploy_patch.testing import launcher
+from fastdeploy_patch.testing import launcher, rank_processes
 from fastdeploy_patch.testing.launcher import RankPlacement, rank_env, run_ranks
+from tests.unit.test_launcher import fake_sentinels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +54,14 @@ class RecordingPopen:
 
 
 @pytest.fixture
-def popen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+def popen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     RecordingPopen.started = []
     signalled: list[tuple[int, int]] = []
-    monkeypatch.setattr(launcher.subprocess, "Popen", RecordingPopen)
-    monkeypatch.setattr(launcher.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
-    monkeypatch.setattr(launcher, "KILL_GRACE_S", 0.01)
-    return signalled
+    monkeypatch.setattr(rank_processes.subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(rank_processes.os, "killpg", lambda pid, sig: signalled.append((pid, sig)))
+    monkeypatch.setattr(rank_processes, "KILL_GRACE_S", 0.01)
+    with fake_sentinels(monkeypatch):
+        yield signalled
 
 
 def test_each_rank_gets_its_host_prefix_and_environment(popen, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,13 +17,15 @@ import types
 
 import pytest
 
-from fastdeploy_patch.testing import pool_rank, rank_calls, rank_pool
-from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools, check_call
+from fastdeploy_patch.testing import pool_rank, pool_world, rank_calls, rank_pool, rank_processes
+from fastdeploy_patch.testing.call_target import check_call
+from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools
+from pytest_paddle_ranks import summary
 
 from .zombies import wait_until_a_zombie
 
 # A rank that serves calls on its connection without importing Paddle or joining a world.
-FAKE_BOOTSTRAP = rank_pool.launcher.RANK_PRELUDE + (
+FAKE_BOOTSTRAP = rank_processes.RANK_PRELUDE + (
     "from multiprocessing.connection import Connection; from fastdeploy_patch.testing import pool_rank; "
     "sys.exit(pool_rank.serve(Connection(int(sys.argv[1]))))"
 )
@@ -96,26 +98,16 @@ def test_a_warm_pool_serves_calls_on_the_same_ranks(pools: RankPools) -> None:
     assert [r["extra"] for r in first] == ["yes", "yes"]
     assert [r["pid"] for r in again] == [r["pid"] for r in first]
     assert sorted(pools.live_pids()) == sorted(r["pid"] for r in first)
-    assert pools.summary() == "paddle_ranks: 1 pool start, 2 calls served, 0 recycles"
+    assert summary(pools.stats()) == "paddle_ranks: 1 pool start, 2 calls served, 0 recycles"
 
 
-def test_stats_are_json_and_another_processs_stats_add_up_in_the_summary() -> None:
-    # What an xdist worker's pools did reaches the controller as JSON, and adds to what the controller counted.
+def test_stats_are_json() -> None:
+    # What an xdist worker's pools did reaches the controller as JSON (pytest_paddle_ranks adds them up).
     worker = RankPools()
     worker.starts, worker.calls = 3, 7
     worker.recycles.update({"fresh world": 2, "rank died": 1})
     stats = json.loads(json.dumps(worker.stats()))
     assert stats == {"starts": 3, "calls": 7, "recycles": {"fresh world": 2, "rank died": 1}}
-
-    controller = RankPools()
-    controller.recycles["rank died"] = 1
-    controller.add_stats(stats)
-    controller.add_stats({"starts": 1, "calls": 2, "recycles": {"rank hung": 1}})
-    assert (controller.starts, controller.calls) == (4, 9)
-    assert controller.recycles == {"fresh world": 2, "rank died": 2, "rank hung": 1}
-    assert controller.summary() == (
-        "paddle_ranks: 4 pool starts, 9 calls served, 5 recycles (fresh world: 2, rank died: 2, rank hung: 1)"
-    )
 
 
 def test_a_raise_is_reported_by_rank_and_the_next_call_gets_new_ranks(pools: RankPools) -> None:
@@ -127,7 +119,7 @@ def test_a_raise_is_reported_by_rank_and_the_next_call_gets_new_ranks(pools: Ran
     assert "ValueError: one refuses" in failed.value.error
     after = pools.run(rank_id, 2, timeout=30)
     assert not {r["pid"] for r in after} & {r["pid"] for r in before}
-    assert pools.summary() == "paddle_ranks: 2 pool starts, 3 calls served, 1 recycle (rank raised: 1)"
+    assert summary(pools.stats()) == "paddle_ranks: 2 pool starts, 3 calls served, 1 recycle (rank raised: 1)"
 
 
 def test_a_death_is_seen_at_once_with_its_exit_code(pools: RankPools) -> None:
@@ -156,7 +148,7 @@ def test_no_wait_for_replies_outlasts_what_is_left_of_the_calls_timeout(
     pools: RankPools, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pools.run(rank_id, 1, timeout=30)
-    waits = record_argument(monkeypatch, rank_pool, "wait", "timeout")
+    waits = record_argument(monkeypatch, rank_processes, "wait", "timeout")
     with pytest.raises(
         RankCallHung, match=r"^ranks \[0\] of 1 hung in tests.unit.test_rank_pool:sleep_long for 0.3 s"
     ):
@@ -211,7 +203,7 @@ def test_a_started_call_runs_beside_the_pools_and_is_collected_once(pools: RankP
     ):
         started.result()
     started.cancel()
-    assert pools.summary() == "paddle_ranks: 2 pool starts, 2 calls served, 1 recycle (fresh world: 1)"
+    assert summary(pools.stats()) == "paddle_ranks: 2 pool starts, 2 calls served, 1 recycle (fresh world: 1)"
 
 
 def test_a_started_call_that_fails_or_overstays_raises_when_collected(pools: RankPools) -> None:
@@ -259,7 +251,7 @@ def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools
     started_at = time.monotonic()
     pools.close()
     # Killed, not given the grace that ranks which finished their call get.
-    assert time.monotonic() - started_at < rank_pool.CLOSE_GRACE_S
+    assert time.monotonic() - started_at < pool_world.CLOSE_GRACE_S
     assert not any(os.path.exists(f"/proc/{pid}") for pid in forgotten.pids())
     assert pools.recycles == {"cancelled": 1, "never collected": 1}
     assert pools.live_pids() == []
@@ -405,17 +397,6 @@ def test_a_skip_in_a_rank_is_told_apart_from_a_raise() -> None:
     assert not pool_rank._is_skip(ValueError("x"))
 
 
-def test_importing_the_plugin_imports_no_paddle() -> None:
-    code = (
-        "import json, sys, importlib.metadata as m; "
-        "ep = [e for e in m.entry_points(group='pytest11') if e.name == 'paddle_ranks'][0]; "
-        "plugin = ep.load(); "
-        "print(json.dumps([plugin.__name__, 'paddle' in sys.modules, plugin.PADDLE_RANKS_TIMEOUT_S]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["fastdeploy_patch.testing.plugin", False, 90.0]
-
-
 def renamed() -> int:
     return 0
 
@@ -431,7 +412,7 @@ def test_a_function_its_module_name_does_not_lead_to_is_refused() -> None:
 def test_a_pool_serves_exactly_its_call_limit_then_is_recycled(
     pools: RankPools, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rank_pool, "MAX_CALLS_PER_POOL", 3)
+    monkeypatch.setattr(pool_world, "MAX_CALLS_PER_POOL", 3)
     first = pools.run(rank_id, 1, timeout=30)[0]["pid"]
     assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
     assert pools.recycles == {} and pools.live_pids() == [first]
@@ -446,9 +427,9 @@ def test_a_pool_is_recycled_once_a_rank_grew_past_the_memory_limit_since_it_join
 ) -> None:
     """A scripted resident size: 10,000 bytes when the rank joined, then growth of exactly the limit (kept), then
     one byte more (recycled after that call)."""
-    monkeypatch.setattr(rank_pool, "MAX_RSS_GROWTH_BYTES", 100)
+    monkeypatch.setattr(pool_world, "MAX_RSS_GROWTH_BYTES", 100)
     resident = [10_000]
-    monkeypatch.setattr(rank_pool, "rss_bytes", lambda pid: resident[0])
+    monkeypatch.setattr(pool_world, "rss_bytes", lambda pid: resident[0])
     first = pools.run(rank_id, 1, timeout=30)[0]["pid"]
     resident[0] = 10_100
     assert pools.run(rank_id, 1, timeout=30)[0]["pid"] == first
@@ -473,7 +454,7 @@ def test_a_rank_that_died_between_calls_fails_the_next_call_not_its_send(pools: 
 def test_rss_bytes_is_the_resident_size_the_kernel_reports() -> None:
     status = open(f"/proc/{os.getpid()}/status").read()
     resident_kib = int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE).group(1))
-    measured = rank_pool.rss_bytes(os.getpid())
+    measured = pool_world.rss_bytes(os.getpid())
     assert isinstance(measured, int)
     # Read a moment apart, so within 10% of each other; the shared size (the next field of statm) is far smaller.
     assert abs(measured - resident_kib * 1024) < resident_kib * 1024 // 10
@@ -492,7 +473,7 @@ class NoReply:
 
 def test_reading_a_rank_that_sent_nothing_never_waits() -> None:
     conn = NoReply()
-    assert rank_pool._read(conn) is None
+    assert pool_world._read(conn) is None
     assert conn.polls == [0]
 
 
@@ -509,7 +490,7 @@ def test_a_call_that_cannot_be_pickled_names_itself() -> None:
 def test_a_pool_claims_a_port_per_rank_and_one_for_the_store_and_logs_in_a_directory_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    claimed = record_argument(monkeypatch, rank_pool.launcher, "free_ports", "count")
+    claimed = record_argument(monkeypatch, pool_world, "free_ports", "count")
     pool = rank_pool.RankPool(2, {}, bootstrap=FAKE_BOOTSTRAP)
     try:
         pool.start(CallTarget.of(rank_id), timeout=30)
@@ -547,8 +528,8 @@ def test_a_connection_that_breaks_while_reading_counts_as_no_message() -> None:
         def poll(self, timeout: float) -> bool:
             return False
 
-    assert rank_pool._read(Broken()) is None
-    assert rank_pool._read(Silent()) is None
+    assert pool_world._read(Broken()) is None
+    assert pool_world._read(Silent()) is None
 
 
 def test_a_pool_that_fails_to_start_is_retired_with_the_reason_and_the_error_goes_on(
@@ -643,7 +624,7 @@ def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_sa
     assert pools.live_pids() == [] and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     pools.run(leave_a_child, 1, timeout=30)
     assert pools.live_pids() == []
-    assert pools.summary() == (
+    assert summary(pools.stats()) == (
         "paddle_ranks: 2 pool starts, 2 calls served, 2 recycles (state left behind: 1 child process: 1, "
         "state left behind: 1 thread: 1)"
     )
@@ -652,22 +633,22 @@ def test_a_call_that_leaves_a_thread_or_a_child_running_recycles_the_pool_and_sa
 
 
 def test_killing_a_pool_gives_its_ranks_the_pools_own_short_grace(pools: RankPools, monkeypatch) -> None:
-    graces = record_argument(monkeypatch, rank_pool.launcher, "kill_all", "grace")
+    graces = record_argument(monkeypatch, pool_world, "kill_ranks", "grace")
     pools.start(rank_id, 1, timeout=30).cancel()
     # Not the launcher's longer default: a Ctrl-C must end pytest within seconds.
-    assert graces == [rank_pool.KILL_GRACE_S] == [1.0]
+    assert graces == [pool_world.KILL_GRACE_S] == [1.0]
 
 
 def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
     """The next wait for replies gives the ranks a moment to get into their call, then raises ``exc``, as a signal
     handler would."""
-    real_wait = rank_pool.wait
+    real_wait = rank_processes.wait
 
     def wait(objects, timeout):
         real_wait(objects, 0.3)
         raise exc
 
-    monkeypatch.setattr(rank_pool, "wait", wait)
+    monkeypatch.setattr(rank_processes, "wait", wait)
 
 
 def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPools, monkeypatch) -> None:
@@ -677,7 +658,7 @@ def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPoo
     with pytest.raises(KeyboardInterrupt):
         pools.run(sleep_long, 2, timeout=30)
     # Killed at once, not given the grace of ranks that are asked to leave (they are busy in the call).
-    assert time.monotonic() - started_at < rank_pool.CLOSE_GRACE_S
+    assert time.monotonic() - started_at < pool_world.CLOSE_GRACE_S
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
     assert pools.recycles == {"interrupted": 1} and pools._alive == []
 
@@ -735,7 +716,7 @@ def test_a_failed_pidfd_open_leaves_no_rank_running(pools: RankPools, monkeypatc
         started.append(pid)
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(rank_pool.os, "pidfd_open", refuse)
+    monkeypatch.setattr(rank_processes.os, "pidfd_open", refuse)
     with pytest.raises(OSError, match="Function not implemented"):
         pools.run(rank_id, 2, timeout=30)
     assert len(started) == 1 and not os.path.exists(f"/proc/{started[0]}")
@@ -777,14 +758,14 @@ def test_a_master_port_taken_every_time_fails_the_call_after_the_last_attempt(tm
     finally:
         pools.close()
     assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (0, 75, "port taken")
-    assert (tmp_path / "starts0").read_text() == str(rank_pool.PORT_ATTEMPTS)
+    assert (tmp_path / "starts0").read_text() == str(pool_world.PORT_ATTEMPTS)
     assert pools.recycles == {"port taken": 1}
 
 
 def test_the_documented_bounds_of_a_pool() -> None:
     # Literals on purpose: how long a user waits, and how often a start is tried, are decisions this test shows.
-    assert (rank_pool.START_TIMEOUT_S, rank_pool.CLOSE_GRACE_S, rank_pool.KILL_GRACE_S) == (180.0, 5.0, 1.0)
-    assert (rank_pool.PORT_ATTEMPTS, rank_pool.PORT_TAKEN_EXIT) == (3, 75)
+    assert (rank_pool.START_TIMEOUT_S, pool_world.CLOSE_GRACE_S, pool_world.KILL_GRACE_S) == (180.0, 5.0, 1.0)
+    assert (pool_world.PORT_ATTEMPTS, pool_world.PORT_TAKEN_EXIT) == (3, 75)
 
 
 # --- what mutmut found unpinned: the started call's clocks, its kill, and the reports of a rank that left --------
@@ -883,7 +864,7 @@ def record_pool_endings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every ``RankPool.kill`` and ``RankPool.close`` from now on, in order, as "kill" and "close"; both still run."""
     ended: list[str] = []
     real_kill, real_close = rank_pool.RankPool.kill, rank_pool.RankPool.close
-    monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool: ended.append("kill") or real_kill(pool))
+    monkeypatch.setattr(rank_pool.RankPool, "kill", lambda pool, **kw: ended.append("kill") or real_kill(pool, **kw))
     monkeypatch.setattr(rank_pool.RankPool, "close", lambda pool: ended.append("close") or real_close(pool))
     return ended
 
@@ -944,7 +925,7 @@ LINGER_AFTER_HANG_UP_BOOTSTRAP = FAKE_BOOTSTRAP.replace(
 
 
 def test_closing_a_pool_shares_one_grace_among_its_ranks_then_kills_what_is_left(monkeypatch) -> None:
-    monkeypatch.setattr(rank_pool, "CLOSE_GRACE_S", 0.3)
+    monkeypatch.setattr(pool_world, "CLOSE_GRACE_S", 0.3)
     pools = RankPools(bootstrap=LINGER_AFTER_HANG_UP_BOOTSTRAP)
     try:
         pools.run(rank_id, 2, timeout=30)
@@ -972,9 +953,9 @@ def test_closing_a_pool_shares_one_grace_among_its_ranks_then_kills_what_is_left
 
 def test_a_rank_log_tail_is_its_last_characters_with_undecodable_bytes_replaced(tmp_path) -> None:
     log = tmp_path / "rank0.log"
-    log.write_bytes(b"x" * 10 + b"\xff" + b"y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1))
-    tail = rank_pool._PoolRank(0, None, None, log).log_tail()
-    assert tail == "\ufffd" + "y" * (rank_pool.launcher.LOG_TAIL_CHARS - 1)
+    log.write_bytes(b"x" * 10 + b"\xff" + b"y" * (rank_processes.LOG_TAIL_CHARS - 1))
+    tail = rank_processes.RankProcess(0, None, log).log_tail()
+    assert tail == "\ufffd" + "y" * (rank_processes.LOG_TAIL_CHARS - 1)
 
 
 def test_an_outcome_while_a_new_pool_starts_names_the_call_and_kills_its_ranks(monkeypatch) -> None:

@@ -34,7 +34,7 @@ def test_a_rank_that_replied_with_an_error_shows_its_traceback_then_the_others_t
         "Traceback: ValueError: no",
         "rank raised",
     )
-    assert error.reports is REPORTS
+    assert error.reports == REPORTS
 
 
 def test_a_rank_that_exited_shows_how_and_its_own_log_tail_first_and_when_it_happened() -> None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import pytest_paddle_ranks as entry
 from fastdeploy_patch.signal_group import SignalGroup
 from fastdeploy_patch.testing import pickles, plugin, pool_rank, rank_calls, rank_state
 from fastdeploy_patch.testing.rank_pool import RankPools
@@ -85,38 +86,48 @@ def test_start_adds_the_session_env_and_a_failure_fails_the_test_when_collected(
         handle.start(rank_id, 1, env=[("A", "b")])
 
 
-def test_the_hooks_keep_one_pool_set_per_session_and_print_one_line() -> None:
-    config = SimpleNamespace(stash=pytest.Stash())
-    plugin.pytest_configure(config)
-    pools = config.stash[plugin._POOLS]
+def a_config(**attributes: object) -> SimpleNamespace:
+    """A config as the entry point's hooks see it once its ``pytest_configure`` ran, default settings."""
+    config = SimpleNamespace(stash=pytest.Stash(), **attributes)
+    config.stash[entry._SESSION] = entry._Session(entry.Settings())
+    return config
+
+
+def test_the_fixture_makes_one_pool_set_per_session_and_the_summary_prints_one_line() -> None:
+    config = a_config()
     lines: list[str] = []
     reporter = SimpleNamespace(write_line=lines.append)
-    plugin.pytest_terminal_summary(reporter, config)
+    entry.pytest_terminal_summary(reporter, config)
     assert lines == []
-    pools.starts = 1
-    plugin.pytest_terminal_summary(reporter, config)
-    assert lines == ["paddle_ranks: 1 pool start, 0 calls served, 0 recycles"]
-    plugin.pytest_unconfigure(config)
-    assert plugin.paddle_ranks_env.__wrapped__() == {}
     request = SimpleNamespace(config=config)
-    assert isinstance(plugin.paddle_ranks.__wrapped__(request, {"A": "b"}), plugin.PaddleRanks)
+    handle = entry.paddle_ranks.__wrapped__(request, {"A": "b"})
+    assert isinstance(handle, plugin.PaddleRanks) and handle.timeout == 90.0
+    pools = config.stash[entry._SESSION].pools
+    assert (
+        entry.paddle_ranks.__wrapped__(request, {}).live_pids() == [] and config.stash[entry._SESSION].pools is pools
+    )
+    pools.starts = 1
+    entry.pytest_terminal_summary(reporter, config)
+    assert lines == ["paddle_ranks: 1 pool start, 0 calls served, 0 recycles"]
+    entry.pytest_unconfigure(config)
+    assert entry.paddle_ranks_env.__wrapped__() == {}
 
 
 def test_unconfigure_after_a_configure_that_never_ran_does_nothing() -> None:
     # Another plugin's configure hook raised before ours ran: pytest still unconfigures every plugin.
     config = SimpleNamespace(stash=pytest.Stash())
-    assert plugin.pytest_unconfigure(config) is None
-    assert plugin._POOLS not in config.stash
+    assert entry.pytest_unconfigure(config) is None
+    assert entry._SESSION not in config.stash
 
 
 def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_up(handle: plugin.PaddleRanks) -> None:
     # A worker: its pools, with a started call nobody collected, close at the end of its session, and what they did
     # goes into the workeroutput that xdist sends to the controller.
-    worker = SimpleNamespace(stash=pytest.Stash(), workeroutput={"exitstatus": 0})
-    worker.stash[plugin._POOLS] = handle._pools
+    worker = a_config(workeroutput={"exitstatus": 0})
+    worker.stash[entry._SESSION].pools = handle._pools
     handle.run(rank_id, 1)
     forgotten = handle.start(sleep_long, 1)
-    plugin.pytest_sessionfinish(SimpleNamespace(config=worker))
+    entry.pytest_sessionfinish(SimpleNamespace(config=worker))
     assert forgotten._started.ended and handle.live_pids() == []
     assert worker.workeroutput == {
         "exitstatus": 0,
@@ -124,25 +135,25 @@ def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_u
     }
 
     # The controller: each finished worker's statistics add up; a worker that crashed sent none.
-    controller = SimpleNamespace(stash=pytest.Stash())
-    plugin.pytest_configure(controller)
-    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
-    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
-    plugin.pytest_testnodedown(SimpleNamespace(config=controller), "crashed")
-    plugin.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput={"exitstatus": 0}), None)
+    controller = a_config()
+    entry.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
+    entry.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput=worker.workeroutput), None)
+    entry.pytest_testnodedown(SimpleNamespace(config=controller), "crashed")
+    entry.pytest_testnodedown(SimpleNamespace(config=controller, workeroutput={"exitstatus": 0}), None)
     lines: list[str] = []
-    plugin.pytest_terminal_summary(SimpleNamespace(write_line=lines.append), controller)
+    entry.pytest_terminal_summary(SimpleNamespace(write_line=lines.append), controller)
     assert lines == ["paddle_ranks: 4 pool starts, 4 calls served, 2 recycles (never collected: 2)"]
 
 
 def test_without_xdist_the_session_end_leaves_the_pools_to_unconfigure(handle: plugin.PaddleRanks) -> None:
-    config = SimpleNamespace(stash=pytest.Stash())
-    config.stash[plugin._POOLS] = handle._pools
+    config = a_config()
+    config.stash[entry._SESSION].pools = handle._pools
     first = handle.run(rank_id, 1)
-    plugin.pytest_sessionfinish(SimpleNamespace(config=config))
+    entry.pytest_sessionfinish(SimpleNamespace(config=config))
     assert not hasattr(config, "workeroutput")
     assert handle._pools.recycles == {}
     assert handle.live_pids() == [first[0]["pid"]]
+    entry.pytest_sessionfinish(SimpleNamespace(config=a_config(workeroutput={})))
 
 
 class FakeConn:

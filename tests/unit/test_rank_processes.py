@@ -1,0 +1,124 @@
+"""fastdeploy_patch.testing.rank_processes on real children: the one start (spec in, session leader with a log and a
+pidfd out), the wait that wakes on an exit, the stacks, the kill, and logs read from an offset."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastdeploy_patch.testing import rank_processes
+from fastdeploy_patch.testing.rank_processes import RankSpec, kill_ranks, stacks, start_rank, wait_any
+
+
+def spec(tmp_path: Path, rank: int, code: str, **extra: object) -> RankSpec:
+    argv = (sys.executable, "-c", rank_processes.RANK_PRELUDE + code)
+    return RankSpec(rank, argv, {**os.environ, "WHO": f"rank{rank}"}, tmp_path / f"rank{rank}.log", **extra)
+
+
+@pytest.mark.timeout(60)
+def test_a_started_rank_runs_its_spec_in_a_session_of_its_own_and_its_exit_wakes_the_wait(tmp_path: Path) -> None:
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    read_end, write_end = os.pipe()
+    code = (
+        "import os; print(os.environ['WHO'], os.getcwd(), os.environ['PYTHONUNBUFFERED'], "
+        f"os.environ['{rank_processes.PARENT_VAR}'], os.getsid(0) == os.getpid()); "
+        f"os.write({write_end}, b'x')"
+    )
+    started = start_rank(spec(tmp_path, 3, code, cwd=str(workdir), pass_fds=(write_end,)))
+    os.close(write_end)
+    try:
+        assert wait_any([started], timeout=30) == [started.sentinel]
+        assert started.process.wait(5) == 0 and os.read(read_end, 1) == b"x"
+        assert started.log_text() == f"rank3 {workdir} 1 {os.getpid()} True\n"
+        assert started.log_text(len("rank3 ")) == f"{workdir} 1 {os.getpid()} True\n"
+        assert started.log_size() == len(started.log_text())
+    finally:
+        os.close(read_end)
+        kill_ranks([started], 0)
+    assert started.sentinel == -1
+    started.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_wait_returns_what_is_ready_or_nothing_at_its_timeout(tmp_path: Path) -> None:
+    sleeper = start_rank(spec(tmp_path, 0, "import time; time.sleep(60)"))
+    read_end, write_end = os.pipe()
+    try:
+        assert wait_any([sleeper], [read_end], timeout=0.05) == []
+        os.write(write_end, b"x")
+        assert wait_any([sleeper], [read_end], timeout=5) == [read_end]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        kill_ranks([sleeper], 0)
+    # A killed rank is reaped and its pidfd closed: waiting for it returns at once with nothing.
+    assert sleeper.process.returncode in (-signal.SIGTERM, -signal.SIGKILL) and wait_any([sleeper], timeout=0) == []
+
+
+@pytest.mark.timeout(60)
+def test_stacks_come_from_live_ranks_only(tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    code = f"import pathlib, time; pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    live = start_rank(spec(tmp_path, 0, code))
+    gone = start_rank(spec(tmp_path, 1, "pass"))
+    try:
+        gone.process.wait(30)
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        taken = stacks([live, gone])
+        assert list(taken) == [0] and "thread 0x" in taken[0] and "line 1 in <module>" in taken[0]
+    finally:
+        kill_ranks([live, gone], 0)
+    assert stacks([live, gone]) == {}
+
+
+def test_a_missing_log_reads_as_empty(tmp_path: Path) -> None:
+    rank = rank_processes.RankProcess(0, None, tmp_path / "none.log")
+    assert (rank.log_text(), rank.log_tail(), rank.log_size()) == ("", "", 0)
+
+
+def test_a_failed_pidfd_open_kills_the_rank_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def refuse(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(rank_processes.subprocess, "Popen", popen)
+    monkeypatch.setattr(rank_processes.os, "pidfd_open", refuse)
+    with pytest.raises(OSError, match="Function not implemented"):
+        start_rank(spec(tmp_path, 0, "import time; time.sleep(60)"))
+    (process,) = started
+    assert process.returncode in (-signal.SIGTERM, -signal.SIGKILL)
+
+
+def test_a_start_method_is_looked_up_by_name_and_gets_the_ranks_whole_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[RankSpec, dict]] = []
+
+    def recording(spec: RankSpec, env: dict) -> subprocess.Popen:
+        calls.append((spec, env))
+        return rank_processes.spawn(spec, env)
+
+    monkeypatch.setitem(rank_processes.START_METHODS, "recording", recording)
+    wanted = spec(tmp_path, 0, "pass", start_method="recording")
+    started = start_rank(wanted)
+    kill_ranks([started], 0)
+    ((seen, env),) = calls
+    assert seen is wanted
+    assert env == {**wanted.env, "PYTHONUNBUFFERED": "1", rank_processes.PARENT_VAR: str(os.getpid())}
+    with pytest.raises(ValueError, match=r"^start_method must be one of \['recording', 'spawn'\], got 'fork'$"):
+        start_rank(spec(tmp_path, 0, "pass", start_method="fork"))
