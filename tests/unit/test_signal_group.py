@@ -3,6 +3,7 @@ transport with Paddle's collectives, stores and group registry faked (shared mem
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import re
@@ -124,6 +125,13 @@ class FakeHold:
 
 @pytest.fixture
 def world() -> Iterator[FakeWorld]:
+    with fake_world() as fake:
+        yield fake
+
+
+@contextlib.contextmanager
+def fake_world() -> Iterator[FakeWorld]:
+    """Paddle's distributed environment faked for one rank (see ``FakeWorld``)."""
     fake = FakeWorld()
     dist = api.dist
     with (
