@@ -8,8 +8,11 @@ Just before Paddle's store starts, the socket gets ``SO_REUSEADDR``, which the s
 sets it on every TCP bind): a socket that binds without listening and one that binds and listens may then share the
 port, and the store binds it while ours still holds it. Ours is closed once the store listens.
 
-What is left: a process that binds that very port with ``SO_REUSEADDR`` and listens, in the moment between our
-setting the option and Paddle's bind. No process picks it by ``bind(port 0)``.
+Once the option is set, a process that binds that very port with ``SO_REUSEADDR`` too could listen on it before
+Paddle's store binds. So right before the store starts, ``store_can_bind`` binds the port as the store will (with
+the option, and no listen): that fails exactly when the store's bind would, and the port is then given up for
+another. What is left is the few microseconds between that check and the store's own bind and listen. No process
+picks a held port by ``bind(port 0)``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ def _bind(port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def store_can_bind(port: int) -> bool:
+    """Whether Paddle's store could bind ``port`` now: a bind with ``SO_REUSEADDR`` on ``BIND_ADDRESS``, as libuv
+    makes it, succeeds (it fails while another socket listens on the port, or holds it without the option)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((BIND_ADDRESS, port))
+        except OSError as exc:
+            if exc.errno in _TAKEN:
+                return False
+            raise
+    return True
 
 
 def share_with_store(sock: socket.socket) -> int:

@@ -9,6 +9,7 @@ creation's deadline and ends early when another rank published a failure (see ``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -123,13 +124,7 @@ def gloo_store(members: list[int], creation: Creation, ports: range | None) -> o
     """
     if creation.rank == members[0]:
         host = dist.ParallelEnv().trainer_endpoints[creation.rank].rsplit(":", 1)[0]
-        hold = gloo_ports.hold_port(ports)
-        try:
-            port = gloo_ports.share_with_store(hold)
-            store = _open_without_delay(host, port, creation, is_master=True)
-        finally:
-            # Paddle's store listens on the port now (or failed): ours need not hold it any longer.
-            hold.close()
+        store, port = _serve(host, creation, ports)
         creation.put("gloo/address", f"{host}:{port}")
         creation.arrive("gloo/address")
         return store
@@ -138,16 +133,49 @@ def gloo_store(members: list[int], creation: Creation, ports: range | None) -> o
     return _open_without_delay(host, int(port), creation, is_master=False)
 
 
-def _open_without_delay(host: str, port: int, creation: Creation, *, is_master: bool) -> object:
+PORT_ATTEMPTS = 20
+"""How many ports the first member tries for the group's store, each found taken just before the store would bind
+it, before it gives up."""
+
+
+def _serve(host: str, creation: Creation, ports: range | None) -> tuple[object, int]:
+    """Start the group's store on a port of ``ports`` that nothing else holds (see ``gloo_ports``); returns the
+    store and its port."""
+    for _ in range(PORT_ATTEMPTS):
+        hold = gloo_ports.hold_port(ports)
+        try:
+            port = gloo_ports.share_with_store(hold)
+            store = _open_without_delay(host, port, creation, is_master=True)
+        finally:
+            # Paddle's store listens on the port now (or the port was taken): ours need not hold it any longer.
+            hold.close()
+        if store is not None:
+            return store, port
+    raise OSError(
+        errno.EADDRINUSE,
+        f"{PORT_ATTEMPTS} ports in a row were taken by another process just before the gloo group's store could "
+        "bind them",
+    )
+
+
+def _open_without_delay(host: str, port: int, creation: Creation, *, is_master: bool) -> object | None:
     # No worker count: the store's own wait for its workers would block; the members' arrival is polled instead.
     timeout_s = max(1, math.ceil(creation.timeout))
+
+    def open_store() -> object | None:
+        # Checked on the thread that starts the store, right before: Paddle aborts the process when the port is
+        # taken, so a port another process took meanwhile is given up instead.
+        if is_master and not gloo_ports.store_can_bind(port):
+            return None
+        return paddle_internals.open_tcp_store(host, port, is_master=is_master, num_workers=0, timeout_s=timeout_s)
+
     store = creation.call(
-        lambda: paddle_internals.open_tcp_store(host, port, is_master=is_master, num_workers=0, timeout_s=timeout_s),
-        f"{'starting' if is_master else 'connecting to'} the gloo group's own store on {host}:{port}",
+        open_store, f"{'starting' if is_master else 'connecting to'} the gloo group's own store on {host}:{port}"
     )
-    # new_group's rendezvous makes its requests on this store. A member's client connection exists once the
-    # constructor returns; on the first member, connections accepted later take the option from the listener.
-    store_without_delay(port)
+    if store is not None:
+        # new_group's rendezvous makes its requests on this store. A member's client connection exists once the
+        # constructor returns; on the first member, connections accepted later take the option from the listener.
+        store_without_delay(port)
     return store
 
 

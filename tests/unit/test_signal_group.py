@@ -150,6 +150,7 @@ def fake_world() -> Iterator[FakeWorld]:
             "hold_port",
             side_effect=lambda ports: fake.holds.append(FakeHold()) or fake.holds[-1],
         ) as free_port,
+        mock.patch.object(rendezvous.gloo_ports, "store_can_bind", return_value=True),
         mock.patch.object(
             rendezvous,
             "store_without_delay",

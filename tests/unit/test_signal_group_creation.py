@@ -280,6 +280,28 @@ def test_a_held_port_cannot_be_bound_by_anyone_else() -> None:
         assert _bind_fails(port) and not _bind_fails(port, reuse=True)
 
 
+def test_the_store_could_bind_a_port_unless_someone_listens_on_it_or_holds_it_strictly() -> None:
+    with gloo_ports.hold_port(None) as hold:
+        port = hold.getsockname()[1]
+        assert not gloo_ports.store_can_bind(port)
+        gloo_ports.share_with_store(hold)
+        assert gloo_ports.store_can_bind(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+            assert not gloo_ports.store_can_bind(port)
+        assert gloo_ports.store_can_bind(port)
+
+
+def test_a_bind_check_that_fails_for_another_reason_raises() -> None:
+    with (
+        mock.patch.object(socket.socket, "bind", side_effect=OSError(errno.EADDRNOTAVAIL, "no such address")),
+        pytest.raises(OSError, match="no such address"),
+    ):
+        gloo_ports.store_can_bind(29500)
+
+
 def _free_run(length: int) -> tuple[range, list[socket.socket]]:
     """A range of ``length`` ports that are free now: held by the caller's sockets until it closes them."""
     for _ in range(50):

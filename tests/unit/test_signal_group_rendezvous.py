@@ -427,6 +427,7 @@ def gloo(store: BlockingStore) -> Iterator[dict]:
             ),
         ),
         mock.patch.object(rendezvous, "store_without_delay"),
+        mock.patch.object(rendezvous.gloo_ports, "store_can_bind", return_value=True),
         mock.patch.object(
             rendezvous.dist, "ParallelEnv", return_value=mock.Mock(trainer_endpoints=["127.0.0.1:1"] * 4)
         ),
@@ -515,3 +516,35 @@ def test_the_port_hold_is_released_when_the_store_cannot_start(store: BlockingSt
         rendezvous.gloo_store([0, 1], _creation(store, 0, 2, [0, 1]), None)
     hold.close.assert_called_once_with()
     assert f"{KEY}/gloo/address" not in store.values
+
+
+def test_a_port_taken_just_before_the_store_binds_it_is_given_up_for_another(store: BlockingStore, gloo: dict) -> None:
+    holds = [mock.Mock(), mock.Mock(), mock.Mock()]
+    for port, hold in zip((29501, 29502, 29503), holds, strict=True):
+        hold.getsockname.return_value = ("0.0.0.0", port)
+    with (
+        mock.patch.object(rendezvous.gloo_ports, "hold_port", side_effect=holds),
+        mock.patch.object(rendezvous.gloo_ports, "store_can_bind", side_effect=[False, False, True]) as can_bind,
+    ):
+        rendezvous.gloo_store([0, 1], _creation(store, 0, 2, [0, 1]), range(29500, 29600))
+    assert can_bind.call_args_list == [mock.call(29501), mock.call(29502), mock.call(29503)]
+    assert all(hold.close.call_count == 1 for hold in holds)
+    # Only the port the store could bind was started and published.
+    assert [opened[1:] for opened in gloo["opened"]] == [("127.0.0.1", True, 0)]
+    assert store.values[f"{KEY}/gloo/address"] == b"127.0.0.1:29503"
+
+
+def test_a_creator_whose_every_port_is_taken_in_time_gives_up(store: BlockingStore, gloo: dict) -> None:
+    hold = mock.Mock()
+    hold.getsockname.return_value = ("0.0.0.0", 29501)
+    with (
+        mock.patch.object(rendezvous.gloo_ports, "hold_port", return_value=hold),
+        mock.patch.object(rendezvous.gloo_ports, "store_can_bind", return_value=False),
+        pytest.raises(OSError) as err,
+    ):
+        rendezvous.gloo_store([0, 1], _creation(store, 0, 2, [0, 1]), None)
+    assert err.value.strerror == (
+        "20 ports in a row were taken by another process just before the gloo group's store could bind them"
+    )
+    assert hold.close.call_count == rendezvous.PORT_ATTEMPTS == 20
+    assert gloo["opened"] == []
