@@ -79,7 +79,13 @@ class _Worker:
         done = threading.Event()
         outcome: list[Any] = []
         self._requests.put((fn, done, outcome))
-        if not done.wait(max(timeout, 0.0)):
+        try:
+            finished = done.wait(max(timeout, 0.0))
+        except BaseException:
+            # Interrupted while the call runs on: the thread may never come back to take another.
+            self.stuck = what
+            raise
+        if not finished:
             self.stuck = what
             return False, None
         result, error = outcome
@@ -88,9 +94,12 @@ class _Worker:
         return True, result
 
     def stop(self) -> None:
-        """Let the thread end (at once when idle; a stuck one ends only with the process)."""
+        """End the thread: an idle one before this returns, so that no thread of ours is left for a later
+        ``fork()`` to copy; a stuck one only with the process."""
         if self._thread is not None:
             self._requests.put(None)
+            if self.stuck is None:
+                self._thread.join()
 
     def _serve(self) -> None:
         while (request := self._requests.get()) is not None:

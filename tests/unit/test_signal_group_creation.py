@@ -168,7 +168,7 @@ def test_the_worker_thread_ends_with_the_creation() -> None:
         made.arrive("arrived")
         thread = made._worker._thread
         assert thread.daemon and thread.name == "signal-group-creation-4"
-    thread.join(10)
+    # Gone once the creation returns: a fork right after it copies no thread of ours.
     assert not thread.is_alive()
 
 
@@ -190,6 +190,24 @@ def test_a_stuck_worker_refuses_every_later_call_without_running_it() -> None:
     finally:
         release.set()
         worker.stop()
+
+
+def test_a_wait_interrupted_while_the_call_runs_on_leaves_the_worker_stuck_and_unjoined() -> None:
+    release = threading.Event()
+    worker = _Worker("w")
+    interrupted = mock.Mock(spec=["set", "wait"])
+    interrupted.wait.side_effect = KeyboardInterrupt
+    try:
+        # Its thread started first: starting a thread waits on an Event of its own.
+        assert worker.run(lambda: "warm", 5, "a first call") == (True, "warm")
+        with mock.patch.object(threading, "Event", return_value=interrupted), pytest.raises(KeyboardInterrupt):
+            worker.run(lambda: release.wait(30), 5, "a store request")
+        assert worker.stuck == "a store request"
+        # Returns at once: it does not wait for a thread that may never come back.
+        worker.stop()
+        assert worker._thread.is_alive()
+    finally:
+        release.set()
 
 
 def test_a_call_past_the_deadline_names_what_did_not_finish() -> None:
