@@ -115,9 +115,9 @@ class Creation:
     """The deadline, the keys and the store calls of signal-group creation number ``number`` on rank ``rank``.
 
     ``store`` is Paddle's global TCP store; ``members`` the group's sorted ranks, for messages. Use it as a context
-    manager: on the way out its worker thread ends, and any exception but a peer's failure marker is published as
-    this rank's marker (a rank that learned of another's failure has nothing new to tell).
-    """
+    manager: on the way out its worker thread ends, and any exception is published as this rank's failure marker,
+    but ``PeerFailed`` (a rank that learned of another's failure has nothing new to tell) and ``AgreedRefusal``
+    (every rank reached it alike)."""
 
     def __init__(
         self,
