@@ -99,3 +99,42 @@ def src_rank(src: object) -> int:
     if isinstance(src, bool) or not isinstance(src, (int, np.integer)):
         raise TypeError(f"src must be an integer global rank, got {src!r}")
     return int(src)
+
+
+CREATE_TIMEOUT_S = 300.0
+"""The default ``create_timeout``: how long every rank waits in ``new_signal_group`` for the others. Long enough for
+a rank that still loads its weights when the others call; a rank that never comes is reported after it."""
+
+GLOO_PORTS_ENV = "FASTDEPLOY_PATCH_GLOO_PORTS"
+"""``LOW-HIGH``: the ports a gloo signal group's own rendezvous store may listen on (any free port when unset)."""
+
+
+def create_timeout_seconds(create_timeout: object) -> float:
+    """``create_timeout`` (seconds or a timedelta) as float seconds, above 0 and at most a day."""
+    if isinstance(create_timeout, datetime.timedelta):
+        seconds = create_timeout.total_seconds()
+    elif isinstance(create_timeout, numbers.Real) and not isinstance(create_timeout, bool):
+        seconds = float(create_timeout)
+    else:
+        raise TypeError(
+            f"create_timeout must be seconds (int or float) or a datetime.timedelta, got {create_timeout!r}"
+        )
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"create_timeout must be > 0 and <= {MAX_TIMEOUT_S:g} s (one day), got {create_timeout!r}")
+    return seconds
+
+
+def gloo_ports(text: str | None) -> range | None:
+    """The port range that ``GLOO_PORTS_ENV`` holds (``LOW-HIGH``, both included, 1 <= LOW <= HIGH <= 65535); None
+    when it is unset or empty."""
+    if not text:
+        return None
+    low, sep, high = text.partition("-")
+    if sep and low.strip().isdigit() and high.strip().isdigit():
+        first, last = int(low), int(high)
+        if 1 <= first <= last <= 65535:
+            return range(first, last + 1)
+    raise ValueError(
+        f"{GLOO_PORTS_ENV} must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535 (the TCP ports a gloo signal group's "
+        f"rendezvous store may listen on, for example 29500-29599), got {text!r}"
+    )

@@ -13,6 +13,7 @@ import paddle.distributed as dist
 from fastdeploy_patch import paddle_internals
 from fastdeploy_patch.signal_group import arguments, rendezvous
 from fastdeploy_patch.signal_group.arguments import INT32_MAX, INT32_MIN
+from fastdeploy_patch.signal_group.creation import RESTART, AgreedRefusal, Creation
 from fastdeploy_patch.signal_group.errors import (
     MAKE_A_NEW_GROUP,
     RESTART_THE_WORLD,
@@ -22,9 +23,14 @@ from fastdeploy_patch.signal_group.errors import (
 from fastdeploy_patch.signal_group.gloo_transport import GLOO_OP_TIMEOUT_S, GlooTransport
 from fastdeploy_patch.signal_group.shm_segment import segment_tag
 from fastdeploy_patch.signal_group.shm_transport import ShmTransport
+from fastdeploy_patch.signal_group.store_sockets import store_without_delay
 
 # Creation is collective, so every rank increments this in the same order and derives the same keys.
 _created = 0
+# (creation number, why) once a creation failed on this rank: every later one is refused.
+_failed: tuple[int, str] | None = None
+# Whether this process's connection to the global store has had Nagle's delay turned off.
+_store_without_delay = False
 
 # A group's state between calls is None (ready: the only state the fast path lets through), one of these two
 # markers, or the reason it is unusable (a str, which says what happened).
@@ -223,6 +229,7 @@ def new_signal_group(
     transport: str = "auto",
     lookahead: int = 0,
     initial: int = 0,
+    create_timeout: float | datetime.timedelta = rendezvous.RENDEZVOUS_TIMEOUT_S,
 ) -> SignalGroup | None:
     """Create the signal group over ``ranks`` (default: the whole world).
 
@@ -238,16 +245,26 @@ def new_signal_group(
     With ``lookahead`` d > 0 (shared memory only), call n publishes
     its value and returns call n - d's; the first d calls return ``initial``.
 
+    ``create_timeout`` (seconds or a timedelta, default 300 s) bounds this call on every rank, whatever the others
+    do: past it (plus at most 5 s), ``TimeoutError`` names the ranks that never arrived (or did not finish a step)
+    and how long this rank waited. A rank whose creation fails tells the others through the global store, and they
+    raise ``SignalGroupError`` within a poll (well inside 2 s); so does every rank when the store's host, rank 0,
+    exits. After a creation failed on this rank, every later call raises ``SignalGroupError`` at once: the ranks of
+    the world are out of step, and only restarting all of them helps. Nothing is left in /dev/shm on any path.
+    The port of a gloo group's own store comes from ``FASTDEPLOY_PATCH_GLOO_PORTS`` (``LOW-HIGH``) when set.
+
     Raises ``TypeError``/``ValueError`` for bad arguments before any communication; ``ValueError`` on every rank
     when ``auto`` falls back to gloo but ``timeout`` or ``lookahead`` needs shared memory (saying why shared memory
     was not possible); ``RuntimeError`` when the distributed environment is not initialised or gloo is needed
     and this Paddle build has none.
     """
-    global _created
+    global _created, _failed
     transport = arguments.transport_name(transport)
     seconds = arguments.timeout_seconds(timeout, transport)
     steps = arguments.lookahead_steps(lookahead, transport)
     initial = arguments.int32(initial, "initial")
+    create_seconds = arguments.create_timeout_seconds(create_timeout)
+    ports = arguments.gloo_ports(os.environ.get(arguments.GLOO_PORTS_ENV))
     members = arguments.member_ranks(ranks, dist.get_world_size())
     if len(members) < 2:
         return None
@@ -263,10 +280,52 @@ def new_signal_group(
         # its handle until their timeout.
         segment_tag()
     _created += 1
-    key = rendezvous.key_prefix(_created)
-    rank = dist.get_rank()
+    creation = Creation(
+        _created,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        members=members,
+        timeout=create_seconds,
+        store=paddle_internals.global_store(),
+    )
+    if _failed is not None:
+        refusal = SignalGroupError(
+            f"{creation.describe()} cannot start: creation #{_failed[0]} failed on this rank ({_failed[1]}), so the "
+            f"ranks of this world are out of step; {RESTART}"
+        )
+        # Published for the others, who would otherwise wait for this rank until their deadline.
+        with creation:
+            raise refusal
+    try:
+        with creation:
+            return _create(creation, members, transport, seconds, steps, initial, ports)
+    except AgreedRefusal as agreed:
+        raise agreed.error from None
+    except BaseException as exc:
+        _failed = (creation.number, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _create(
+    creation: Creation,
+    members: list[int],
+    transport: str,
+    seconds: float,
+    steps: int,
+    initial: int,
+    ports: range | None,
+) -> SignalGroup:
+    global _store_without_delay
+    rank = creation.rank
+    if not _store_without_delay:
+        _store_without_delay = True
+        port = rendezvous.global_store_port()
+        if port is not None:
+            # Polling the global store takes one request per poll: with Nagle on, each took 44 ms here, 33 us without.
+            store_without_delay(port)
+    rendezvous.arrive(creation)
     if transport != "gloo":
-        ring, failed = rendezvous.negotiate_shm(members, rank, dist.get_world_size(), key)
+        ring, failed = rendezvous.negotiate_shm(members, creation)
         if not failed:
             endpoint = (
                 ShmTransport(ring, rank, timeout=seconds, lookahead=steps, initial=initial)
@@ -276,9 +335,12 @@ def new_signal_group(
             return SignalGroup(
                 transport="shm", ranks=members, rank=rank, timeout=seconds, lookahead=steps, endpoint=endpoint
             )
-        _refuse_gloo(members, failed, transport, seconds, steps)
-        _require_gloo()
-    group, store = rendezvous.new_gloo_group(members, rank, key)
+        try:
+            _refuse_gloo(members, failed, transport, seconds, steps)
+            _require_gloo()
+        except (RuntimeError, ValueError) as exc:
+            raise AgreedRefusal(exc) from exc
+    group, store = rendezvous.new_gloo_group(members, creation, ports)
     endpoint = GlooTransport(group, timeout=seconds, store=store) if store is not None else None
     return SignalGroup(
         transport="gloo", ranks=members, rank=rank, timeout=seconds, lookahead=0, endpoint=endpoint, paddle_group=group

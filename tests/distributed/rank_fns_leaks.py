@@ -16,7 +16,7 @@ from unittest import mock
 import paddle.distributed as dist
 
 from fastdeploy_patch import paddle_internals
-from fastdeploy_patch.signal_group import SHM_DIR, new_signal_group
+from fastdeploy_patch.signal_group import SHM_DIR, SignalGroupError, new_signal_group
 from fastdeploy_patch.signal_group.shm_segment import ShmRing
 
 
@@ -76,12 +76,16 @@ FAILURES = {
 def creator_fails_reading_the_answers(*, failure: str) -> dict:
     """Rank 0 creates the segment, publishes it, then its store fails (``failure``: a key of ``FAILURES``) while it
     reads rank 1's answer. Rank 0 reports what it raised and whether the segment's name is still in /dev/shm right
-    after, while it is alive (its resource tracker has nothing to do); rank 1 attaches and closes as usual."""
+    after, while it is alive (its resource tracker has nothing to do); rank 1 attaches, then gets the group or
+    learns of rank 0's failure, depending on which it sees first."""
     rank = dist.get_rank()
     if rank != 0:
-        group = new_signal_group(transport="shm")
-        group.close()
-        return {"rank": rank}
+        try:
+            new_signal_group(transport="shm").close()
+        except SignalGroupError as exc:
+            # Rank 0's failure marker, when it came before rank 1 had seen every answer.
+            return {"rank": rank, "raised": f"{type(exc).__name__}: {exc}"}
+        return {"rank": rank, "raised": None}
     store = _FailingStore(paddle_internals.global_store(), "/shm/1", FAILURES[failure]())
     raised = None
     with mock.patch.object(paddle_internals, "global_store", return_value=store):

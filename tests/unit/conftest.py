@@ -24,8 +24,11 @@ def _fresh_private_cache() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fresh_signal_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Each test starts as a fresh worker: no signal group created yet, so rendezvous keys start at 1.
+    # Each test starts as a fresh worker: no signal group created yet, so rendezvous keys start at 1, and none
+    # failed. The global store's connection counts as sped up already: no /proc scan unless a test asks for it.
     monkeypatch.setattr(signal_group_api, "_created", 0)
+    monkeypatch.setattr(signal_group_api, "_failed", None)
+    monkeypatch.setattr(signal_group_api, "_store_without_delay", True)
 
 
 @dataclass
@@ -61,15 +64,22 @@ def make_group(name: str, gid: int, pg: object, ranks: list[int] | None = None, 
     return Group(rank, gid, ranks if ranks is not None else [0, 1], pg=pg, name=name)
 
 
+PEERS_DONE = 1000
+"""What a creation's count of the ranks done with a step reads as, on top of this rank's own: more than any world."""
+
+
 @dataclass
 class FakeGlobalStore:
-    """Paddle's global TCP store as the signal group uses it: set/get of string values."""
+    """Paddle's global TCP store as the signal group uses it: set/get of string values, and counts. Unless
+    ``peers_done`` is 0, every other rank has done every step of every creation already (a count of the ranks done
+    with a step reads as ``PEERS_DONE`` more than this rank's own); a rank's own count and the failure count do not."""
 
     values: dict[str, bytes] = field(default_factory=dict)
     sets: list[tuple[str, str]] = field(default_factory=list)
     gets: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     adds: list[tuple[str, int]] = field(default_factory=list)
+    peers_done: int = PEERS_DONE
 
     def set(self, key: str, value: str) -> None:
         self.sets.append((key, value))
@@ -81,10 +91,12 @@ class FakeGlobalStore:
         return list(self.values[key])
 
     def add(self, key: str, amount: int) -> int:
-        """Add to a counter; like the real store, the other ranks' additions must already be there (tests put them
-        in ``counters`` beforehand)."""
+        """Add to a counter (see the class's docstring for what the other ranks added)."""
         self.adds.append((key, amount))
         self.counters[key] = self.counters.get(key, 0) + amount
+        step = key.partition("/count/")[2]
+        if step and step != "failures" and not step.rpartition("/")[2].isdigit():
+            return self.counters[key] + self.peers_done
         return self.counters[key]
 
 

@@ -3,8 +3,8 @@ transport with Paddle's collectives, stores and group registry faked (shared mem
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import errno
 import inspect
 import re
 import socket
@@ -46,7 +46,6 @@ from .conftest import FakeGlobalStore, FakeTCPStore, GlooLikePG
 from .shm_calls import Injected, source_line, traced
 
 FREE_PORT = 41234
-FREE_PORT_TRIES = 5
 
 
 def test_documented_limits() -> None:
@@ -85,6 +84,8 @@ class FakeWorld:
     opened_stores: list[object] = field(default_factory=list)
     # (port, stores opened by then) per store_without_delay call: it must come after the store it speeds up.
     nodelay_ports: list[tuple[int, int]] = field(default_factory=list)
+    # Every port hold made for a gloo group's store, in order.
+    holds: list[FakeHold] = field(default_factory=list)
 
     def new_group(self, ranks: list[int], backend: str) -> Group:
         self.new_group_calls.append((list(ranks), backend, self.default_stores[-1]))
@@ -101,14 +102,37 @@ class FakeWorld:
         )
 
     def answer(self, creation: int, rank: int, answer: str = rendezvous.ATTACHED) -> None:
-        """What member ``rank`` would have published about the segment of creation number ``creation``; the other
-        ranks have also read every answer already."""
+        """What member ``rank`` would have published about the segment of creation number ``creation``."""
         self.global_store.values[f"fastdeploy_patch/signal_group/{creation}/shm/{rank}"] = answer.encode()
-        self.global_store.counters[f"fastdeploy_patch/signal_group/{creation}/shm/read"] = self.world_size - 1
+
+
+class FakeHold:
+    """The socket ``gloo_ports.hold_port`` returns: bound to ``FREE_PORT``; records whether it was shared with the
+    store and closed."""
+
+    def __init__(self) -> None:
+        self.options: list[tuple[int, int, int]] = []
+        self.closed = False
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("0.0.0.0", FREE_PORT)
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @pytest.fixture
 def world() -> Iterator[FakeWorld]:
+    with fake_world() as fake:
+        yield fake
+
+
+@contextlib.contextmanager
+def fake_world() -> Iterator[FakeWorld]:
+    """Paddle's distributed environment faked for one rank (see ``FakeWorld``)."""
     fake = FakeWorld()
     dist = api.dist
     with (
@@ -122,7 +146,12 @@ def world() -> Iterator[FakeWorld]:
                 or fake.opened_stores[-1]
             ),
         ),
-        mock.patch.object(rendezvous, "_free_port", return_value=FREE_PORT) as free_port,
+        mock.patch.object(
+            rendezvous.gloo_ports,
+            "hold_port",
+            side_effect=lambda ports: fake.holds.append(FakeHold()) or fake.holds[-1],
+        ) as free_port,
+        mock.patch.object(rendezvous.gloo_ports, "store_can_bind", return_value=True),
         mock.patch.object(
             rendezvous,
             "store_without_delay",
@@ -142,7 +171,7 @@ def world() -> Iterator[FakeWorld]:
 
 def _no_communication(world: FakeWorld) -> None:
     assert world.new_group_calls == []
-    assert world.global_store.sets == [] and world.global_store.gets == []
+    assert world.global_store.sets == [] and world.global_store.gets == [] and world.global_store.adds == []
     assert api._created == 0
 
 
@@ -153,9 +182,13 @@ def test_first_member_publishes_its_own_store_and_lends_it_to_new_group(world: F
     world.world_size = 3
     group = new_signal_group(transport="gloo")
 
-    assert world.global_store.sets == [("fastdeploy_patch/signal_group/1", f"127.0.0.1:{FREE_PORT}")]
-    world.free_port.assert_called_once_with("127.0.0.1")
-    own_store = FakeTCPStore("127.0.0.1", FREE_PORT, True, 3, RENDEZVOUS_TIMEOUT_S)
+    assert world.global_store.sets == [("fastdeploy_patch/signal_group/1/gloo/address", f"127.0.0.1:{FREE_PORT}")]
+    # Any free port (no FASTDEPLOY_PATCH_GLOO_PORTS), held until Paddle's store had bound it, then shared with it.
+    world.free_port.assert_called_once_with(None)
+    (hold,) = world.holds
+    assert hold.options == [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)] and hold.closed
+    # No worker count: the store's own wait for its workers has no deadline of ours.
+    own_store = FakeTCPStore("127.0.0.1", FREE_PORT, True, 0, RENDEZVOUS_TIMEOUT_S)
     assert world.new_group_calls == [([0, 1, 2], "gloo", own_store)]
     # Nagle off on the group's own store, whose port the global store's never is.
     assert world.nodelay_ports == [(FREE_PORT, 1)]
@@ -170,13 +203,14 @@ def test_first_member_publishes_its_own_store_and_lends_it_to_new_group(world: F
 
 def test_other_members_connect_to_the_published_store(world: FakeWorld) -> None:
     world.world_size, world.rank = 4, 2
-    world.global_store.values["fastdeploy_patch/signal_group/1"] = b"10.0.0.5:4567"
-    group = new_signal_group(transport="gloo")
+    world.global_store.values["fastdeploy_patch/signal_group/1/gloo/address"] = b"10.0.0.5:4567"
+    group = new_signal_group(transport="gloo", create_timeout=2.5)
 
     assert world.global_store.sets == []
-    assert world.global_store.gets == ["fastdeploy_patch/signal_group/1"]
+    assert world.global_store.gets == ["fastdeploy_patch/signal_group/1/gloo/address"]
     world.free_port.assert_not_called()
-    their_store = FakeTCPStore("10.0.0.5", 4567, False, 4, RENDEZVOUS_TIMEOUT_S)
+    # The store's own timeout is whole seconds: the creation's, rounded up.
+    their_store = FakeTCPStore("10.0.0.5", 4567, False, 0, 3)
     assert world.new_group_calls == [([0, 1, 2, 3], "gloo", their_store)]
     assert world.nodelay_ports == [(4567, 1)]
     assert world.default_stores == [their_store, world.global_store]
@@ -189,10 +223,9 @@ def test_the_first_listed_member_serves_on_its_own_endpoint_host(world: FakeWorl
     world.endpoints = ["10.1.0.1:6170", "10.1.0.2:6170", "10.1.0.3:6170", "10.1.0.4:6170"]
     group = new_signal_group([3, 1], transport="gloo")
 
-    world.free_port.assert_called_once_with("10.1.0.2")
-    assert world.global_store.sets == [("fastdeploy_patch/signal_group/1", f"10.1.0.2:{FREE_PORT}")]
+    assert world.global_store.sets == [("fastdeploy_patch/signal_group/1/gloo/address", f"10.1.0.2:{FREE_PORT}")]
     assert world.new_group_calls[0][:2] == ([1, 3], "gloo")
-    assert world.new_group_calls[0][2] == FakeTCPStore("10.1.0.2", FREE_PORT, True, 2, RENDEZVOUS_TIMEOUT_S)
+    assert world.new_group_calls[0][2] == FakeTCPStore("10.1.0.2", FREE_PORT, True, 0, RENDEZVOUS_TIMEOUT_S)
     assert group.ranks == [1, 3]
 
 
@@ -206,8 +239,8 @@ def test_every_group_gets_a_key_of_its_own_also_when_this_rank_is_not_a_member(w
     assert world.new_group_calls[0] == ([1, 2], "gloo", None)
     assert world.default_stores[:2] == [None, world.global_store]
     assert [key for key, _ in world.global_store.sets] == [
-        "fastdeploy_patch/signal_group/2",
-        "fastdeploy_patch/signal_group/3",
+        "fastdeploy_patch/signal_group/2/gloo/address",
+        "fastdeploy_patch/signal_group/3/gloo/address",
     ]
     assert [world.new_group_calls[i][0] for i in (1, 2)] == [[0, 1, 2], [0, 2]]
     assert len({g.paddle_group.name for g in (outside, first, second)}) == 3
@@ -219,25 +252,8 @@ def test_the_global_store_is_restored_when_new_group_raises(world: FakeWorld) ->
     with pytest.raises(RuntimeError, match="connectFullMesh failed"):
         new_signal_group(transport="gloo")
 
-    own_store = FakeTCPStore("127.0.0.1", FREE_PORT, True, 2, RENDEZVOUS_TIMEOUT_S)
+    own_store = FakeTCPStore("127.0.0.1", FREE_PORT, True, 0, RENDEZVOUS_TIMEOUT_S)
     assert world.default_stores == [own_store, world.global_store]
-
-
-def test_free_port_returns_a_port_nobody_holds() -> None:
-    # "Free a moment ago" is the promise: another process on the host (an xdist worker, a launch) may take the port
-    # between the two binds, so a collision is retried; only a port that is never free fails.
-    for _ in range(FREE_PORT_TRIES):
-        port = rendezvous._free_port("127.0.0.1")
-        assert 0 < port < 65536
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                continue
-        return
-    pytest.fail(f"every port _free_port returned, {FREE_PORT_TRIES} in a row, was already held")
 
 
 def test_a_fresh_process_imports_the_rendezvous_without_joining_a_world() -> None:
@@ -511,7 +527,7 @@ def test_auto_falls_back_to_gloo_when_a_member_cannot_map_the_segment(
     # No deadline thread where gloo's own 30 s is the bound.
     assert (group._endpoint._caller is None) is (timeout is None)
     # The gloo rendezvous uses the creation's own key, apart from the shared-memory handshake's.
-    assert world.global_store.sets[-1] == ("fastdeploy_patch/signal_group/1", f"127.0.0.1:{FREE_PORT}")
+    assert world.global_store.sets[-1] == ("fastdeploy_patch/signal_group/1/gloo/address", f"127.0.0.1:{FREE_PORT}")
     assert [call[:2] for call in world.new_group_calls] == [([0, 1], "gloo")]
 
 
@@ -665,7 +681,7 @@ def _gloo_group(
     world: FakeWorld, ranks: list[int] | None = None, timeout: float | None = GLOO_OP_TIMEOUT_S
 ) -> SignalGroup:
     # What the group's first member would have published, for when this rank is not that member.
-    key = f"fastdeploy_patch/signal_group/{api._created + 1}"
+    key = f"fastdeploy_patch/signal_group/{api._created + 1}/gloo/address"
     world.global_store.values.setdefault(key, f"127.0.0.1:{FREE_PORT}".encode())
     group = new_signal_group(ranks, timeout=timeout, transport="gloo")
     assert group is not None
