@@ -64,8 +64,8 @@ def _seconds(text: str) -> float:
 
 
 MAX_SRC_LATE_MS = 10_000
-"""The longest ``bench --src-late`` gap: the reader waits through each one, and both groups time out after gloo's
-fixed 30 s."""
+"""The longest ``bench --src-late`` gap: the reader waits through each one, and the gloo group's ops fail after
+gloo's fixed 30 s (the shm group, with ``timeout=None``, would wait as long as the src lives)."""
 
 
 def _milliseconds(text: str) -> float:

@@ -8,12 +8,14 @@ gloo group; Paddle's global TCP store is also where every rank agrees which tran
 (``rendezvous``). **NCCL** never carries the signal: on the default GPU group each step would launch a kernel
 and copy device to host, which waits for all queued GPU work.
 
-Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``rendezvous``,
-``shm_transport`` (the ring protocol), ``shm_layout`` (where each word of the segment lives), ``shm_segment`` (the
-segment's lifetime: create, attach, unlink, close), ``gloo_transport``, ``waiting`` (the one wait loop), ``futex``
-(its sleep on Linux), ``liveness`` (is a peer process alive), ``store_sockets`` (Nagle off on a store's
-connections), ``errors``. ``shm_diagnostics`` (can shared memory work here, which segments were left behind) serves
-``fastdeploy-patch doctor`` and the test harness, which import it by its own name; the group never calls it.
+Modules: ``group`` (the public API), ``arguments`` (checks before any communication), ``creation`` (one creation's
+deadline, store calls and failure markers), ``rendezvous`` (the handshakes over the global store), ``gloo_ports``
+(the port of a gloo group's own store, held until Paddle binds it), ``shm_transport`` (the ring protocol),
+``shm_layout`` (where each word of the segment lives), ``shm_segment`` (the segment's lifetime: create, attach,
+unlink, close), ``gloo_transport``, ``waiting`` (the one wait loop), ``futex`` (its sleep on Linux), ``liveness``
+(is a peer process alive), ``store_sockets`` (Nagle off on a store's connections), ``errors``.
+``shm_diagnostics`` (can shared memory work here, which segments were left behind) serves ``fastdeploy-patch
+doctor`` and the test harness, which import it by its own name; the group never calls it.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def negotiate_shm(members: list[int], creation: Creation) -> tuple[ShmRing | Non
     every member has answered, whatever the outcome, and on every way out of this function, exceptions included (a
     timeout, a reset connection, another rank's failure, an interrupt): nothing is left in /dev/shm after this
     returns or raises, and a member that raises keeps no mapping. (A creator killed meanwhile runs no code; its
-    resource tracker removes the name, see ``shm_transport``.)
+    resource tracker removes the name, see ``shm_segment``.)
     """
     rank = creation.rank
     ring: ShmRing | None = None
