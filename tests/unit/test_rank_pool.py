@@ -242,17 +242,17 @@ def test_a_calls_timeout_counts_from_the_moment_every_rank_joined(started: bool)
         pools.close()
 
 
-def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools) -> None:
+def test_a_started_call_left_uncollected_or_cancelled_is_killed(pools: RankPools, monkeypatch) -> None:
     forgotten = pools.start(sleep_long, 2, timeout=60)
     cancelled = pools.start(sleep_long, 1, timeout=60, kwargs={})
     cancelled.cancel()
     assert cancelled.ended and not forgotten.ended
     assert all(procfs.stat(pid) is None for pid in cancelled.pids())
     assert pools.live_pids() == forgotten.pids()
-    started_at = time.monotonic()
+    ended = record_pool_endings(monkeypatch)
     pools.close()
     # Killed, not given the grace that ranks which finished their call get.
-    assert time.monotonic() - started_at < pool_world.CLOSE_GRACE_S
+    assert ended == ["kill"]
     assert all(procfs.stat(pid) is None for pid in forgotten.pids())
     assert pools.recycles == {"cancelled": 1, "never collected": 1}
     assert pools.live_pids() == []
@@ -637,7 +637,7 @@ def test_killing_a_pool_gives_its_ranks_the_pools_own_short_grace(pools: RankPoo
     graces = record_argument(monkeypatch, pool_world, "kill_ranks", "grace")
     pools.start(rank_id, 1, timeout=30).cancel()
     # Not the launcher's longer default: a Ctrl-C must end pytest within seconds.
-    assert graces == [pool_world.KILL_GRACE_S] == [1.0]
+    assert graces == [pool_world.KILL_GRACE_S] and pool_world.KILL_GRACE_S < rank_processes.KILL_GRACE_S
 
 
 def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
@@ -655,11 +655,11 @@ def interrupt_the_wait(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> N
 def test_a_ctrl_c_during_a_call_kills_the_ranks_before_it_goes_on(pools: RankPools, monkeypatch) -> None:
     pids = [r["pid"] for r in pools.run(rank_id, 2, timeout=30)]
     interrupt_the_wait(monkeypatch, KeyboardInterrupt())
-    started_at = time.monotonic()
+    ended = record_pool_endings(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pools.run(sleep_long, 2, timeout=30)
     # Killed at once, not given the grace of ranks that are asked to leave (they are busy in the call).
-    assert time.monotonic() - started_at < pool_world.CLOSE_GRACE_S
+    assert ended == ["kill"]
     assert all(procfs.stat(pid) is None for pid in pids)
     assert pools.recycles == {"interrupted": 1} and pools._alive == []
 
@@ -761,12 +761,6 @@ def test_a_master_port_taken_every_time_fails_the_call_after_the_last_attempt(tm
     assert (failed.value.rank, failed.value.returncode, failed.value.reason) == (0, 75, "port taken")
     assert (tmp_path / "starts0").read_text() == str(pool_world.PORT_ATTEMPTS)
     assert pools.recycles == {"port taken": 1}
-
-
-def test_the_documented_bounds_of_a_pool() -> None:
-    # Literals on purpose: how long a user waits, and how often a start is tried, are decisions this test shows.
-    assert (rank_pool.START_TIMEOUT_S, pool_world.CLOSE_GRACE_S, pool_world.KILL_GRACE_S) == (180.0, 5.0, 1.0)
-    assert (pool_world.PORT_ATTEMPTS, pool_world.PORT_TAKEN_EXIT) == (3, 75)
 
 
 # --- what mutmut found unpinned: the started call's clocks, its kill, and the reports of a rank that left --------
