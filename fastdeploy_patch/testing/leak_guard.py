@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SEGMENT_TAG_ENV, SHM_DIR
 
 RUN_TAG_VAR = "PADDLE_RANKS_RUN"
@@ -44,17 +45,16 @@ def tagged_processes(kept: Collection[int] = ()) -> dict[int, str]:
     """Live processes of this run (``RUN_TAG_VAR=RUN_TAG`` in their environment): ``{pid: command}``, but for those in
     the sessions ``kept`` (every rank leads a session of its own). Zombies hold nothing and are left out."""
     found = {}
-    needle = f"{RUN_TAG_VAR}={RUN_TAG}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in procfs.pids():
         try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            state, session = fields[0], int(fields[3])
-            if state != "Z" and session not in kept and needle in (proc / "environ").read_bytes().split(b"\0"):
-                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile, or not ours to read
+            now = procfs.stat(pid)
+            if now is None or now.state == "Z" or now.session in kept:
+                continue
+            environ = procfs.environ(pid)
+            if environ is not None and environ.get(RUN_TAG_VAR) == RUN_TAG:
+                found[pid] = " ".join(procfs.cmdline(pid) or [])
+        except OSError:
+            continue  # not ours to read
     return found
 
 

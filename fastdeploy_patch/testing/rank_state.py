@@ -20,8 +20,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
-from pathlib import Path
 from typing import Any
+
+from fastdeploy_patch import procfs
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 THREAD_END_WAIT_S = 0.5
@@ -176,14 +177,5 @@ def children() -> set[int]:
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
         return set()  # none at all: the common case, answered without reading /proc
-    found: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        found.update(int(pid) for pid in (task / "children").read_text().split())
-    return {pid for pid in found if _state(pid) not in ("Z", "")}
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
+    # A child that exited meanwhile is gone from the listing or reads as a zombie: neither runs any more.
+    return {pid for pid in procfs.children("self") or [] if (now := procfs.stat(pid)) and now.state != "Z"}

@@ -19,6 +19,7 @@ import paddle
 import paddle.distributed as dist
 from paddle.distributed import collective
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.group_shutdown import shutdown_process_groups
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.signal_group import (
@@ -457,7 +458,7 @@ def killed_mid_run(*, steps: int) -> NoReturn:
     group = new_signal_group(transport="shm")
     for step in range(steps):
         broadcast_signal(step, src=step % dist.get_world_size(), group=group)
-    maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if SEGMENT_PREFIX in line]
+    maps = [path for path in procfs.mapped_paths("self") if SEGMENT_PREFIX in path]
     print(f"rank {rank} maps: {maps}", flush=True)
     # Coverage saved first (SIGKILL leaves no chance to), with SIGTERM ignored meanwhile: the first rank to die
     # makes the pool kill the others, and coverage's SIGTERM handler would start a second save inside this one.

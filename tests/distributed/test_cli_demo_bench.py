@@ -7,7 +7,6 @@ outlived the test.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -22,6 +21,7 @@ from pathlib import Path
 import paddle
 import pytest
 
+from fastdeploy_patch import procfs
 from tests.distributed.harness import REPO_ROOT, rank_env
 
 CLI_TIMEOUT_S = 300.0
@@ -213,18 +213,11 @@ def test_doctor_reports_this_machine_and_passes_here() -> None:
 def _children(pid: int) -> list[int]:
     """The children of process ``pid``, whichever of its threads started them: read from that process alone, never
     from the whole process table, where other tests start and end processes meanwhile."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(child) for child in (task / "children").read_text().split()]
-    return found
+    return procfs.children(pid) or []
 
 
 def _is_rank(pid: int) -> bool:
-    try:
-        return b"fastdeploy_patch.testing.rank_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return any("fastdeploy_patch.testing.rank_entry" in arg for arg in procfs.cmdline(pid) or [])
 
 
 @pytest.mark.timeout(CLI_TEST_TIMEOUT_S)

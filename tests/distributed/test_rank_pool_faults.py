@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
+
 pytest_plugins = ["pytester"]
 
 INNER_TIMEOUT_S = 400
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.testing import keep_open
 
 def rank():
@@ -91,15 +94,8 @@ def close_kept_group():
 
 def sessions_alive(pids):
     """Processes alive in the sessions the ranks ``pids`` led (each rank has a session of its own)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if proc.name.isdigit() and int(fields[3]) in pids and fields[0] != "Z":
-            found.append(int(proc.name))
-    return found
+    stats = {pid: procfs.stat(pid) for pid in procfs.pids()}
+    return [pid for pid, now in stats.items() if now and now.session in pids and now.state != "Z"]
 
 
 def fail_timed(paddle_ranks, name, fn, **options):
@@ -246,7 +242,7 @@ def _hangs(result: pytest.RunResult, path: Path) -> None:
     assert HANG_TIMEOUT_S <= timed["elapsed"] < HANG_TIMEOUT_S + HANG_REPORTED_WITHIN_S, timed
     assert timed["left"] == []
     for pid in timed["pids"]:
-        assert not Path(f"/proc/{pid}").exists(), pid
+        assert procfs.stat(pid) is None, pid
 
 
 def _skips(result: pytest.RunResult, path: Path) -> None:

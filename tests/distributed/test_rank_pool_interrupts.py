@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR
 
 pytest_plugins = ["pytester"]
@@ -134,15 +135,7 @@ class Case:
 
 def alive(pids: list[int]) -> list[int]:
     """Those of ``pids`` still running (a zombie has exited: it only waits for its new parent to reap it)."""
-    found = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            found.append(pid)
-    return found
+    return [pid for pid in pids if (now := procfs.stat(pid)) and now.state != "Z"]
 
 
 CASES = {

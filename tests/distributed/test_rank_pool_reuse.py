@@ -4,9 +4,10 @@ collective and signal group work, and a rank's resident memory stays within a st
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+
+from fastdeploy_patch import procfs
 
 REUSES = 50
 WARMUP_CALLS = 5
@@ -26,8 +27,7 @@ def one_reuse(step: int) -> dict:
     dist.all_reduce(value)
     with new_signal_group(transport="shm") as group:
         signal = broadcast_signal(step, src=0, group=group)
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return {"pid": os.getpid(), "sum": int(value.item()), "signal": signal, "rss": pages * os.sysconf("SC_PAGE_SIZE")}
+    return {"pid": os.getpid(), "sum": int(value.item()), "signal": signal, "rss": procfs.rss_bytes("self")}
 
 
 @pytest.mark.timeout(300)

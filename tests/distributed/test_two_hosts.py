@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.signal_group.shm_segment import SEGMENT_PREFIX
 from fastdeploy_patch.testing.launcher import RankPlacement
 from tests.distributed.harness import RUN_TAG, RUN_TAG_VAR, run_ranks_or_fail
@@ -47,7 +48,7 @@ class SimulatedHost:
 
     def shm_segments(self) -> list[str]:
         """The signal segments in this host's private /dev/shm, seen through its holder's root."""
-        shm = Path(f"/proc/{self.holder.pid}/root/dev/shm")
+        shm = Path(procfs.root_path(self.holder.pid, "/dev/shm"))
         return sorted(p.name for p in shm.iterdir() if p.name.startswith(SEGMENT_PREFIX))
 
     def placement(self) -> RankPlacement:
@@ -89,7 +90,7 @@ def _start_holder(namespace: str) -> subprocess.Popen:
 
 def _wait_until_mounted(holder: subprocess.Popen, namespace: str) -> None:
     deadline = time.monotonic() + HOLDER_READY_S
-    while Path(f"/proc/{holder.pid}/comm").read_text().strip() != "sleep":
+    while (now := procfs.stat(holder.pid)) is None or now.comm != "sleep":
         if holder.poll() is not None:
             raise RuntimeError(f"the holder of {namespace} exited ({holder.returncode}): {holder.stderr.read()}")
         if time.monotonic() > deadline:

@@ -20,6 +20,7 @@ from unittest import mock
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.testing import launcher, rank_processes, rank_world
 from fastdeploy_patch.testing.launcher import RankFailed, RankTimeout, free_ports, rank_env, run_ranks
 
@@ -474,15 +475,5 @@ def _deadline_passes_once(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _children_named(text: str) -> list[str]:
     """Command lines of this process's live children that contain ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and text in cmdline:
-            found.append(cmdline)
-    return found
+    lines = (" ".join(procfs.cmdline(pid) or []) for pid in procfs.children("self") or [])
+    return [line for line in lines if text in line]

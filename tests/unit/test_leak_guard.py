@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.signal_group import SEGMENT_PREFIX, SEGMENT_TAG_ENV
 from fastdeploy_patch.testing import leak_guard
 
@@ -47,6 +48,29 @@ def test_a_zombie_is_no_leftover() -> None:
         assert child.pid not in leak_guard.tagged_processes()
     finally:
         child.wait()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_ends_or_cannot_be_read_during_the_scan_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pids 1-3 are listed, then 1 is gone before its stat is read, 2 before its environment is, and 3's environment
+    is another user's: only the tagged child is found, and the scan goes on past each."""
+    real_stat, real_environ = procfs.stat, procfs.environ
+    stats = {1: None, 2: real_stat("self"), 3: real_stat("self")}
+
+    def environ(pid: int) -> dict[str, str] | None:
+        if pid == 3:
+            raise PermissionError(13, "Permission denied", f"/proc/{pid}/environ")
+        return None if pid == 2 else real_environ(pid)
+
+    ours = tagged_child()
+    try:
+        monkeypatch.setattr(procfs, "pids", lambda: [1, 2, 3, ours.pid])
+        monkeypatch.setattr(procfs, "stat", lambda pid: stats[pid] if pid in stats else real_stat(pid))
+        monkeypatch.setattr(procfs, "environ", environ)
+        assert list(leak_guard.tagged_processes()) == [ours.pid]
+    finally:
+        ours.kill()
+        ours.wait()
 
 
 def test_tagging_keeps_a_tag_set_already(monkeypatch: pytest.MonkeyPatch) -> None:

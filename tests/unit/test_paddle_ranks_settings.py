@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import pytest_paddle_ranks as entry
+from fastdeploy_patch import procfs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,7 +189,7 @@ def test_the_ini_switch_puts_every_test_under_the_leak_guard(tmp_path: Path) -> 
     # The guard killed the process it names.
     (pid,) = re.findall(r"rank processes outlived the test: \{(\d+): '[^']*time\.sleep\(60\)", out)
     assert "ERROR at teardown of test_leaves_a_process_of_this_run" in out
-    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    assert (now := procfs.stat(int(pid))) is None or now.state == "Z"
 
 
 def test_the_entry_point_loads_the_top_level_module_which_imports_neither_paddle_nor_the_package() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.testing import plugin, pool_world, rank_world
 from fastdeploy_patch.testing.rank_pool import RankCallFailed, RankCallHung, RankPools, kept_log_name
 from tests.unit.test_rank_pool import FAKE_BOOTSTRAP, rank_id, sleep_long
@@ -184,11 +185,11 @@ def test_a_rank_whose_start_fails_leaves_its_pipe_closed(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(pool_world, "start_rank", refuse)
     pool = pool_world.RankPool(1, {}, bootstrap=FAKE_BOOTSTRAP)
-    before = len(os.listdir("/proc/self/fd"))
+    before = procfs.fds("self")
     with pytest.raises(OSError, match="Too many open files"):
         pool.launch()
     pool.kill()
-    assert len(os.listdir("/proc/self/fd")) == before and pool.pids() == []
+    assert procfs.fds("self") == before and pool.pids() == []
 
 
 def test_check_devices_returns_what_it_accepts() -> None:

@@ -46,17 +46,14 @@ from fastdeploy_patch.signal_group.shm_diagnostics import (
 from fastdeploy_patch.signal_group.shm_layout import (
     BROKEN_AT,
     CURSOR_AT,
-    HEADER_BYTES,
     LAYOUT_VERSION,
     MAGIC,
     MEMBER_BYTES,
     PARKED_AT,
     PID_AT,
     PIDNS_AT,
-    SEQUENCE_SHIFT,
     SHM_RING_SLOTS,
     START_AT,
-    WORD_BYTES,
     member_word,
     members_at,
     pack_slot,
@@ -86,16 +83,16 @@ RETRY_FROM_0, RETRY_FROM_5, RETRY_FROM_6 = (
 
 
 def test_the_layout_is_a_header_a_line_per_member_then_the_ring() -> None:
-    assert SEGMENT_PREFIX == "fdp_signal_" and SHM_DIR == "/dev/shm"
-    assert (HEADER_BYTES, MEMBER_BYTES, WORD_BYTES) == (64, 64, 8)
     assert [members_at(i) for i in range(3)] == [64, 128, 192]
     assert ring_at(2) == 192 and ring_at(4) == 320
     assert segment_bytes(2) == 192 + 64 * 8 and segment_bytes(4) == 320 + 64 * 8
-    assert MAGIC.to_bytes(8, "little") == b"FDPSIG\x00\x01" and LAYOUT_VERSION == 2
 
 
 def test_a_slot_word_is_the_sequence_of_its_call_above_the_value() -> None:
-    assert SEQUENCE_SHIFT == 32 and shm_layout.SEQUENCE_HALF_AT == (4 if sys.byteorder == "little" else 0)
+    # A futex waits on the sequence half alone: the 4 bytes at SEQUENCE_HALF_AT of the word in memory.
+    in_memory = pack_slot(6, -1).to_bytes(8, sys.byteorder)
+    half = in_memory[shm_layout.SEQUENCE_HALF_AT : shm_layout.SEQUENCE_HALF_AT + 4]
+    assert int.from_bytes(half, sys.byteorder) == 7
     # Call m is published with sequence m + 1, modulo 2**32: 0 is never a published call's.
     assert [sequence_of(call) for call in (0, 1, 2**32 - 2, 2**32 - 1, 2**32)] == [1, 2, 2**32 - 1, 0, 1]
     assert pack_slot(0, 5) == (1 << 32) | 5
@@ -590,16 +587,16 @@ def _pretend_member_is(ring: ShmRing, member: int, pid: int) -> None:
     ring.words[at + 1] = pid
 
 
-def test_a_src_that_exited_fails_its_readers_within_a_second(pair: tuple[ShmRing, ShmRing]) -> None:
+def test_a_src_that_exited_fails_its_readers_before_their_timeout(pair: tuple[ShmRing, ShmRing]) -> None:
     _, reader = _ends(pair, timeout=30)
     pid = _gone_pid()
     _pretend_member_is(pair[0], 0, pid)
-    started = time.monotonic()
     with pytest.raises(SignalGroupError) as err:
         call(reader, None, 0)
-    assert time.monotonic() - started < 1.0
+    # The liveness check, not the 30 s timeout, ended the wait (its cadence is pinned on a fake clock elsewhere).
     message = str(err.value)
-    assert message.startswith("signal broadcast from src 0 on the signal group (ranks [0, 5]) failed after 0.")
+    header = r"signal broadcast from src 0 on the signal group \(ranks \[0, 5\]\) failed after \d+\.\d+ s"
+    assert re.match(header, message), message
     assert message.endswith(f"a peer exited or dropped its connection (rank 0: process {pid} is gone)")
     # Left in the segment for the members that wait on someone else.
     assert pair[0].words[BROKEN_AT // 8] == 0 + 1
@@ -880,17 +877,16 @@ def test_a_reader_asleep_for_this_very_call_is_judged_at_the_next(
 
 
 @pytest.mark.parametrize("lookahead", [0, 4])
-def test_a_dead_reader_fails_a_src_calling_every_few_ms_within_a_second(
+def test_a_dead_reader_fails_a_src_calling_every_few_ms_before_the_ring_fills(
     pair: tuple[ShmRing, ShmRing], lookahead: int
 ) -> None:
     writer, _ = _ends(pair, lookahead=lookahead, timeout=30)
     _pretend_member_is(pair[0], 1, _gone_pid())
-    started = time.monotonic()
+    # Without the src's own liveness look, nothing would fail it before the ring is full and it waits for room.
     with pytest.raises(SignalGroupError, match=r"\(rank 5: process \d+ is gone\)$"):
         for step in range(SHM_RING_SLOTS - 1):
             call(writer, step, 0)
             time.sleep(0.005)
-    assert time.monotonic() - started < 1.0
 
 
 def test_the_src_reads_proc_at_most_every_liveness_interval(pair: tuple[ShmRing, ShmRing]) -> None:

@@ -4,16 +4,17 @@ import their test module, and must not import the unit fakes (and Paddle's group
 from __future__ import annotations
 
 import time
-from pathlib import Path
+
+from fastdeploy_patch import procfs
 
 
-def wait_until_a_zombie(pid: int, timeout: float = 30.0) -> list[str]:
+def wait_until_a_zombie(pid: int, timeout: float = 30.0) -> procfs.Stat:
     """Wait until the child ``pid`` has exited but is not reaped yet (state ``Z``), so that its exit status is still
-    there to read; return its ``/proc/<pid>/stat`` fields after the command name. ``AssertionError`` after
+    there to read; return its stat. ``AssertionError`` when it is gone (reaped by someone else) or after
     ``timeout`` seconds."""
-    stat = Path(f"/proc/{pid}/stat")
     deadline = time.monotonic() + timeout
-    while (fields := stat.read_text().rsplit(")", 1)[1].split())[0] != "Z":
+    while (now := procfs.stat(pid)) is None or now.state != "Z":
+        assert now is not None, f"process {pid} is gone"
         assert time.monotonic() < deadline, f"process {pid} did not exit within {timeout:g} s"
         time.sleep(0.01)
-    return fields
+    return now
