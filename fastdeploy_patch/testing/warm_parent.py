@@ -1,0 +1,413 @@
+"""Fresh ranks forked from a warm parent: one process per test process imports Paddle once, and every rank of a
+fresh world is a fork of it, so no rank pays that import (1.1-1.7 s of CPU here) again.
+
+Why a parent of its own, not the test process: a process that forks must hold one thread, no store and no CUDA.
+The test process holds pytest's threads and the ranks' pipes; a rank that joined its world holds gloo's and the
+store's threads. The warm parent is started like any rank (``launcher.RANK_PRELUDE``: it dies with its test
+process, and shows its stack on SIGUSR1), imports Paddle and the rank entry points with BLAS on one thread, and then
+only forks: it checks ``Threads: 1`` in its ``/proc/self/status`` before every fork and refuses to fork otherwise.
+
+A forked rank is the warm parent's child, not the test process's. What a spawned rank gets from being a child of
+the test process, a forked one gets through the parent:
+
+- dying with its test process: the rank's ``PR_SET_PDEATHSIG`` fires when the warm parent dies, whose own fires
+  when the test process dies;
+- its exit code and death signal: the parent reaps it and sends ``{"exited": pid, "code": N}`` (``N`` as
+  ``subprocess.Popen.returncode`` gives it) to the controller, where ``ForkedProcess`` behaves as a ``Popen`` would;
+- killing it and what it started: it leads a session of its own, as a spawned rank does;
+- coverage: a forked process keeps measuring and, at its normal exit, saves its own data file.
+
+What does not carry over, and so where ranks are spawned instead (``fork_refusal``): environment variables that
+Paddle, BLAS or the interpreter read when they start (``IMPORT_TIME_PREFIXES``) were fixed when the parent started,
+so a world whose environment changes one of them is spawned; so is a world with a command in front of its
+interpreter (``RankPlacement.command_prefix``), a Paddle built with CUDA (CUDA must not be initialised before a
+fork), and any platform without ``fork``. ``/proc/PID/environ`` of a forked rank shows the parent's start-time
+environment; ``os.environ`` in the rank is the world's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib
+import importlib.metadata
+import os
+import pickle
+import select
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastdeploy_patch.testing import launcher
+
+IMPORT_TIME_PREFIXES = ("FLAGS_", "OMP_", "OPENBLAS_", "MKL_", "KMP_", "GOTO", "CUDA_", "NVIDIA_", "PYTHON", "LD_")
+"""Environment variables read when Paddle, its BLAS or the interpreter start, by prefix: a world whose ``env=``
+sets one of them to another value than its warm parent started with is spawned, since a forked rank would not see
+it."""
+
+PARENT_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+"""What the warm parent's environment holds beside the test process's: numpy's OpenBLAS starts a thread per core
+at import unless told otherwise, and a process with threads must not fork; a CPU world never touches a GPU."""
+
+ENTRIES = ("fastdeploy_patch.testing.rank_entry", "fastdeploy_patch.testing.pool_rank")
+"""The modules whose ``main(argv)`` a forked rank may run; the parent imports them (and so Paddle) once."""
+
+BOOTSTRAP = (
+    launcher.RANK_PRELUDE + "from fastdeploy_patch.testing.warm_parent import serve; sys.exit(serve(sys.argv[1:]))"
+)
+"""What the warm parent's interpreter runs (``python -c BOOTSTRAP FD``, ``FD`` its socket to the test process): the
+launcher's prelude first, so that it dies with the test process and shows its stack on SIGUSR1."""
+
+READY_TIMEOUT_S = 180.0
+"""How long the parent may take to import Paddle: as long as a spawned rank's start may take."""
+
+CLOSE_GRACE_S = 5.0
+"""How long a parent hung up on gets to leave before it is killed."""
+
+_MESSAGE_BYTES = 1 << 20
+_MAX_FDS = 16
+_PR_SET_PDEATHSIG = 1
+
+
+def fork_refusal(
+    env: Mapping[str, str],
+    parent_env: Mapping[str, str],
+    *,
+    command_prefix: Sequence[str] = (),
+    devices: str = "cpu",
+) -> str | None:
+    """Why a world that adds ``env`` to its ranks' environment cannot be forked from a warm parent started with
+    ``parent_env``, or None when it can. Reads no Paddle: a GPU build is told by its installed distribution."""
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return f"this platform ({sys.platform}) cannot fork a warm parent"
+    if command_prefix:
+        return f"the rank's interpreter starts through {' '.join(command_prefix)!r}"
+    if devices != "cpu":
+        return f"devices={devices!r}: CUDA must not be initialised in a process that forks"
+    if gpu_build():
+        return "Paddle is a GPU build: CUDA must not be initialised in a process that forks"
+    changed = sorted(
+        name for name, value in env.items() if name.startswith(IMPORT_TIME_PREFIXES) and value != parent_env.get(name)
+    )
+    if changed:
+        return f"env= sets {', '.join(changed)}, read when Paddle or Python starts"
+    return None
+
+
+def gpu_build() -> bool:
+    """Whether the installed Paddle is a GPU wheel (``paddlepaddle-gpu``), told without importing it."""
+    try:
+        importlib.metadata.distribution("paddlepaddle-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def parent_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment a warm parent starts with: ``base`` (the test process's) with ``PARENT_ENV`` added."""
+    return {**base, **PARENT_ENV}
+
+
+class ForkedProcess:
+    """A rank forked by a ``WarmParent``, used as a ``subprocess.Popen``: ``pid``, ``returncode``, ``poll()``,
+    ``wait(timeout)`` and ``send_signal``. Its exit code comes from the parent that reaped it."""
+
+    def __init__(self, parent: WarmParent, pid: int) -> None:
+        self._parent = parent
+        self.pid = pid
+        self.returncode: int | None = None
+        self.args = ("forked", pid)
+
+    def poll(self) -> int | None:
+        """The exit code once the rank has ended, else None; never waits."""
+        if self.returncode is None:
+            self._parent.pump(0.0)
+            self.returncode = self._parent.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the rank to end and return its exit code; ``subprocess.TimeoutExpired`` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self._parent.pump(left)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the rank unless it has ended."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class WarmParent:
+    """A process of this test process's that imported Paddle once and forks ranks on request.
+
+    ``start`` launches it (``start_process`` is how: the one way ranks start) and waits until it is ready;
+    ``fork`` makes a rank; ``close`` ends it, and with it every rank it forked that still runs.
+    """
+
+    def __init__(
+        self, process: Any, sock: socket.socket, env: Mapping[str, str], entries: Sequence[str] = ENTRIES
+    ) -> None:
+        self.process = process
+        self.entries = tuple(entries)
+        self.env = dict(env)
+        """The environment the parent started with: what a forked rank's imports saw."""
+        self._sock = sock
+        self._exits: dict[int, int] = {}
+        self._replies: list[dict[str, Any]] = []
+        self._gone = False
+        self.threads_at_fork: list[int] = []
+        """``Threads:`` in the parent's ``/proc/self/status`` at each fork it made, in order."""
+
+    @classmethod
+    def start(
+        cls,
+        log_path: Path,
+        env: Mapping[str, str],
+        *,
+        bootstrap: str = BOOTSTRAP,
+        entries: Sequence[str] = ENTRIES,
+        timeout: float = READY_TIMEOUT_S,
+    ) -> WarmParent:
+        """Start a warm parent (``python -c bootstrap FD``, through ``launcher.start_rank_process``) with
+        environment ``parent_environment(env)``, its output in ``log_path``, and wait until it has imported Paddle
+        and ``entries``. Raises ``RuntimeError`` with its log when it exits or is not ready within ``timeout``
+        seconds (it is killed then)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = launcher.start_rank_process(
+                [sys.executable, "-c", bootstrap, str(theirs.fileno())],
+                log_path,
+                parent_environment(env),
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
+        parent = cls(process, ours, parent_environment(env), entries)
+        try:
+            parent._expect("ready", timeout, log_path)
+        except BaseException:
+            parent.close()
+            raise
+        return parent
+
+    def fork(self, entry: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, pass_fds=()) -> Any:
+        """Fork a rank that runs ``entry``'s ``main(argv)`` (a module of ``ENTRIES``) with environment ``env``,
+        its output in ``log_path``, in a session of its own, in this process's working directory. Each argument
+        that is the number of a descriptor in ``pass_fds`` is that descriptor's number in the rank. Returns a
+        ``ForkedProcess``; raises ``RuntimeError`` when the parent refuses (it held more than one thread) or is
+        gone."""
+        if entry not in self.entries:
+            raise ValueError(f"entry must be one of {self.entries}, got {entry!r}")
+        request = {
+            "entry": entry,
+            "argv": list(argv),
+            "fds": [str(fd) for fd in pass_fds],
+            "env": dict(env),
+            "log": str(log_path),
+            "cwd": os.getcwd(),
+        }
+        try:
+            socket.send_fds(self._sock, [pickle.dumps(request)], list(pass_fds))
+        except OSError as exc:
+            raise RuntimeError(f"the warm parent (pid {self.process.pid}) is gone: {exc}") from None
+        reply = self._expect("forked", READY_TIMEOUT_S, None)
+        self.threads_at_fork.append(reply["threads"])
+        return ForkedProcess(self, reply["pid"])
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit code the parent reported for its rank ``pid``; a rank still unreported once the parent is gone
+        died with it (``-SIGKILL``, its death signal) as soon as it no longer runs."""
+        if pid in self._exits:
+            return self._exits[pid]
+        if self._gone and not _running(pid):
+            self._exits[pid] = -signal.SIGKILL
+            return self._exits[pid]
+        return None
+
+    def pump(self, timeout: float | None) -> None:
+        """Read what the parent sent, waiting at most ``timeout`` seconds (None: until something comes) for the
+        first message; exit reports are kept for ``exit_code``, replies for ``fork``."""
+        if self._gone:
+            if timeout:
+                time.sleep(min(timeout, 0.01))
+            return
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        while ready:
+            raw = self._sock.recv(_MESSAGE_BYTES)
+            if not raw:
+                self._gone = True
+                return
+            message = pickle.loads(raw)
+            if message["kind"] == "exited":
+                self._exits[message["pid"]] = message["code"]
+            else:
+                self._replies.append(message)
+            ready, _, _ = select.select([self._sock], [], [], 0)
+
+    def close(self) -> None:
+        """Hang up: the parent leaves, and ranks it forked that still run die with it. Idempotent."""
+        self._sock.close()
+        self._gone = True
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(CLOSE_GRACE_S)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def _expect(self, kind: str, timeout: float, log_path: Path | None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self._replies:
+            left = deadline - time.monotonic()
+            if self._gone or left <= 0 or self.process.poll() is not None:
+                # A parent that cannot answer is of no use: it goes, and with it any rank it forked.
+                if self.process.poll() is None:
+                    self.process.kill()
+                    self.process.wait()
+                log = log_path.read_text(errors="replace")[-launcher.LOG_TAIL_CHARS :] if log_path else ""
+                raise RuntimeError(
+                    f"the warm parent (pid {self.process.pid}) sent no {kind!r} within {timeout:g} s or exited"
+                    f" (exit code {self.process.returncode})" + (f":\n{log}" if log else "")
+                )
+            self.pump(min(left, 0.5))
+        reply = self._replies.pop(0)
+        if reply["kind"] != kind:
+            raise RuntimeError(f"the warm parent refused: {reply.get('error', reply)}")
+        return reply
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# The parent's side: everything below runs in the warm parent and, after a fork, in the rank until it starts.
+
+
+def serve(argv: list[str], entries: Sequence[str] = ENTRIES, warm_up: Callable[[], object] | None = None) -> int:
+    """The warm parent's life: import Paddle (``warm_up``, by default ``rank_imports.import_paddle``) and
+    ``entries``, say ready, fork ranks on request and report how each ended, until the test process hangs up
+    (returns 0). In a forked rank, returns the rank's own exit code."""
+    sock = socket.socket(fileno=int(argv[0]))
+    from fastdeploy_patch.testing import rank_entry, rank_imports
+
+    (warm_up or rank_imports.import_paddle)()
+    for name in entries:
+        importlib.import_module(name)
+    # Paddle's import put C++ handlers on the fatal signals and SIGTERM: ranks inherit faulthandler's and coverage's.
+    rank_entry.reclaim_signal_handlers()
+    # What the imports made is shared by every fork, copy-on-write: the collector of a rank need not walk it.
+    gc.collect()
+    gc.freeze()
+    _send(sock, {"kind": "ready", "pid": os.getpid()})
+    rank = _serve_forks(sock)
+    return 0 if rank is None else rank()
+
+
+def threads() -> int:
+    """``Threads:`` in this process's ``/proc/self/status``."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+def _serve_forks(sock: socket.socket) -> Callable[[], int] | None:
+    children: dict[int, int] = {}  # pidfd -> pid
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is sock:
+                    raw, fds, _, _ = socket.recv_fds(sock, _MESSAGE_BYTES, _MAX_FDS)
+                    if not raw:
+                        return None
+                    rank = _fork(sock, pickle.loads(raw), fds, selector, children)
+                    if rank is not None:
+                        return rank
+                else:
+                    pidfd = key.fd
+                    pid = children.pop(pidfd)
+                    selector.unregister(pidfd)
+                    os.close(pidfd)
+                    _, status = os.waitpid(pid, 0)
+                    _send(sock, {"kind": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _fork(
+    sock: socket.socket,
+    request: dict[str, Any],
+    fds: list[int],
+    selector: selectors.BaseSelector,
+    children: dict[int, int],
+) -> Callable[[], int] | None:
+    count = threads()
+    if count != 1:
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"kind": "refused", "error": f"the warm parent holds {count} threads; it forks only with one"})
+        return None
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        selector.close()
+        for pidfd in children:
+            os.close(pidfd)
+        sock.close()
+        return _become_rank(request, fds, parent)
+    for fd in fds:
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    children[pidfd] = pid
+    selector.register(pidfd, selectors.EVENT_READ)
+    _send(sock, {"kind": "forked", "pid": pid, "threads": count})
+    return None
+
+
+def _become_rank(request: dict[str, Any], fds: list[int], parent: int) -> Callable[[], int]:
+    """In the forked child: the rank's session, death with the parent, output, environment and arguments; returns
+    the call that runs its entry."""
+    os.setsid()
+    die_with(parent)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    numbers = dict(zip(request["fds"], (str(fd) for fd in fds), strict=True))
+    argv = [numbers.get(arg, arg) for arg in request["argv"]]
+    sys.argv = ["-c", *argv]
+    main = importlib.import_module(request["entry"]).main
+    return lambda: main(argv)
+
+
+def die_with(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` dies, and leave at once (exit 1) if it already has."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The parent may have died before the request was made: the kernel would never send the signal then.
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.send(pickle.dumps(message))
