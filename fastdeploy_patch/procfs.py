@@ -1,6 +1,6 @@
 """Every read of Linux ``/proc`` the package and its tests make, but for ``signal_group.store_sockets``' own socket
-table: a process's ``stat`` fields, children, command line, environment, open descriptors, resident size and
-mappings, this process's PID namespace, and the mount table.
+table: a process's ``stat`` fields, children, command line, environment, open descriptors, thread count, resident
+size and mappings, this process's PID namespace, and the mount table.
 
 Every function takes ``root``, the ``/proc`` to read (a test passes a fake directory). A process is named by its pid
 (an ``int``) or ``"self"``; anything else is a ``TypeError``, before any read. A process that cannot be seen in
@@ -172,6 +172,14 @@ def rss_bytes(pid: Pid, *, root: str = ROOT) -> int | None:
     if data is None:
         return None
     return int(data.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def threads(pid: Pid, *, root: str = ROOT) -> int | None:
+    """How many threads process ``pid`` runs (``Threads:`` in its ``status``); None when it cannot be seen."""
+    data = _read(f"{_dir(pid, root)}/status")
+    if data is None:
+        return None
+    return next(int(line.split()[1]) for line in data.splitlines() if line.startswith(b"Threads:"))
 
 
 def mapped_paths(pid: Pid, *, root: str = ROOT) -> list[str] | None:

@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastdeploy_patch import procfs
 from fastdeploy_patch.testing import launcher
 
 IMPORT_TIME_PREFIXES = ("FLAGS_", "OMP_", "OPENBLAS_", "MKL_", "KMP_", "GOTO", "CUDA_", "NVIDIA_", "PYTHON", "LD_")
@@ -274,6 +275,9 @@ class WarmParent:
         while not self._replies:
             left = deadline - time.monotonic()
             if self._gone or left <= 0 or self.process.poll() is not None:
+                # A parent that hung up is on its way out, and its own exit code says more than our kill would.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(1.0 if self._gone else 0.0)
                 # A parent that cannot answer is of no use: it goes, and with it any rank it forked.
                 if self.process.poll() is None:
                     self.process.kill()
@@ -321,12 +325,6 @@ def serve(argv: list[str], entries: Sequence[str] = ENTRIES, warm_up: Callable[[
     return 0 if rank is None else rank()
 
 
-def threads() -> int:
-    """``Threads:`` in this process's ``/proc/self/status``."""
-    with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
-
-
 def _serve_forks(sock: socket.socket) -> Callable[[], int] | None:
     children: dict[int, int] = {}  # pidfd -> pid
     with selectors.DefaultSelector() as selector:
@@ -356,7 +354,7 @@ def _fork(
     selector: selectors.BaseSelector,
     children: dict[int, int],
 ) -> Callable[[], int] | None:
-    count = threads()
+    count = procfs.threads("self")
     if count != 1:
         for fd in fds:
             os.close(fd)

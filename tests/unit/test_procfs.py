@@ -180,7 +180,7 @@ def test_a_stat_that_cannot_be_read_is_an_os_error(tmp_path: Path) -> None:
 # --- what cannot be seen, and what is not a pid -------------------------------------------------------------------
 
 PER_PROCESS = [procfs.stat, procfs.children, procfs.cmdline, procfs.environ, procfs.fds, procfs.rss_bytes]
-PER_PROCESS += [procfs.mapped_paths]
+PER_PROCESS += [procfs.mapped_paths, procfs.threads]
 
 
 @pytest.mark.parametrize("read", PER_PROCESS, ids=lambda read: read.__name__)
@@ -373,6 +373,24 @@ def test_the_resident_size_is_the_one_the_kernel_reports_and_grows_with_touched_
     touched = b"x" * (64 * 2**20)
     assert procfs.rss_bytes(os.getpid()) - before >= 60 * 2**20
     del touched
+
+
+def test_the_thread_count_follows_threads_started_and_ended() -> None:
+    before = procfs.threads("self")
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert procfs.threads(os.getpid()) == before + 1
+    finally:
+        stop.set()
+        thread.join()
+    assert procfs.threads("self") == before
+
+
+def test_the_thread_count_is_read_from_the_status_line_that_names_it(tmp_path: Path) -> None:
+    root = fake_proc(tmp_path, {"42/status": "Name:\tx\nTgid:\t42\nThreads:\t7\nSigQ:\t0/1\n"})
+    assert procfs.threads(42, root=root) == 7
 
 
 def test_the_resident_size_is_the_second_field_of_statm_in_pages(tmp_path: Path) -> None:

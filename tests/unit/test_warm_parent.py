@@ -202,20 +202,6 @@ def test_a_gpu_build_is_told_by_its_distribution(monkeypatch):
     assert seen == ["paddlepaddle-gpu", "paddlepaddle-gpu"]
 
 
-def test_threads_counts_this_processs_threads():
-    import threading
-
-    before = warm_parent.threads()
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait)
-    thread.start()
-    try:
-        assert warm_parent.threads() == before + 1
-    finally:
-        stop.set()
-        thread.join()
-
-
 def test_a_refused_fork_closes_the_descriptors_it_was_given(tmp_path):
     parent = warm_parent.WarmParent.start(
         tmp_path / "parent.log",
