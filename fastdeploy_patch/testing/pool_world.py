@@ -22,7 +22,8 @@ from subprocess import TimeoutExpired
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from fastdeploy_patch.testing import pickles
+from fastdeploy_patch import procfs
+from fastdeploy_patch.testing import pickles, warm_parent
 from fastdeploy_patch.testing.call_target import CallTarget
 from fastdeploy_patch.testing.rank_entry import PORT_TAKEN_EXIT
 from fastdeploy_patch.testing.rank_processes import (
@@ -41,9 +42,8 @@ from fastdeploy_patch.testing.rank_world import DEVICES, free_ports, rank_env
 
 # The prelude goes first, before the import of Paddle (seconds): the rank dies with its test process, and a rank stuck
 # anywhere, even in that import or in C++, answers SIGUSR1 with every thread's stack.
-POOL_RANK_BOOTSTRAP = (
-    RANK_PRELUDE + "from fastdeploy_patch.testing.pool_rank import main; sys.exit(main(sys.argv[1:]))"
-)
+POOL_ENTRY = "fastdeploy_patch.testing.pool_rank"
+POOL_RANK_BOOTSTRAP = RANK_PRELUDE + f"from {POOL_ENTRY} import main; sys.exit(main(sys.argv[1:]))"
 
 PORT_ATTEMPTS = 3
 """How many times a pool starts on fresh ports when its rank 0 found the master port taken (by another test
@@ -70,9 +70,8 @@ _REASONS = {"raised": "rank raised", "skipped": "rank skipped", "leftovers": "le
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident memory of process ``pid`` (Linux ``/proc``)."""
-    resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    """Resident memory of process ``pid``; 0 once it is gone (its exit is seen where its reply is awaited)."""
+    return procfs.rss_bytes(pid) or 0
 
 
 class RankPool:
@@ -80,16 +79,28 @@ class RankPool:
     ``env`` over this process's environment and every default of ours, started by ``start()``.
 
     ``bootstrap`` is the Python code each rank's interpreter runs (``-c``), with its connection's file descriptor as
-    its one argument. After a failed call the pool is dead: ``kill()`` it and start another.
+    its one argument. With ``fork`` and the default bootstrap, the ranks are forks of this process's warm parent
+    (``warm_parent``), which imported Paddle once, unless ``warm_parent.fork_refusal`` says why they cannot be
+    (``spawn_reason``); they are spawned otherwise. After a failed call the pool is dead: ``kill()`` it and start
+    another.
     """
 
     def __init__(
-        self, nranks: int, env: Mapping[str, str], *, devices: str = "cpu", bootstrap: str = POOL_RANK_BOOTSTRAP
+        self,
+        nranks: int,
+        env: Mapping[str, str],
+        *,
+        devices: str = "cpu",
+        bootstrap: str = POOL_RANK_BOOTSTRAP,
+        fork: bool = True,
     ) -> None:
         self.nranks = nranks
         self.env = dict(env)
         self.devices = devices
         self.bootstrap = bootstrap
+        self.fork = fork
+        self.spawn_reason: str | None = None
+        """Why the ranks were spawned rather than forked (None: they were forked, or not started yet)."""
         self.calls = 0
         self.port_retries = 0
         self.retire_reason: str | None = None
@@ -115,14 +126,21 @@ class RankPool:
         self._workdir = self._workdir or TemporaryDirectory(prefix="fdp-pool-")
         ports = free_ports(self.nranks + 1, self._claims)
         backend = DEVICES[self.devices]
+        forked_env = {**os.environ, **warm_parent.PARENT_ENV, **self.env}
+        self.spawn_reason = self._spawn_reason(forked_env)
         for rank in range(self.nranks):
             ours, theirs = Pipe()
             # The caller's env goes last: it wins over every default of ours, the world's variables included.
-            env = {**os.environ, **rank_env(rank, self.nranks, ports, backend=backend), **self.env}
+            base = os.environ if self.spawn_reason else forked_env
+            env = {**base, **rank_env(rank, self.nranks, ports, backend=backend), **self.env}
             argv = (sys.executable, "-c", self.bootstrap, str(theirs.fileno()))
             log_path = Path(self._workdir.name) / f"rank{rank}.log"
             try:
-                process = start_rank(RankSpec(rank, argv, env, log_path, pass_fds=(theirs.fileno(),)))
+                method = "spawn" if self.spawn_reason else "fork"
+                spec = RankSpec(
+                    rank, argv, env, log_path, pass_fds=(theirs.fileno(),), start_method=method, entry=POOL_ENTRY
+                )
+                process = start_rank(spec)
             except BaseException:
                 ours.close()
                 raise
@@ -130,6 +148,14 @@ class RankPool:
                 theirs.close()
             self._ranks.append(process)
             self._conns[rank] = ours
+
+    def _spawn_reason(self, forked_env: Mapping[str, str]) -> str | None:
+        if not self.fork:
+            return "fork=False"
+        if self.bootstrap != POOL_RANK_BOOTSTRAP:
+            return "the ranks run a bootstrap of their own"
+        parent_env = warm_parent.shared_env() or warm_parent.parent_environment(forked_env)
+        return warm_parent.fork_refusal(forked_env, parent_env, devices=self.devices)
 
     def wait_joined(self, target: CallTarget, timeout: float) -> float:
         """Wait until every launched rank joined the world, and return when the last one did (``time.monotonic()``).

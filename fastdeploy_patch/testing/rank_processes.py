@@ -8,9 +8,9 @@ what each rank runs and how it replies; this module owns the processes.
 rank, the command (any placement prefix such as ``nsenter``, the interpreter, its arguments), the exact environment,
 the working directory, the log file, the file descriptors the rank inherits, and the start method's name.
 ``START_METHODS`` maps that name to the function that makes the process: ``"spawn"`` (``subprocess.Popen`` of the
-command) is the only one today; another (a fork of a warm parent that imported Paddle once) registers there and
-returns an object with ``Popen``'s ``pid``, ``returncode``, ``poll()``, ``wait(timeout)`` and ``send_signal(sig)``,
-its process leading a session of its own, its output in the spec's log file. Whatever made the process,
+command) and ``"fork"`` (``warm_parent``: the spec's entry module in a fork of a parent that imported Paddle once,
+an object with ``Popen``'s ``pid``, ``returncode``, ``poll()``, ``wait(timeout)`` and ``send_signal(sig)``); either
+leads a session of its own, its output in the spec's log file. Whatever made the process,
 ``start_rank`` returns a ``RankProcess`` with a pidfd that becomes readable when it exits, and everything after
 (waiting, stacks, killing, reports) is the same.
 """
@@ -65,7 +65,8 @@ class RankSpec:
     ``argv``: the whole command (a placement's prefix, the interpreter, its arguments); ``env``: exactly the rank's
     environment (``start_rank`` adds only ``PYTHONUNBUFFERED`` and ``PARENT_VAR``); ``log_path``: where its stdout
     and stderr go; ``cwd``: its working directory (``None``: ours); ``pass_fds``: descriptors it inherits;
-    ``start_method``: a key of ``START_METHODS``.
+    ``start_method``: a key of ``START_METHODS``; ``entry``: the module whose ``main`` the command's bootstrap runs
+    with the arguments after it (``argv[3:]``), which the ``"fork"`` method runs in a fork of a warm parent instead.
     """
 
     rank: int
@@ -75,6 +76,7 @@ class RankSpec:
     cwd: str | None = None
     pass_fds: tuple[int, ...] = ()
     start_method: str = "spawn"
+    entry: str | None = None
 
 
 @dataclass
@@ -136,7 +138,15 @@ def spawn(spec: RankSpec, env: Mapping[str, str]) -> subprocess.Popen:
         )
 
 
-START_METHODS: dict[str, Callable[[RankSpec, Mapping[str, str]], Any]] = {"spawn": spawn}
+def fork(spec: RankSpec, env: Mapping[str, str]) -> Any:
+    """The ``"fork"`` start method: ``spec.entry`` in a fork of this process's warm parent (``warm_parent``)."""
+    # Imported here: the warm parent starts itself through this module.
+    from fastdeploy_patch.testing import warm_parent
+
+    return warm_parent.fork_rank(spec, env)
+
+
+START_METHODS: dict[str, Callable[[RankSpec, Mapping[str, str]], Any]] = {"spawn": spawn, "fork": fork}
 """How a rank process can be made, by name: each takes the spec and the environment to give the process."""
 
 

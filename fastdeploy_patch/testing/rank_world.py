@@ -52,6 +52,19 @@ def free_ports(count: int, claims: contextlib.ExitStack, host: str = LOOPBACK) -
     return ports
 
 
+WORLD_VARS = (
+    "PADDLE_TRAINER_ID",
+    "PADDLE_TRAINERS_NUM",
+    "PADDLE_TRAINER_ENDPOINTS",
+    "PADDLE_CURRENT_ENDPOINT",
+    "PADDLE_MASTER",
+    "PADDLE_DISTRI_BACKEND",
+    "PADDLE_RANK_IN_NODE",
+    "FLAGS_selected_gpus",
+)
+"""Every variable ``rank_env`` may set: they name one rank of one world."""
+
+
 def rank_env(
     rank: int, nranks: int, ports: list[int], *, backend: str = "gloo", hosts: Sequence[str] | None = None
 ) -> dict[str, str]:

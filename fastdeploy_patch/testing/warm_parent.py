@@ -3,7 +3,7 @@ fresh world is a fork of it, so no rank pays that import (1.1-1.7 s of CPU here)
 
 Why a parent of its own, not the test process: a process that forks must hold one thread, no store and no CUDA.
 The test process holds pytest's threads and the ranks' pipes; a rank that joined its world holds gloo's and the
-store's threads. The warm parent is started like any rank (``launcher.RANK_PRELUDE``: it dies with its test
+store's threads. The warm parent is started like any rank (``rank_processes.RANK_PRELUDE``: it dies with its test
 process, and shows its stack on SIGUSR1), imports Paddle and the rank entry points with BLAS on one thread, and then
 only forks: it checks ``Threads: 1`` in its ``/proc/self/status`` before every fork and refuses to fork otherwise.
 
@@ -36,22 +36,24 @@ import os
 import pickle
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fastdeploy_patch import procfs
-from fastdeploy_patch.testing import launcher
+from fastdeploy_patch.testing.rank_processes import LOG_TAIL_CHARS, RANK_PRELUDE, RankSpec, start_rank
+from fastdeploy_patch.testing.rank_world import WORLD_VARS
 
 IMPORT_TIME_PREFIXES = ("FLAGS_", "OMP_", "OPENBLAS_", "MKL_", "KMP_", "GOTO", "CUDA_", "NVIDIA_", "PYTHON", "LD_")
-"""Environment variables read when Paddle, its BLAS or the interpreter start, by prefix: a world whose ``env=``
-sets one of them to another value than its warm parent started with is spawned, since a forked rank would not see
-it."""
+"""Environment variables read when Paddle, its BLAS or the interpreter start, by prefix: a world that sets one of
+them otherwise than its warm parent started with is spawned, since a forked rank would not see it."""
 
 PARENT_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 """What the warm parent's environment holds beside the test process's: numpy's OpenBLAS starts a thread per core
@@ -60,9 +62,7 @@ at import unless told otherwise, and a process with threads must not fork; a CPU
 ENTRIES = ("fastdeploy_patch.testing.rank_entry", "fastdeploy_patch.testing.pool_rank")
 """The modules whose ``main(argv)`` a forked rank may run; the parent imports them (and so Paddle) once."""
 
-BOOTSTRAP = (
-    launcher.RANK_PRELUDE + "from fastdeploy_patch.testing.warm_parent import serve; sys.exit(serve(sys.argv[1:]))"
-)
+BOOTSTRAP = RANK_PRELUDE + "from fastdeploy_patch.testing.warm_parent import serve; sys.exit(serve(sys.argv[1:]))"
 """What the warm parent's interpreter runs (``python -c BOOTSTRAP FD``, ``FD`` its socket to the test process): the
 launcher's prelude first, so that it dies with the test process and shows its stack on SIGUSR1."""
 
@@ -84,8 +84,10 @@ def fork_refusal(
     command_prefix: Sequence[str] = (),
     devices: str = "cpu",
 ) -> str | None:
-    """Why a world that adds ``env`` to its ranks' environment cannot be forked from a warm parent started with
-    ``parent_env``, or None when it can. Reads no Paddle: a GPU build is told by its installed distribution."""
+    """Why a rank with environment ``env`` cannot be forked from a warm parent that started with ``parent_env``, or
+    None when it can: a variable read when Paddle, its BLAS or the interpreter start (``IMPORT_TIME_PREFIXES``) that
+    differs between the two, a command in front of the interpreter, GPU devices, a GPU build of Paddle (told from its
+    installed distribution, without importing it), or a platform without ``fork``."""
     if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
         return f"this platform ({sys.platform}) cannot fork a warm parent"
     if command_prefix:
@@ -95,10 +97,12 @@ def fork_refusal(
     if gpu_build():
         return "Paddle is a GPU build: CUDA must not be initialised in a process that forks"
     changed = sorted(
-        name for name, value in env.items() if name.startswith(IMPORT_TIME_PREFIXES) and value != parent_env.get(name)
+        name
+        for name in {*env, *parent_env}
+        if name.startswith(IMPORT_TIME_PREFIXES) and env.get(name) != parent_env.get(name)
     )
     if changed:
-        return f"env= sets {', '.join(changed)}, read when Paddle or Python starts"
+        return f"the environment sets {', '.join(changed)} otherwise than the warm parent, which read them at start"
     return None
 
 
@@ -112,8 +116,9 @@ def gpu_build() -> bool:
 
 
 def parent_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment a warm parent starts with: ``base`` (the test process's) with ``PARENT_ENV`` added."""
-    return {**base, **PARENT_ENV}
+    """The environment a warm parent starts with: ``base`` (a rank's) without the variables that name one rank of one
+    world (``rank_world.WORLD_VARS``), with ``PARENT_ENV`` added."""
+    return {**{name: value for name, value in base.items() if name not in WORLD_VARS}, **PARENT_ENV}
 
 
 class ForkedProcess:
@@ -174,6 +179,10 @@ class WarmParent:
         self.threads_at_fork: list[int] = []
         """``Threads:`` in the parent's ``/proc/self/status`` at each fork it made, in order."""
 
+    def gone(self) -> bool:
+        """Whether the parent hung up or exited: it forks no more."""
+        return self._gone or self.process.poll() is not None
+
     @classmethod
     def start(
         cls,
@@ -184,20 +193,22 @@ class WarmParent:
         entries: Sequence[str] = ENTRIES,
         timeout: float = READY_TIMEOUT_S,
     ) -> WarmParent:
-        """Start a warm parent (``python -c bootstrap FD``, through ``launcher.start_rank_process``) with
+        """Start a warm parent (``python -c bootstrap FD``, through ``rank_processes.start_rank``) with
         environment ``parent_environment(env)``, its output in ``log_path``, and wait until it has imported Paddle
         and ``entries``. Raises ``RuntimeError`` with its log when it exits or is not ready within ``timeout``
         seconds (it is killed then)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = (sys.executable, "-c", bootstrap, str(theirs.fileno()))
         try:
-            process = launcher.start_rank_process(
-                [sys.executable, "-c", bootstrap, str(theirs.fileno())],
-                log_path,
-                parent_environment(env),
-                pass_fds=[theirs.fileno()],
-            )
+            started = start_rank(RankSpec(-1, argv, parent_environment(env), log_path, pass_fds=(theirs.fileno(),)))
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
+        # Its pidfd is of no use: the parent is waited for through its socket and its Popen.
+        started.close()
+        process = started.process
         parent = cls(process, ours, parent_environment(env), entries)
         try:
             parent._expect("ready", timeout, log_path)
@@ -206,9 +217,18 @@ class WarmParent:
             raise
         return parent
 
-    def fork(self, entry: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path, pass_fds=()) -> Any:
+    def fork(
+        self,
+        entry: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        pass_fds: Sequence[int] = (),
+        cwd: str | None = None,
+    ) -> ForkedProcess:
         """Fork a rank that runs ``entry``'s ``main(argv)`` (a module of ``ENTRIES``) with environment ``env``,
-        its output in ``log_path``, in a session of its own, in this process's working directory. Each argument
+        its output in ``log_path``, in a session of its own, in ``cwd`` (this process's working directory by
+        default). Each argument
         that is the number of a descriptor in ``pass_fds`` is that descriptor's number in the rank. Returns a
         ``ForkedProcess``; raises ``RuntimeError`` when the parent refuses (it held more than one thread) or is
         gone."""
@@ -220,7 +240,7 @@ class WarmParent:
             "fds": [str(fd) for fd in pass_fds],
             "env": dict(env),
             "log": str(log_path),
-            "cwd": os.getcwd(),
+            "cwd": cwd or os.getcwd(),
         }
         try:
             socket.send_fds(self._sock, [pickle.dumps(request)], list(pass_fds))
@@ -282,7 +302,7 @@ class WarmParent:
                 if self.process.poll() is None:
                     self.process.kill()
                     self.process.wait()
-                log = log_path.read_text(errors="replace")[-launcher.LOG_TAIL_CHARS :] if log_path else ""
+                log = log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:] if log_path else ""
                 raise RuntimeError(
                     f"the warm parent (pid {self.process.pid}) sent no {kind!r} within {timeout:g} s or exited"
                     f" (exit code {self.process.returncode})" + (f":\n{log}" if log else "")
@@ -292,6 +312,55 @@ class WarmParent:
         if reply["kind"] != kind:
             raise RuntimeError(f"the warm parent refused: {reply.get('error', reply)}")
         return reply
+
+
+_SHARED: list[tuple[WarmParent, str]] = []
+"""This process's warm parent and the directory of its log, once started."""
+
+
+def shared(env: Mapping[str, str], log_dir: str | None = None) -> WarmParent:
+    """This process's warm parent: the one started before while it still answers, else a new one started with
+    ``parent_environment(env)``, its log in a new directory under ``log_dir`` (the system's temporary directory by
+    default)."""
+    if _SHARED and not _SHARED[0][0].gone():
+        return _SHARED[0][0]
+    close_shared()
+    directory = tempfile.mkdtemp(prefix="fdp-warm-parent-", dir=log_dir)
+    try:
+        parent = WarmParent.start(Path(directory) / "parent.log", env, bootstrap=BOOTSTRAP, entries=ENTRIES)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    _SHARED.append((parent, directory))
+    return parent
+
+
+def shared_env() -> dict[str, str] | None:
+    """The environment this process's warm parent started with, or None when it has none that answers."""
+    return _SHARED[0][0].env if _SHARED and not _SHARED[0][0].gone() else None
+
+
+def shared_pid() -> int | None:
+    """The process id of this process's warm parent, or None when it has none."""
+    return _SHARED[0][0].process.pid if _SHARED else None
+
+
+def close_shared() -> None:
+    """End this process's warm parent, if any, with the ranks it forked that still run, and remove its log."""
+    while _SHARED:
+        parent, directory = _SHARED.pop()
+        try:
+            parent.close()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def fork_rank(spec: RankSpec, env: Mapping[str, str]) -> ForkedProcess:
+    """The ``"fork"`` start method of ``rank_processes``: ``spec.entry``'s ``main`` with the command's arguments after
+    its bootstrap (``spec.argv[3:]``), in a fork of this process's warm parent (``shared``), with exactly ``env``."""
+    if spec.entry is None:
+        raise ValueError(f"rank {spec.rank} names no entry module, which a forked rank runs instead of its command")
+    return shared(env).fork(spec.entry, spec.argv[3:], env, spec.log_path, spec.pass_fds, cwd=spec.cwd)
 
 
 def _running(pid: int) -> bool:

@@ -13,10 +13,12 @@ import time
 
 import pytest
 
-from fastdeploy_patch.testing import launcher, warm_parent
+from fastdeploy_patch import procfs
+from fastdeploy_patch.testing import warm_parent
+from fastdeploy_patch.testing.rank_processes import RANK_PRELUDE
 
 ENTRY = "tests.unit.fork_entries"
-BOOTSTRAP = launcher.RANK_PRELUDE + (
+BOOTSTRAP = RANK_PRELUDE + (
     "from fastdeploy_patch.testing.warm_parent import serve; from tests.unit import fork_entries; "
     "sys.exit(serve(sys.argv[1:], entries=('tests.unit.fork_entries',), warm_up=fork_entries.{warm_up}))"
 )
@@ -155,21 +157,33 @@ def test_the_parent_starts_with_blas_on_one_thread_and_no_gpu():
 
 
 @pytest.mark.parametrize(
-    ("env", "refusal"),
+    ("changes", "refusal"),
     [
         ({}, None),
         ({"FDP_ANYTHING": "1", "PADDLE_TRAINER_ID": "1"}, None),
         ({"OMP_NUM_THREADS": "1"}, None),  # the parent's own value
-        ({"FLAGS_use_mkldnn": "0", "OMP_NUM_THREADS": "4"}, "env= sets FLAGS_use_mkldnn, OMP_NUM_THREADS, read when"),
-        ({"PYTHONHASHSEED": "0"}, "env= sets PYTHONHASHSEED, read when Paddle or Python starts"),
-        ({"CUDA_VISIBLE_DEVICES": "0"}, "env= sets CUDA_VISIBLE_DEVICES"),
+        ({"FLAGS_use_mkldnn": "0", "OMP_NUM_THREADS": "4"}, "the environment sets FLAGS_use_mkldnn, OMP_NUM_THREADS"),
+        ({"PYTHONHASHSEED": "0"}, "the environment sets PYTHONHASHSEED otherwise than the warm parent, which read"),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "the environment sets CUDA_VISIBLE_DEVICES"),
+        ({"OPENBLAS_NUM_THREADS": None}, "the environment sets OPENBLAS_NUM_THREADS"),  # unset where the parent set it
     ],
 )
-def test_a_world_is_forked_unless_its_env_sets_what_is_read_at_start(env, refusal, monkeypatch):
+def test_a_rank_is_forked_unless_its_environment_differs_in_what_is_read_at_start(changes, refusal, monkeypatch):
     monkeypatch.setattr(warm_parent, "gpu_build", lambda: False)
     parent_env = warm_parent.parent_environment({"HOME": "/root"})
+    env = {**parent_env, **changes}
+    env = {name: value for name, value in env.items() if value is not None}
     found = warm_parent.fork_refusal(env, parent_env)
     assert found is None if refusal is None else found.startswith(refusal)
+
+
+def test_the_parent_leaves_out_the_variables_that_name_one_rank():
+    rank = {"HOME": "/root", "PADDLE_TRAINER_ID": "1", "PADDLE_MASTER": "127.0.0.1:1", "PADDLE_RANKS_RUN": "tag"}
+    assert warm_parent.parent_environment(rank) == {
+        "HOME": "/root",
+        "PADDLE_RANKS_RUN": "tag",
+        **warm_parent.PARENT_ENV,
+    }
 
 
 def test_a_command_prefix_gpu_devices_a_gpu_build_or_no_fork_means_spawning(monkeypatch):
@@ -250,3 +264,62 @@ def test_a_rank_whose_parent_died_before_it_asked_to_die_with_it_leaves():
         timeout=60,
     )
     assert (alive.returncode, alive.stdout) == (0, b"9\n")
+
+
+@pytest.fixture
+def fake_shared(monkeypatch):
+    """``shared`` starts its parent with the tests' entries and no Paddle; whatever it started is closed after."""
+    monkeypatch.setattr(warm_parent, "BOOTSTRAP", BOOTSTRAP.format(warm_up="warm_up"))
+    monkeypatch.setattr(warm_parent, "ENTRIES", (ENTRY,))
+    yield
+    warm_parent.close_shared()
+
+
+def test_this_process_keeps_one_warm_parent_until_it_is_gone_or_closed(fake_shared, tmp_path):
+    assert warm_parent.shared_env() is None and warm_parent.shared_pid() is None
+    first = warm_parent.shared({**os.environ, "PADDLE_TRAINER_ID": "3"})
+    assert warm_parent.shared({}) is first
+    assert warm_parent.shared_pid() == first.process.pid
+    assert warm_parent.shared_env() == warm_parent.parent_environment(os.environ)
+    log_dir = warm_parent._SHARED[0][1]
+    assert os.path.isfile(os.path.join(log_dir, "parent.log"))
+    os.kill(first.process.pid, signal.SIGKILL)
+    first.process.wait(30)
+    assert warm_parent.shared_env() is None
+    second = warm_parent.shared(dict(os.environ))
+    assert second is not first and not os.path.exists(log_dir)  # the dead one's log went with it
+    second_dir = warm_parent._SHARED[0][1]
+    warm_parent.close_shared()
+    assert second.gone() and not os.path.exists(second_dir) and warm_parent.shared_pid() is None
+
+
+def test_a_parent_whose_process_cannot_start_leaves_no_socket_open(monkeypatch, tmp_path):
+    def refuse(spec):
+        raise OSError("no such interpreter")
+
+    before = procfs.fds("self")
+    monkeypatch.setattr(warm_parent, "start_rank", refuse)
+    with pytest.raises(OSError, match="no such interpreter"):
+        warm_parent.WarmParent.start(tmp_path / "parent.log", dict(os.environ))
+    assert procfs.fds("self") == before
+
+
+def test_a_parent_that_cannot_start_leaves_no_log_behind(monkeypatch, tmp_path):
+    monkeypatch.setattr(warm_parent, "BOOTSTRAP", "import sys; sys.exit(3)")
+    with pytest.raises(RuntimeError, match=r"exit code 3"):
+        warm_parent.shared(dict(os.environ), log_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == [] and warm_parent.shared_pid() is None
+
+
+def test_the_fork_start_method_runs_the_specs_entry_in_the_shared_parent(fake_shared, tmp_path):
+    from fastdeploy_patch.testing import rank_processes
+
+    argv = (sys.executable, "-c", "unused: a forked rank runs its entry", "print", "forked")
+    spec = rank_processes.RankSpec(0, argv, dict(os.environ), tmp_path / "r.log", start_method="fork", entry=ENTRY)
+    started = rank_processes.start_rank(spec)
+    assert started.process.wait(30) == 0 and started.process.pid != warm_parent.shared_pid()
+    rank_processes.kill_ranks([started], 0)
+    assert (tmp_path / "r.log").read_text() == "forked\n"
+    assert warm_parent.shared({}).threads_at_fork == [1]
+    with pytest.raises(ValueError, match=r"^rank 0 names no entry module, which a forked rank runs instead of its"):
+        rank_processes.start_rank(rank_processes.RankSpec(0, argv, {}, tmp_path / "s.log", start_method="fork"))

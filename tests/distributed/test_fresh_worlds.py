@@ -1,0 +1,39 @@
+"""Fresh worlds forked from a warm parent, as a test of this suite gets them by default: every rank is a fork of one
+parent per test process, which forks only with one thread and holds no store; a world whose environment sets what
+Paddle or Python read at start is spawned instead."""
+
+from __future__ import annotations
+
+import os
+
+from fastdeploy_patch import procfs
+from fastdeploy_patch.testing import warm_parent
+from fastdeploy_patch.testing.plugin import PaddleRanks
+from tests.distributed import rank_fns_fresh
+
+
+def _sockets(pid: int) -> list[int]:
+    return [fd for fd in procfs.fds(pid) or [] if os.readlink(procfs.fd_path(pid, fd)).startswith("socket:")]
+
+
+def test_every_fresh_world_is_forked_from_one_parent_with_one_thread_and_no_store(paddle_ranks: PaddleRanks) -> None:
+    first = paddle_ranks.run(rank_fns_fresh.origin, 2)
+    second = paddle_ranks.run(rank_fns_fresh.origin, 3)
+    parent = warm_parent.shared_pid()
+    assert parent is not None and parent != os.getpid()
+    assert {r["ppid"] for r in first + second} == {parent}
+    assert not {r["pid"] for r in first} & {r["pid"] for r in second}
+    # Every fork this process's parent made, in this test and the ones before it on this worker.
+    forks = warm_parent.shared({}).threads_at_fork
+    assert len(forks) >= 5 and set(forks) == {1}
+    # Between forks the parent holds its socket to this process and nothing else: no store, no rank's connection.
+    assert len(_sockets(parent)) == 1 and procfs.threads(parent) == 1
+
+
+def test_a_world_whose_env_sets_what_paddle_reads_at_start_is_spawned(paddle_ranks: PaddleRanks) -> None:
+    spawned = paddle_ranks.run(rank_fns_fresh.origin, 2, env={"OMP_NUM_THREADS": "3"})
+    assert {r["ppid"] for r in spawned} == {os.getpid()}
+    assert [r["omp"] for r in spawned] == ["3", "3"]
+    forked = paddle_ranks.run(rank_fns_fresh.origin, 2)
+    # BLAS in a forked rank runs on the one thread its parent started with, and its environment says so.
+    assert {r["ppid"] for r in forked} == {warm_parent.shared_pid()} and [r["omp"] for r in forked] == ["1", "1"]
