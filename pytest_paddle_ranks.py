@@ -56,6 +56,8 @@ class _Session:
     pools: Any = None
     """The session's ``RankPools``, made when the first test asks for ``paddle_ranks``."""
     current_test: str = "session"
+    reuse: bool = False
+    """Whether the running test is marked ``paddle_ranks_reuse``: its calls reuse warm pools by default."""
     guard_wanted: bool = False
     early: dict[str, Any] = field(default_factory=dict)
     """The ``started_early`` calls, by test node id."""
@@ -132,6 +134,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "paddle_ranks_reuse(reason): the test's paddle_ranks calls reuse warm pools (reuse=True) unless a call says "
+        "otherwise; a reused call shares what the pool's restore list does not put back (docs/paddle_ranks.md)",
+    )
+    config.addinivalue_line(
+        "markers",
         "started_early(fn, nranks, *, kwargs, timeout, devices, env): the test's rank call is started in the "
         "background before the session's first test (under xdist --dist loadfile, before its file's first test); "
         "the test collects it from the started_early fixture",
@@ -161,7 +168,9 @@ def visible_gpus(environ: Mapping[str, str] = os.environ) -> int:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     # Kept logs are named after the test whose call failed, whichever fixture made the call.
-    item.config.stash[_SESSION].current_test = item.nodeid
+    session = item.config.stash[_SESSION]
+    session.current_test = item.nodeid
+    session.reuse = item.get_closest_marker("paddle_ranks_reuse") is not None
     return (yield)
 
 
@@ -267,7 +276,7 @@ def paddle_ranks_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def paddle_ranks(request: pytest.FixtureRequest, paddle_ranks_env: Mapping[str, str]) -> Any:
-    """Multi-rank calls on the session's reusable ranks: ``paddle_ranks.run(fn, nranks, ...)``
+    """Multi-rank calls, each on a fresh world by default: ``paddle_ranks.run(fn, nranks, ...)``
     (``fastdeploy_patch.testing.plugin.PaddleRanks``). Session-scoped, so fixtures of any scope can use it. Without
     Paddle, every test that uses it errors with what to install."""
     try:
@@ -277,7 +286,9 @@ def paddle_ranks(request: pytest.FixtureRequest, paddle_ranks_env: Mapping[str, 
     session = request.config.stash[_SESSION]
     if session.pools is None:
         session.pools = plugin.new_pools(request.config, session.settings, lambda: session.current_test)
-    return plugin.PaddleRanks(session.pools, paddle_ranks_env, timeout=session.settings.timeout)
+    return plugin.PaddleRanks(
+        session.pools, paddle_ranks_env, timeout=session.settings.timeout, reuse=lambda: session.reuse
+    )
 
 
 @pytest.fixture(scope="session")

@@ -36,13 +36,20 @@ def new_pools(config: Any, settings: Any, current_test: Callable[[], str]) -> ra
 
 
 class PaddleRanks:
-    """Calls on the session's pools, with ``env`` (from ``paddle_ranks_env``) added to every rank's environment and
-    ``timeout`` as every call's default."""
+    """Calls on the session's pools, with ``env`` (from ``paddle_ranks_env``) added to every rank's environment,
+    ``timeout`` as every call's default, and ``reuse()`` as its default choice between a fresh world (False) and a
+    warm pool (True)."""
 
     def __init__(
-        self, pools: rank_pool.RankPools, env: Mapping[str, str], *, timeout: float = PADDLE_RANKS_TIMEOUT_S
+        self,
+        pools: rank_pool.RankPools,
+        env: Mapping[str, str],
+        *,
+        timeout: float = PADDLE_RANKS_TIMEOUT_S,
+        reuse: Callable[[], bool] = lambda: False,
     ) -> None:
         self._pools = pools
+        self._reuse = reuse
         # The run's tag lets the leak guard tell this session's ranks from everyone else's.
         self._env = {leak_guard.RUN_TAG_VAR: leak_guard.RUN_TAG, **env}
         self.timeout = timeout
@@ -54,14 +61,16 @@ class PaddleRanks:
         *,
         kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
-        fresh: bool = False,
+        reuse: bool | None = None,
         env: Mapping[str, str] | None = None,
         devices: str = "cpu",
     ) -> list[Any]:
         """Run module-level ``fn(**kwargs)`` on ``nranks`` ranks (each already ran ``init_parallel_env()``) and
         return every rank's return value (pickled across), by rank.
 
-        ``fresh``: on a world of its own, thrown away after the call. ``env``: more environment for the ranks, which
+        Each call gets a fresh world, thrown away after it: nothing a call changes in its processes reaches another.
+        ``reuse=True`` (the default in a test marked ``paddle_ranks_reuse``) runs it on a warm pool instead, which
+        puts back after each call only what its restore list names. ``env``: more environment for the ranks, which
         wins over every default of ours (ranks with another environment are another pool). ``devices="gpu"``: rank
         ``r`` uses GPU ``r`` and the world's backend is NCCL. ``timeout``: seconds for the call, the session's
         default (90 s unless set) when ``None``, counted once every rank joined the world. A rank that raises,
@@ -69,6 +78,9 @@ class PaddleRanks:
         pytest-timeout's signal method, fail the test with every rank's report; the next call runs on a fresh pool.
         """
         try:
+            if reuse is not None and not isinstance(reuse, bool):
+                raise TypeError(f"reuse must be True, False or None, got {reuse!r}")
+            fresh = not (self._reuse() if reuse is None else reuse)
             return self._pools.run(fn, nranks, kwargs=kwargs, fresh=fresh, **self._options(timeout, env, devices))
         except RankError as exc:
             failure = str(exc)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fastdeploy_patch.testing import warm_parent
 from fastdeploy_patch.testing.call_target import CallTarget, check_call
 from fastdeploy_patch.testing.pool_world import POOL_RANK_BOOTSTRAP, RankPool
 from fastdeploy_patch.testing.rank_processes import (
@@ -93,7 +94,8 @@ class StartedCall:
         with self._pools._retiring(self._pool, self.target):
             ready_at = self._pool.wait_joined(self.target, max(0.0, self._start_deadline - time.monotonic()))
             results = self._pool.replies(self.target, max(0.0, ready_at + self.timeout - time.monotonic()))
-        self._pools._retire(self._pool, self._pool.retire_reason or "fresh world")
+        # A fresh world's end is no recycle: only what ended it early (a rank that exited, a thread left) counts.
+        self._pools._retire(self._pool, self._pool.retire_reason, kill=True)
         return results
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -181,7 +183,9 @@ class RankPools:
         with self._retiring(pool, target):
             results = pool.call(target, kwargs, timeout)
         if fresh or pool.retire_reason is not None:
-            self._retire(pool, pool.retire_reason or "fresh world")
+            # A fresh world's ranks saved their coverage with their reply: killing them spares the call their exit. Its
+            # end is no recycle, unless something else ended it (a rank that exited, a thread left behind).
+            self._retire(pool, pool.retire_reason, kill=fresh)
         else:
             self._pools[key] = pool
         return results
@@ -215,7 +219,8 @@ class RankPools:
         """The process ids of every live pool rank and of every started call not yet ended (they outlive the test
         that started them, on purpose)."""
         pooled = [pid for pool in self._pools.values() for pid in pool.pids()]
-        return pooled + [pid for started in self._started for pid in started.pids()]
+        parent = warm_parent.shared_pid()
+        return pooled + [pid for started in self._started for pid in started.pids()] + ([parent] if parent else [])
 
     def close(self) -> None:
         """Close every pool and cancel every started call nobody collected (at the end of the session);
@@ -231,6 +236,7 @@ class RankPools:
         finally:
             while self._alive:
                 self._alive.pop().kill()
+            warm_parent.close_shared()
 
     def stats(self) -> dict[str, Any]:
         """What the pools did, as JSON: ``starts``, ``calls`` and ``recycles`` (reason -> count)."""

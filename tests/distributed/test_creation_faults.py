@@ -54,7 +54,6 @@ def test_a_rank_that_never_calls_is_named_and_one_that_comes_late_is_told_at_onc
     reports = paddle_ranks.run(
         rank_fns_creation.missing_then_late,
         3,
-        fresh=True,
         kwargs={"absent": 2, "create_timeout": CREATE_TIMEOUT_S, "late_timeout": LONG_TIMEOUT_S},
     )
     never = "ranks [2] never arrived: they did not call new_signal_group() for it"
@@ -82,7 +81,7 @@ def test_a_rank_that_never_calls_is_named_and_one_that_comes_late_is_told_at_onc
 @pytest.mark.timeout(150)
 def test_a_rank_that_calls_late_but_in_time_gets_the_group_like_the_others(paddle_ranks: PaddleRanks) -> None:
     reports = paddle_ranks.run(
-        rank_fns_creation.late_in_time, 3, fresh=True, kwargs={"late": 1, "delay": 2.0, "create_timeout": 30.0}
+        rank_fns_creation.late_in_time, 3, kwargs={"late": 1, "delay": 2.0, "create_timeout": 30.0}
     )
     assert [report["made"]["type"] for report in reports] == [None, None, None]
     assert [(report["made"]["transport"], report["made"]["value"]) for report in reports] == [("shm", 7)] * 3
@@ -100,7 +99,6 @@ def test_a_rank_that_dies_is_named_by_every_other_within_the_create_timeout(
     reports = paddle_ranks.run(
         rank_fns_creation.dies_in_creation,
         3,
-        fresh=True,
         kwargs={"victim": 2, "when": when, "transport": transport, "create_timeout": CREATE_TIMEOUT_S},
     )
     assert reports[2] == {"died": when}
@@ -113,7 +111,6 @@ def test_the_store_hosts_exit_fails_every_other_rank_well_before_its_deadline(pa
     reports = paddle_ranks.run(
         rank_fns_creation.store_host_dies,
         3,
-        fresh=True,
         kwargs={"create_timeout": LONG_TIMEOUT_S, "keep_sockets": False},
     )
     died_at = reports[0]["died_at"]
@@ -135,7 +132,6 @@ def test_a_store_host_whose_child_holds_its_sockets_is_given_up_at_the_create_ti
     reports = paddle_ranks.run(
         rank_fns_creation.store_host_dies,
         3,
-        fresh=True,
         kwargs={"create_timeout": CREATE_TIMEOUT_S, "keep_sockets": True},
     )
     for report in reports[1:]:
@@ -230,7 +226,6 @@ def test_fifty_gloo_creations_beside_a_port_grabber_never_abort(paddle_ranks: Pa
         reports = paddle_ranks.run(
             rank_fns_creation.many_gloo_groups,
             2,
-            fresh=True,
             kwargs={"creations": CREATIONS},
             env={"FASTDEPLOY_PATCH_GLOO_PORTS": f"{ports[0]}-{ports[-1]}" if confined else ""},
             timeout=200,

@@ -46,7 +46,6 @@ def test_a_rank_that_dies_mid_loop_makes_every_survivor_fail_clearly(
     reports = paddle_ranks.run(
         rank_fns.dead_peer,
         nranks,
-        fresh=True,
         kwargs={
             "victim": victim,
             "die_at": die_at,
@@ -117,7 +116,6 @@ def test_a_rank_that_stops_participating_makes_the_others_time_out(
         nranks,
         kwargs=stuck_kwargs(stuck, transport, lookahead, timeout),
         timeout=stuck_call_timeout(timeout),
-        fresh=True,
     )
     _assert_the_others_timed_out(reports, nranks, stuck, lookahead, timeout)
 

@@ -43,7 +43,7 @@ def test_signal_broadcasts_launch_no_gpu_work_and_safe_shutdown_stops_and_restar
 ) -> None:
     nranks = GPUS_NEEDED
     # A world of its own: the call shuts down and restarts the NCCL group, and profiles the device.
-    reports = paddle_ranks.run(rank_fns.gpu_checks, nranks, kwargs={"steps": STEPS}, devices="gpu", fresh=True)
+    reports = paddle_ranks.run(rank_fns.gpu_checks, nranks, kwargs={"steps": STEPS}, devices="gpu")
 
     for report in reports:
         rank = report["rank"]

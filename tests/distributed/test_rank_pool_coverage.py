@@ -40,6 +40,7 @@ def killed():
     return "rank 0"
 
 
+@pytest.mark.paddle_ranks_reuse("a rank that served two calls is killed in the third")
 def test_two_calls_then_a_rank_is_killed(paddle_ranks):
     pids = paddle_ranks.run(first_call, 2)
     Path("pids.json").write_text(json.dumps(pids))

@@ -38,6 +38,9 @@ import pytest
 from fastdeploy_patch import procfs
 from fastdeploy_patch.testing import keep_open
 
+pytestmark = pytest.mark.paddle_ranks_reuse("each fault kills a warm pool, and the next test gets another")
+
+
 def rank():
     import paddle.distributed as dist
 

@@ -32,7 +32,7 @@ def test_the_guide_example_passes_from_a_directory_outside_the_repository(
     assert GUIDE.parents[1] not in pytester.path.parents
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"{name}.py", timeout=300)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["paddle_ranks: 1 pool start, 3 calls served, 0 recycles"])
+    result.stdout.fnmatch_lines(["paddle_ranks: 3 pool starts, 3 calls served, 0 recycles"])
 
 
 OTHER_FILE = """
@@ -62,9 +62,9 @@ def test_the_plugin_under_xdist_keeps_pools_per_worker_and_sums_their_summary(
     result.assert_outcomes(passed=3)
     workers = sorted(p.name for p in pytester.path.glob("worker-*"))
     assert workers in (["worker-gw0"], ["worker-gw1"]), workers
-    # Each worker started the pool its file used, and served its file's calls (3 in the guide's, 1 in the other):
-    # the controller's one line adds them up.
-    result.stdout.fnmatch_lines(["paddle_ranks: 2 pool starts, 4 calls served, 0 recycles"])
+    # Each worker started a fresh world per call of its files (3 in the guide's, 1 in the other): the controller's one
+    # line adds them up.
+    result.stdout.fnmatch_lines(["paddle_ranks: 4 pool starts, 4 calls served, 0 recycles"])
 
 
 HERMETIC_FILE = r"""
@@ -129,6 +129,7 @@ def a_tensor():
     return paddle.to_tensor([1.0])
 
 
+@pytest.mark.paddle_ranks_reuse("what a reused pool puts back after a call")
 def test_a_each_call_starts_as_a_fresh_rank_would(paddle_ranks):
     fresh = paddle_ranks.run(look, 2)
     pids = [r["pid"] for r in fresh]
@@ -140,8 +141,21 @@ def test_a_each_call_starts_as_a_fresh_rank_would(paddle_ranks):
 
 
 def test_b_a_thread_left_running_recycles_the_ranks(paddle_ranks):
-    pids = paddle_ranks.run(leave_a_thread, 2)
-    assert not set(pids) & {r["pid"] for r in paddle_ranks.run(look, 2)}
+    pids = paddle_ranks.run(leave_a_thread, 2, reuse=True)
+    assert not set(pids) & {r["pid"] for r in paddle_ranks.run(look, 2, reuse=True)}
+
+
+def test_d_by_default_nothing_a_call_changes_reaches_the_next(paddle_ranks):
+    clean = paddle_ranks.run(look, 2)
+    left = paddle_ranks.run(leave_state, 2)
+    after = paddle_ranks.run(look, 2)
+    assert not set(left) & {r["pid"] for r in after}
+    # The seeds leave_state set stayed in its ranks: the next world draws as it would have anyway.
+    random.seed(1234)
+    np.random.seed(1234)
+    assert all(r["draws"][:2] != (random.random(), float(np.random.rand())) for r in after)
+    same = ("env", "cwd", "left_path", "sigterm_ignored", "dtype", "nan_check")
+    assert [{k: r[k] for k in same} for r in after] == [{k: r[k] for k in same} for r in clean]
 
 
 def test_c_values_cross_as_pickles(paddle_ranks):
@@ -166,7 +180,9 @@ def test_from_outside_each_call_is_hermetic_and_values_are_pickles(
     monkeypatch.delenv("PYTHONPATH", raising=False)
     pytester.makepyfile(test_hermetic=HERMETIC_FILE)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", timeout=300)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=4)
+    # a: one warm pool for its 3 calls; b: a's pool, which its thread retires, then another; c: a fresh world per
+    # call (the refused send starts none); d: 3 fresh worlds.
     result.stdout.fnmatch_lines(
-        ["paddle_ranks: 2 pool starts, 8 calls served, 2 recycles (rank raised: 1, state left behind: 1 thread: 1)"]
+        ["paddle_ranks: 8 pool starts, 11 calls served, 2 recycles (rank raised: 1, state left behind: 1 thread: 1)"]
     )

@@ -31,6 +31,7 @@ def one_reuse(step: int) -> dict:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.paddle_ranks_reuse("what fifty reuses of one pool cost")
 def test_fifty_consecutive_reuses_keep_the_ranks_and_their_memory(paddle_ranks) -> None:
     for step in range(WARMUP_CALLS):
         warm = paddle_ranks.run(one_reuse, 2, kwargs={"step": step})

@@ -79,7 +79,7 @@ def test_a_creator_sigkilled_inside_the_handshake_leaves_no_segment(paddle_ranks
 @pytest.mark.parametrize("failure", sorted(rank_fns_leaks.FAILURES))
 def test_a_creator_whose_handshake_fails_removes_its_segment_at_once(paddle_ranks: PaddleRanks, failure: str) -> None:
     creator, attacher = paddle_ranks.run(
-        rank_fns_leaks.creator_fails_reading_the_answers, 2, kwargs={"failure": failure}, fresh=True
+        rank_fns_leaks.creator_fails_reading_the_answers, 2, kwargs={"failure": failure}
     )
 
     if failure == "timeout":

@@ -61,7 +61,6 @@ def test_a_reader_that_dies_fails_the_src_long_before_the_ring_is_full(
     src, reader = paddle_ranks.run(
         rank_fns_wake.reader_dies,
         2,
-        fresh=True,
         kwargs={"lookahead": lookahead, "reader_calls": reader_calls, "src_pause_s": 0.02, "max_calls": 300},
     )
 

@@ -39,7 +39,6 @@ def reports(request: pytest.FixtureRequest, paddle_ranks: PaddleRanks) -> list[d
         return paddle_ranks.run(
             rank_fns.signal_checks,
             nranks,
-            fresh=transport == "shm",
             kwargs={
                 "transport": transport,
                 "status_name": status.name,

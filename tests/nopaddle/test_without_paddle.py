@@ -95,3 +95,4 @@ def test_without_paddle_the_options_and_markers_are_documented(tmp_path: Path) -
     assert markers.returncode == 0, markers.stderr
     assert "@pytest.mark.paddle_gpus(n): skip the test on a machine with fewer than n visible GPUs" in markers.stdout
     assert "@pytest.mark.started_early(fn, nranks, *, kwargs, timeout, devices, env):" in markers.stdout
+    assert "@pytest.mark.paddle_ranks_reuse(reason): the test's paddle_ranks calls reuse warm pools" in markers.stdout

@@ -10,6 +10,11 @@ import threading
 import time
 
 
+def trivial() -> int:
+    """The least a rank call can do (``tests/fresh_worlds.py`` times it)."""
+    return 1
+
+
 def warm_up() -> None:
     """Nothing: the tests' parent imports no Paddle."""
 

@@ -18,7 +18,7 @@ import types
 import pytest
 
 from fastdeploy_patch import procfs
-from fastdeploy_patch.testing import pool_rank, pool_world, rank_calls, rank_pool, rank_processes
+from fastdeploy_patch.testing import pool_rank, pool_world, rank_calls, rank_pool, rank_processes, warm_parent
 from fastdeploy_patch.testing.call_target import check_call
 from fastdeploy_patch.testing.rank_pool import CallTarget, RankCallFailed, RankCallHung, RankPools
 from pytest_paddle_ranks import summary
@@ -182,9 +182,9 @@ def test_fresh_worlds_are_thrown_away_and_a_third_key_retires_the_oldest(pools: 
     # A fresh world beside two live pools retires neither.
     fresh = [r["pid"] for r in pools.run(rank_id, 2, timeout=30, fresh=True)]
     assert sorted(pools.live_pids()) == live and not set(fresh) & set(live)
-    assert pools.recycles == {"fresh world": 2}
+    assert pools.starts == 4 and pools.recycles == {}  # a fresh world's end is no recycle
     pools.run(rank_id, 1, timeout=30, env={"EXTRA": "x"})
-    assert pools.recycles == {"fresh world": 2, "another world size or environment": 1}
+    assert pools.recycles == {"another world size or environment": 1}
     assert len(pools.live_pids()) == 3
 
 
@@ -204,7 +204,7 @@ def test_a_started_call_runs_beside_the_pools_and_is_collected_once(pools: RankP
     ):
         started.result()
     started.cancel()
-    assert summary(pools.stats()) == "paddle_ranks: 2 pool starts, 2 calls served, 1 recycle (fresh world: 1)"
+    assert summary(pools.stats()) == "paddle_ranks: 2 pool starts, 2 calls served, 0 recycles"
 
 
 def test_a_started_call_that_fails_or_overstays_raises_when_collected(pools: RankPools) -> None:
@@ -452,13 +452,10 @@ def test_a_rank_that_died_between_calls_fails_the_next_call_not_its_send(pools: 
     assert pools.recycles == {"rank died": 1} and pools.live_pids() == []
 
 
-def test_rss_bytes_is_the_resident_size_the_kernel_reports() -> None:
-    status = open(f"/proc/{os.getpid()}/status").read()
-    resident_kib = int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE).group(1))
-    measured = pool_world.rss_bytes(os.getpid())
-    assert isinstance(measured, int)
-    # Read a moment apart, so within 10% of each other; the shared size (the next field of statm) is far smaller.
-    assert abs(measured - resident_kib * 1024) < resident_kib * 1024 // 10
+def test_a_ranks_resident_size_is_procfs_and_a_rank_gone_meanwhile_reads_as_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(procfs, "rss_bytes", {11: 5 << 20, 12: None}.get)
+    assert pool_world.rss_bytes(11) == 5 << 20
+    assert pool_world.rss_bytes(12) == 0
 
 
 class NoReply:
@@ -745,7 +742,7 @@ def test_a_world_whose_master_port_was_taken_starts_again_on_other_ports(tmp_pat
             results = pools.run(rank_id, 2, timeout=30, env=env)
         assert [r["rank"] for r in results] == [0, 1]
         assert (tmp_path / "starts0").read_text() == "3"
-        assert pools.recycles == ({"fresh world": 1} if started else {})
+        assert pools.recycles == {}
     finally:
         pools.close()
 
@@ -967,14 +964,24 @@ def test_an_outcome_while_a_new_pool_starts_names_the_call_and_kills_its_ranks(m
         pools.close()
 
 
-def test_a_world_retired_after_its_call_is_closed_so_that_its_ranks_leave_on_their_own(
+def test_a_fresh_world_is_killed_after_its_call_its_ranks_coverage_saved_with_their_reply(
     pools: RankPools, monkeypatch
 ) -> None:
     ended = record_pool_endings(monkeypatch)
     pools.run(rank_id, 1, timeout=30, fresh=True)
+    assert ended == ["kill"]
+    assert pools.recycles == {}
+
+
+def test_a_warm_pool_retired_after_its_call_is_closed_so_that_its_ranks_leave_on_their_own(
+    pools: RankPools, monkeypatch
+) -> None:
+    monkeypatch.setattr(pool_world, "MAX_CALLS_PER_POOL", 1)
+    ended = record_pool_endings(monkeypatch)
+    pools.run(rank_id, 1, timeout=30)
     # close() hangs up, waits for the ranks to leave, then kills whatever is left (nothing, here).
     assert ended == ["close", "kill"]
-    assert pools.recycles == {"fresh world": 1}
+    assert pools.recycles == {"call limit": 1}
 
 
 def test_retiring_a_pool_that_was_already_retired_only_counts_the_reason(pools: RankPools) -> None:
@@ -983,3 +990,24 @@ def test_retiring_a_pool_that_was_already_retired_only_counts_the_reason(pools: 
     pools._retire(pool, "first")
     pools._retire(pool, "again")
     assert pools.recycles == {"first": 1, "again": 1} and pools._alive == []
+
+
+def test_a_pools_ranks_are_forked_unless_asked_not_to_a_bootstrap_of_their_own_or_a_refusal(monkeypatch) -> None:
+    seen: list[tuple[dict, dict, str]] = []
+
+    def refusal(env, parent_env, *, devices):
+        seen.append((dict(env), dict(parent_env), devices))
+        return "refused" if env.get("FDP_REFUSE") else None
+
+    monkeypatch.setattr(warm_parent, "fork_refusal", refusal)
+    monkeypatch.setattr(warm_parent, "shared_env", lambda: None)
+    assert pool_world.RankPool(2, {}, fork=False)._spawn_reason({"A": "1"}) == "fork=False"
+    own = pool_world.RankPool(2, {}, bootstrap="import sys")
+    assert own._spawn_reason({"A": "1"}) == "the ranks run a bootstrap of their own"
+    assert seen == []
+    assert pool_world.RankPool(2, {})._spawn_reason({"A": "1"}) is None
+    # No warm parent yet: the one this world would start is what it is compared with.
+    assert seen[-1] == ({"A": "1"}, warm_parent.parent_environment({"A": "1"}), "cpu")
+    monkeypatch.setattr(warm_parent, "shared_env", lambda: {"B": "2"})
+    assert pool_world.RankPool(2, {}, devices="gpu")._spawn_reason({"FDP_REFUSE": "1"}) == "refused"
+    assert seen[-1] == ({"FDP_REFUSE": "1"}, {"B": "2"}, "gpu")

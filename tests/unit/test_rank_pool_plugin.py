@@ -45,8 +45,8 @@ def handle():
 
 
 def test_run_adds_the_session_env_and_failures_fail_the_test(handle: plugin.PaddleRanks) -> None:
-    assert [r["extra"] for r in handle.run(rank_id, 1)] == ["session"]
-    assert [r["extra"] for r in handle.run(rank_id, 1, env={"EXTRA": "call"})] == ["call"]
+    assert [r["extra"] for r in handle.run(rank_id, 1, reuse=True)] == ["session"]
+    assert [r["extra"] for r in handle.run(rank_id, 1, env={"EXTRA": "call"}, reuse=True)] == ["call"]
     assert len(handle.live_pids()) == 2
     with pytest.raises(pytest.fail.Exception) as failed:
         handle.run(sleep_long, 1, timeout=0.5)
@@ -120,12 +120,43 @@ def test_unconfigure_after_a_configure_that_never_ran_does_nothing() -> None:
     assert entry._SESSION not in config.stash
 
 
+def test_each_call_gets_a_fresh_world_unless_the_call_or_the_test_asks_for_reuse() -> None:
+    pools = RankPools(bootstrap=FAKE_BOOTSTRAP)
+    marked = [False]
+    handle = plugin.PaddleRanks(pools, {}, reuse=lambda: marked[0])
+    try:
+        first, second = handle.run(rank_id, 1), handle.run(rank_id, 1)
+        assert first[0]["pid"] != second[0]["pid"] and handle.live_pids() == []
+        assert pools.starts == 2 and pools.recycles == {}
+        marked[0] = True  # a test marked paddle_ranks_reuse
+        warm = handle.run(rank_id, 1)
+        assert handle.run(rank_id, 1) == warm and handle.live_pids() == [warm[0]["pid"]]
+        assert handle.run(rank_id, 1, reuse=False) != warm  # the call's own choice wins over the marker
+        with pytest.raises(TypeError, match=r"^reuse must be True, False or None, got 'yes'$"):
+            handle.run(rank_id, 1, reuse="yes")
+    finally:
+        pools.close()
+
+
+def test_the_reuse_marker_of_the_running_test_sets_the_default() -> None:
+    config = a_config()
+    session = config.stash[entry._SESSION]
+    marked = SimpleNamespace(config=config, nodeid="t::marked", get_closest_marker=lambda name: name)
+    plain = SimpleNamespace(config=config, nodeid="t::plain", get_closest_marker=lambda name: None)
+    for item, reuse in ((marked, True), (plain, False)):
+        protocol = entry.pytest_runtest_protocol(item)
+        next(protocol)
+        assert (session.current_test, session.reuse) == (item.nodeid, reuse)
+        with pytest.raises(StopIteration):
+            protocol.send(None)
+
+
 def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_up(handle: plugin.PaddleRanks) -> None:
     # A worker: its pools, with a started call nobody collected, close at the end of its session, and what they did
     # goes into the workeroutput that xdist sends to the controller.
     worker = a_config(workeroutput={"exitstatus": 0})
     worker.stash[entry._SESSION].pools = handle._pools
-    handle.run(rank_id, 1)
+    handle.run(rank_id, 1, reuse=True)
     forgotten = handle.start(sleep_long, 1)
     entry.pytest_sessionfinish(SimpleNamespace(config=worker))
     assert forgotten._started.ended and handle.live_pids() == []
@@ -148,7 +179,7 @@ def test_under_xdist_each_worker_closes_its_pools_and_the_controller_sums_them_u
 def test_without_xdist_the_session_end_leaves_the_pools_to_unconfigure(handle: plugin.PaddleRanks) -> None:
     config = a_config()
     config.stash[entry._SESSION].pools = handle._pools
-    first = handle.run(rank_id, 1)
+    first = handle.run(rank_id, 1, reuse=True)
     entry.pytest_sessionfinish(SimpleNamespace(config=config))
     assert not hasattr(config, "workeroutput")
     assert handle._pools.recycles == {}
