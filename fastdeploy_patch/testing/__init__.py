@@ -1,8 +1,10 @@
-"""The multi-rank harness. ``rank_processes`` is the one way rank processes are started (``start_rank``), waited for,
-killed and reported on (one failure format); ``rank_world`` gives them ports and the environment Paddle reads to join
+"""The multi-rank harness. ``rank_processes`` is the one way rank processes are started (``start_rank``: spawned, or
+forked from this process's ``warm_parent``, which imported Paddle once), waited for, killed and reported on (one
+failure format); ``rank_world`` gives them ports and the environment Paddle reads to join
 a world (CPU and gloo, or GPU and NCCL). Two uses of it: ``launcher`` starts N fresh ranks that each run
 ``rank_entry`` and write a JSON result (the ``fastdeploy-patch`` command's ranks, ranks placed on other "hosts"); the
-rank pool keeps ranks alive across calls (``rank_pool``: a session's pools; ``pool_world``: one warm world; each rank
+rank pool runs calls on fresh worlds or, on request, on ranks kept alive across calls (``rank_pool``: a session's
+pools; ``pool_world``: one world; each rank
 runs ``pool_rank``, which puts back after every call the state ``rank_state`` recorded when the rank joined;
 ``call_target`` is what a call names, ``pickles`` how values cross). ``plugin`` is what the ``paddle_ranks`` fixture
 gives a test, ``leak_guard`` the plugin's check for leftover processes and segments (the pytest hooks live in the
