@@ -6,6 +6,7 @@ The test process holds pytest's threads and the ranks' pipes; a rank that joined
 store's threads. The warm parent is started like any rank (``rank_processes.RANK_PRELUDE``: it dies with its test
 process, and shows its stack on SIGUSR1), imports Paddle and the rank entry points with BLAS on one thread, and then
 only forks: it checks ``Threads: 1`` in its ``/proc/self/status`` before every fork and refuses to fork otherwise.
+This module is the test process's side; ``fork_server`` is what runs in the parent.
 
 A forked rank is the warm parent's child, not the test process's. What a spawned rank gets from being a child of
 the test process, a forked one gets through the parent:
@@ -28,14 +29,11 @@ environment; ``os.environ`` in the rank is the world's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import importlib
 import importlib.metadata
 import os
 import pickle
 import select
-import selectors
 import shutil
 import signal
 import socket
@@ -43,11 +41,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastdeploy_patch import procfs
+from fastdeploy_patch.testing.fork_server import ENTRIES, MESSAGE_BYTES
 from fastdeploy_patch.testing.rank_processes import LOG_TAIL_CHARS, RANK_PRELUDE, RankSpec, start_rank
 from fastdeploy_patch.testing.rank_world import WORLD_VARS
 
@@ -59,10 +57,7 @@ PARENT_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE
 """What the warm parent's environment holds beside the test process's: numpy's OpenBLAS starts a thread per core
 at import unless told otherwise, and a process with threads must not fork; a CPU world never touches a GPU."""
 
-ENTRIES = ("fastdeploy_patch.testing.rank_entry", "fastdeploy_patch.testing.pool_rank")
-"""The modules whose ``main(argv)`` a forked rank may run; the parent imports them (and so Paddle) once."""
-
-BOOTSTRAP = RANK_PRELUDE + "from fastdeploy_patch.testing.warm_parent import serve; sys.exit(serve(sys.argv[1:]))"
+BOOTSTRAP = RANK_PRELUDE + "from fastdeploy_patch.testing.fork_server import serve; sys.exit(serve(sys.argv[1:]))"
 """What the warm parent's interpreter runs (``python -c BOOTSTRAP FD``, ``FD`` its socket to the test process): the
 launcher's prelude first, so that it dies with the test process and shows its stack on SIGUSR1."""
 
@@ -71,10 +66,6 @@ READY_TIMEOUT_S = 180.0
 
 CLOSE_GRACE_S = 5.0
 """How long a parent hung up on gets to leave before it is killed."""
-
-_MESSAGE_BYTES = 1 << 20
-_MAX_FDS = 16
-_PR_SET_PDEATHSIG = 1
 
 
 def fork_refusal(
@@ -269,7 +260,7 @@ class WarmParent:
             return
         ready, _, _ = select.select([self._sock], [], [], timeout)
         while ready:
-            raw = self._sock.recv(_MESSAGE_BYTES)
+            raw = self._sock.recv(MESSAGE_BYTES)
             if not raw:
                 self._gone = True
                 return
@@ -369,112 +360,3 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-# The parent's side: everything below runs in the warm parent and, after a fork, in the rank until it starts.
-
-
-def serve(argv: list[str], entries: Sequence[str] = ENTRIES, warm_up: Callable[[], object] | None = None) -> int:
-    """The warm parent's life: import Paddle (``warm_up``, by default ``rank_imports.import_paddle``) and
-    ``entries``, say ready, fork ranks on request and report how each ended, until the test process hangs up
-    (returns 0). In a forked rank, returns the rank's own exit code."""
-    sock = socket.socket(fileno=int(argv[0]))
-    from fastdeploy_patch.testing import rank_entry, rank_imports
-
-    (warm_up or rank_imports.import_paddle)()
-    for name in entries:
-        importlib.import_module(name)
-    # Paddle's import put C++ handlers on the fatal signals and SIGTERM: ranks inherit faulthandler's and coverage's.
-    rank_entry.reclaim_signal_handlers()
-    # What the imports made is shared by every fork, copy-on-write: the collector of a rank need not walk it.
-    gc.collect()
-    gc.freeze()
-    _send(sock, {"kind": "ready", "pid": os.getpid()})
-    rank = _serve_forks(sock)
-    return 0 if rank is None else rank()
-
-
-def _serve_forks(sock: socket.socket) -> Callable[[], int] | None:
-    children: dict[int, int] = {}  # pidfd -> pid
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_READ)
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj is sock:
-                    raw, fds, _, _ = socket.recv_fds(sock, _MESSAGE_BYTES, _MAX_FDS)
-                    if not raw:
-                        return None
-                    rank = _fork(sock, pickle.loads(raw), fds, selector, children)
-                    if rank is not None:
-                        return rank
-                else:
-                    pidfd = key.fd
-                    pid = children.pop(pidfd)
-                    selector.unregister(pidfd)
-                    os.close(pidfd)
-                    _, status = os.waitpid(pid, 0)
-                    _send(sock, {"kind": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
-
-
-def _fork(
-    sock: socket.socket,
-    request: dict[str, Any],
-    fds: list[int],
-    selector: selectors.BaseSelector,
-    children: dict[int, int],
-) -> Callable[[], int] | None:
-    count = procfs.threads("self")
-    if count != 1:
-        for fd in fds:
-            os.close(fd)
-        _send(sock, {"kind": "refused", "error": f"the warm parent holds {count} threads; it forks only with one"})
-        return None
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        selector.close()
-        for pidfd in children:
-            os.close(pidfd)
-        sock.close()
-        return _become_rank(request, fds, parent)
-    for fd in fds:
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    children[pidfd] = pid
-    selector.register(pidfd, selectors.EVENT_READ)
-    _send(sock, {"kind": "forked", "pid": pid, "threads": count})
-    return None
-
-
-def _become_rank(request: dict[str, Any], fds: list[int], parent: int) -> Callable[[], int]:
-    """In the forked child: the rank's session, death with the parent, output, environment and arguments; returns
-    the call that runs its entry."""
-    os.setsid()
-    die_with(parent)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    numbers = dict(zip(request["fds"], (str(fd) for fd in fds), strict=True))
-    argv = [numbers.get(arg, arg) for arg in request["argv"]]
-    sys.argv = ["-c", *argv]
-    main = importlib.import_module(request["entry"]).main
-    return lambda: main(argv)
-
-
-def die_with(parent: int) -> None:
-    """Have the kernel kill this process when ``parent`` dies, and leave at once (exit 1) if it already has."""
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    # The parent may have died before the request was made: the kernel would never send the signal then.
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.send(pickle.dumps(message))

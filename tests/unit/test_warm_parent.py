@@ -19,7 +19,7 @@ from fastdeploy_patch.testing.rank_processes import RANK_PRELUDE
 
 ENTRY = "tests.unit.fork_entries"
 BOOTSTRAP = RANK_PRELUDE + (
-    "from fastdeploy_patch.testing.warm_parent import serve; from tests.unit import fork_entries; "
+    "from fastdeploy_patch.testing.fork_server import serve; from tests.unit import fork_entries; "
     "sys.exit(serve(sys.argv[1:], entries=('tests.unit.fork_entries',), warm_up=fork_entries.{warm_up}))"
 )
 
@@ -252,12 +252,12 @@ def test_a_parent_that_does_not_leave_when_hung_up_on_is_killed(monkeypatch):
 def test_a_rank_whose_parent_died_before_it_asked_to_die_with_it_leaves():
     # pid 1 is nobody's parent here: the process must leave with exit code 1 instead of running on unwatched.
     code = subprocess.run(
-        [sys.executable, "-c", "from fastdeploy_patch.testing import warm_parent; warm_parent.die_with(1); print(9)"],
+        [sys.executable, "-c", "from fastdeploy_patch.testing import fork_server; fork_server.die_with(1); print(9)"],
         capture_output=True,
         timeout=60,
     )
     assert (code.returncode, code.stdout) == (1, b"")
-    watched = "import os; from fastdeploy_patch.testing import warm_parent; warm_parent.die_with(os.getppid())"
+    watched = "import os; from fastdeploy_patch.testing import fork_server; fork_server.die_with(os.getppid())"
     alive = subprocess.run(
         [sys.executable, "-c", watched + "; print(9)"],
         capture_output=True,
