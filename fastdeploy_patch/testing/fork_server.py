@@ -83,15 +83,21 @@ def _fork(
         _send(sock, {"kind": "refused", "error": f"the warm parent holds {count} threads; it forks only with one"})
         return None
     parent = os.getpid()
+    in_session, said = os.pipe()
     pid = os.fork()
     if pid == 0:
         selector.close()
         for pidfd in children:
             os.close(pidfd)
         sock.close()
-        return _become_rank(request, fds, parent)
+        os.close(in_session)
+        return _become_rank(request, fds, parent, said)
+    os.close(said)
     for fd in fds:
         os.close(fd)
+    # The test process kills a rank by its session: the rank is reported once it leads one (or has died trying).
+    os.read(in_session, 1)
+    os.close(in_session)
     pidfd = os.pidfd_open(pid)
     children[pidfd] = pid
     selector.register(pidfd, selectors.EVENT_READ)
@@ -99,10 +105,12 @@ def _fork(
     return None
 
 
-def _become_rank(request: dict[str, Any], fds: list[int], parent: int) -> Callable[[], int]:
-    """In the forked child: the rank's session, death with the parent, output, environment and arguments; returns
-    the call that runs its entry."""
+def _become_rank(request: dict[str, Any], fds: list[int], parent: int, said: int) -> Callable[[], int]:
+    """In the forked child: the rank's session (said on the descriptor ``said``), death with the parent, output,
+    environment and arguments; returns the call that runs its entry."""
     os.setsid()
+    os.write(said, b".")
+    os.close(said)
     die_with(parent)
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
@@ -124,9 +132,10 @@ def _become_rank(request: dict[str, Any], fds: list[int], parent: int) -> Callab
 def die_with(parent: int) -> None:
     """Have the kernel kill this process when ``parent`` dies, and leave at once (exit 1) if it already has."""
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    # The parent may have died before the request was made: the kernel would never send the signal then.
+    # The parent may have died before the request was made: the kernel would never send the signal then. Leaving by
+    # SystemExit unwinds a fork that has run nothing of its own yet, and lets coverage save what it measured.
     if os.getppid() != parent:
-        os._exit(1)
+        raise SystemExit(1)
 
 
 def _send(sock: socket.socket, message: dict[str, Any]) -> None:

@@ -248,11 +248,14 @@ class RankPool:
         for conn in self._conns.values():
             conn.close()
 
-    def kill(self, grace: float = KILL_GRACE_S, keep_logs: Callable[[int], Path] | None = None) -> None:
-        """Kill every rank's session (SIGTERM, ``grace`` seconds, SIGKILL) and free what the pool holds; idempotent.
-        ``keep_logs``: where each rank's log of the current call is kept (``keep_logs(rank)``), once it is dead."""
+    def kill(
+        self, grace: float = KILL_GRACE_S, keep_logs: Callable[[int], Path] | None = None, *, term: bool = True
+    ) -> None:
+        """Kill every rank's session (SIGTERM, ``grace`` seconds, SIGKILL; SIGKILL at once with ``term=False``) and
+        free what the pool holds; idempotent. ``keep_logs``: where each rank's log of the current call is kept
+        (``keep_logs(rank)``), once it is dead."""
         try:
-            kill_ranks(self._ranks, grace)
+            kill_ranks(self._ranks, grace, term=term)
         finally:
             self.hang_up()
             if keep_logs is not None:

@@ -95,7 +95,8 @@ class StartedCall:
             ready_at = self._pool.wait_joined(self.target, max(0.0, self._start_deadline - time.monotonic()))
             results = self._pool.replies(self.target, max(0.0, ready_at + self.timeout - time.monotonic()))
         # A fresh world's end is no recycle: only what ended it early (a rank that exited, a thread left) counts.
-        self._pools._retire(self._pool, self._pool.retire_reason, kill=True)
+        reason = self._pool.retire_reason
+        self._pools._retire(self._pool, reason, kill=True, saved=reason is None)
         return results
 
     def cancel(self, reason: str = "cancelled") -> None:
@@ -185,7 +186,7 @@ class RankPools:
         if fresh or pool.retire_reason is not None:
             # A fresh world's ranks saved their coverage with their reply: killing them spares the call their exit. Its
             # end is no recycle, unless something else ended it (a rank that exited, a thread left behind).
-            self._retire(pool, pool.retire_reason, kill=fresh)
+            self._retire(pool, pool.retire_reason, kill=fresh, saved=fresh and pool.retire_reason is None)
         else:
             self._pools[key] = pool
         return results
@@ -277,14 +278,19 @@ class RankPools:
                 self._retire(pool, "interrupted", kill=True, failed=True)
             raise failure from exc
 
-    def _retire(self, pool: RankPool, reason: str | None, *, kill: bool = False, failed: bool = False) -> None:
+    def _retire(
+        self, pool: RankPool, reason: str | None, *, kill: bool = False, failed: bool = False, saved: bool = False
+    ) -> None:
         """The one way out of a pool: count ``reason`` (``None``: the session's end) and close the pool, or kill it at
-        once (``kill``: its ranks may be busy), keeping its logs first when the call ``failed`` and logs are kept."""
+        once (``kill``: its ranks may be busy), keeping its logs first when the call ``failed`` and logs are kept.
+        ``saved``: its ranks replied to every call, coverage saved with each reply, so SIGKILL alone ends them (a
+        SIGTERM would have them write their coverage again, and a SIGKILL in the middle of that would leave a torn
+        data file)."""
         if reason is not None:
             self.recycles[reason] += 1
         try:
             if kill:
-                pool.kill(keep_logs=self._log_paths(pool) if failed else None)
+                pool.kill(keep_logs=self._log_paths(pool) if failed else None, term=not saved)
             else:
                 pool.close()
         finally:

@@ -184,17 +184,18 @@ def stacks(ranks: Sequence[RankProcess]) -> dict[int, str]:
     return {r.rank: r.log_tail() for r in alive}
 
 
-def kill_ranks(ranks: Sequence[RankProcess], grace: float | None = None) -> None:
+def kill_ranks(ranks: Sequence[RankProcess], grace: float | None = None, *, term: bool = True) -> None:
     """Kill every rank's session (each rank leads one): SIGTERM, ``grace`` seconds (``KILL_GRACE_S`` by default) to
-    leave, then SIGKILL, and reap them. An exception meanwhile (a second Ctrl-C) cuts the grace short, never the
-    SIGKILL."""
+    leave, then SIGKILL, and reap them; with ``term=False``, SIGKILL at once (ranks with nothing left to save). An
+    exception meanwhile (a second Ctrl-C) cuts the grace short, never the SIGKILL."""
     try:
-        for r in ranks:
-            _signal_session(r.process, signal.SIGTERM)
-        deadline = time.monotonic() + (KILL_GRACE_S if grace is None else grace)
-        for r in ranks:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                r.process.wait(max(0.0, deadline - time.monotonic()))
+        if term:
+            for r in ranks:
+                _signal_session(r.process, signal.SIGTERM)
+            deadline = time.monotonic() + (KILL_GRACE_S if grace is None else grace)
+            for r in ranks:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    r.process.wait(max(0.0, deadline - time.monotonic()))
     finally:
         for r in ranks:
             # Also reaches grandchildren (Paddle's helper processes) that outlive the rank itself.

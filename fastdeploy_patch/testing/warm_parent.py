@@ -202,10 +202,13 @@ class WarmParent:
         process = started.process
         parent = cls(process, ours, parent_environment(env), entries)
         try:
-            parent._expect("ready", timeout, log_path)
+            ready = parent._expect("ready", timeout, log_path)
         except BaseException:
             parent.close()
             raise
+        if ready["pid"] != process.pid:
+            parent.close()
+            raise RuntimeError(f"process {ready['pid']} answered the warm parent {process.pid} was to be")
         return parent
 
     def fork(

@@ -21,7 +21,10 @@ def test_every_fresh_world_is_forked_from_one_parent_with_one_thread_and_no_stor
     second = paddle_ranks.run(rank_fns_fresh.origin, 3)
     parent = warm_parent.shared_pid()
     assert parent is not None and parent != os.getpid()
-    assert {r["ppid"] for r in first + second} == {parent}
+    assert {r["ppid"] for r in first + second} == {parent}, (
+        warm_parent._SHARED,
+        {pid: (procfs.stat(pid), procfs.cmdline(pid)) for pid in {r["ppid"] for r in first + second} | {parent}},
+    )
     assert not {r["pid"] for r in first} & {r["pid"] for r in second}
     # Every fork this process's parent made, in this test and the ones before it on this worker.
     forks = warm_parent.shared({}).threads_at_fork

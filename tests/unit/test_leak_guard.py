@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,15 @@ from .zombies import wait_until_a_zombie
 
 
 def tagged_child(*, tagged: bool = True) -> subprocess.Popen:
+    """A child that sleeps with this run's tag (or another run's), returned once the kernel shows its environment:
+    Popen may return while the child is still inside execve, with no environment to read yet."""
     env = {**os.environ, leak_guard.RUN_TAG_VAR: leak_guard.RUN_TAG if tagged else "another run"}
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while leak_guard.RUN_TAG_VAR not in (procfs.environ(child.pid) or {}):
+        assert time.monotonic() < deadline, f"child {child.pid} showed no environment within 30 s"
+        time.sleep(0.01)
+    return child
 
 
 @pytest.mark.timeout(60)

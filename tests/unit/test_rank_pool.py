@@ -967,9 +967,15 @@ def test_an_outcome_while_a_new_pool_starts_names_the_call_and_kills_its_ranks(m
 def test_a_fresh_world_is_killed_after_its_call_its_ranks_coverage_saved_with_their_reply(
     pools: RankPools, monkeypatch
 ) -> None:
-    ended = record_pool_endings(monkeypatch)
+    terms: list[bool] = []
+    real_kill = rank_pool.RankPool.kill
+    monkeypatch.setattr(
+        rank_pool.RankPool, "kill", lambda pool, **kw: terms.append(kw["term"]) or real_kill(pool, **kw)
+    )
     pools.run(rank_id, 1, timeout=30, fresh=True)
-    assert ended == ["kill"]
+    pools.start(rank_id, 1, timeout=30).result()
+    # Their ranks replied to everything: SIGKILL at once, no SIGTERM that would have them write their data again.
+    assert terms == [False, False]
     assert pools.recycles == {}
 
 

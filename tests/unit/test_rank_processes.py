@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,22 @@ def test_a_start_method_is_looked_up_by_name_and_gets_the_ranks_whole_environmen
     assert env == {**wanted.env, "PYTHONUNBUFFERED": "1", rank_processes.PARENT_VAR: str(os.getpid())}
     with pytest.raises(ValueError, match=r"^start_method must be one of \['fork', 'recording', 'spawn'\], got 'f'$"):
         start_rank(spec(tmp_path, 0, "pass", start_method="f"))
+
+
+@pytest.mark.timeout(60)
+def test_killing_ranks_with_nothing_left_to_save_sends_no_sigterm(tmp_path: Path) -> None:
+    code = (
+        "import pathlib, signal, sys, time; "
+        "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).touch(), sys.exit(0))); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    ranks = []
+    for rank, term in enumerate((False, True)):
+        marker = tmp_path / f"termed{rank}"
+        wanted = spec(tmp_path, rank, code)
+        started = start_rank(replace(wanted, argv=(*wanted.argv, str(marker))))
+        while "ready" not in started.log_text():
+            time.sleep(0.01)
+        kill_ranks([started], 10, term=term)
+        ranks.append((started.process.returncode, marker.exists()))
+    assert ranks == [(-signal.SIGKILL, False), (0, True)]

@@ -323,3 +323,13 @@ def test_the_fork_start_method_runs_the_specs_entry_in_the_shared_parent(fake_sh
     assert warm_parent.shared({}).threads_at_fork == [1]
     with pytest.raises(ValueError, match=r"^rank 0 names no entry module, which a forked rank runs instead of its"):
         rank_processes.start_rank(rank_processes.RankSpec(0, argv, {}, tmp_path / "s.log", start_method="fork"))
+
+
+def test_a_parent_whose_answer_comes_from_another_process_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(warm_parent, "CLOSE_GRACE_S", 0.1)
+    impostor = (
+        "import pickle, socket, sys, time; sock = socket.socket(fileno=int(sys.argv[1])); "
+        "sock.send(pickle.dumps({'kind': 'ready', 'pid': 1})); time.sleep(60)"
+    )
+    with pytest.raises(RuntimeError, match=r"^process 1 answered the warm parent \d+ was to be$"):
+        warm_parent.WarmParent.start(tmp_path / "parent.log", dict(os.environ), bootstrap=impostor)
