@@ -154,7 +154,13 @@ class RankPool:
             return "fork=False"
         if self.bootstrap != POOL_RANK_BOOTSTRAP:
             return "the ranks run a bootstrap of their own"
-        parent_env = warm_parent.shared_env() or warm_parent.parent_environment(forked_env)
+        # Without a warm parent yet, compare with the one that would start: what it reads at start comes from this
+        # process alone, so that a world whose env= sets such a variable is spawned, not made the reference for every
+        # world after it.
+        own = {
+            name: value for name, value in self.env.items() if not name.startswith(warm_parent.IMPORT_TIME_PREFIXES)
+        }
+        parent_env = warm_parent.shared_env() or warm_parent.parent_environment({**os.environ, **own})
         return warm_parent.fork_refusal(forked_env, parent_env, devices=self.devices)
 
     def wait_joined(self, target: CallTarget, timeout: float) -> float:

@@ -40,3 +40,13 @@ def test_a_world_whose_env_sets_what_paddle_reads_at_start_is_spawned(paddle_ran
     forked = paddle_ranks.run(rank_fns_fresh.origin, 2)
     # BLAS in a forked rank runs on the one thread its parent started with, and its environment says so.
     assert {r["ppid"] for r in forked} == {warm_parent.shared_pid()} and [r["omp"] for r in forked] == ["1", "1"]
+
+
+def test_a_world_that_sets_what_paddle_reads_at_start_never_becomes_the_parent_of_the_next(
+    paddle_ranks: PaddleRanks,
+) -> None:
+    # Whether or not this process has a warm parent yet (the order of tests decides), the next world is forked.
+    spawned = paddle_ranks.run(rank_fns_fresh.origin, 2, env={"OMP_NUM_THREADS": "3"})
+    assert {r["ppid"] for r in spawned} == {os.getpid()}
+    forked = paddle_ranks.run(rank_fns_fresh.origin, 2)
+    assert {r["ppid"] for r in forked} == {warm_parent.shared_pid()} != {os.getpid()}

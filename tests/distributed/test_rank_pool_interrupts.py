@@ -45,6 +45,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.paddle_ranks_reuse("an interrupt must not leave idle warm pools beside a busy call behind")
+
 
 def mark(name):
     Path(f"{{name}}-{{os.getpid()}}.pid").touch()

@@ -1011,9 +1011,14 @@ def test_a_pools_ranks_are_forked_unless_asked_not_to_a_bootstrap_of_their_own_o
     own = pool_world.RankPool(2, {}, bootstrap="import sys")
     assert own._spawn_reason({"A": "1"}) == "the ranks run a bootstrap of their own"
     assert seen == []
-    assert pool_world.RankPool(2, {})._spawn_reason({"A": "1"}) is None
-    # No warm parent yet: the one this world would start is what it is compared with.
-    assert seen[-1] == ({"A": "1"}, warm_parent.parent_environment({"A": "1"}), "cpu")
+    assert pool_world.RankPool(2, {"B": "x", "FLAGS_x": "1"})._spawn_reason({"A": "1"}) is None
+    # No warm parent yet: the one that would start is what the world is compared with, with this process's
+    # environment and the world's own variables, but for those read at start.
+    assert seen[-1] == (
+        {"A": "1"},
+        warm_parent.parent_environment({**os.environ, "B": "x"}),
+        "cpu",
+    )
     monkeypatch.setattr(warm_parent, "shared_env", lambda: {"B": "2"})
     assert pool_world.RankPool(2, {}, devices="gpu")._spawn_reason({"FDP_REFUSE": "1"}) == "refused"
     assert seen[-1] == ({"FDP_REFUSE": "1"}, {"B": "2"}, "gpu")
