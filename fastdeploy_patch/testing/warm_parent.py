@@ -53,9 +53,11 @@ IMPORT_TIME_PREFIXES = ("FLAGS_", "OMP_", "OPENBLAS_", "MKL_", "KMP_", "GOTO", "
 """Environment variables read when Paddle, its BLAS or the interpreter start, by prefix: a world that sets one of
 them otherwise than its warm parent started with is spawned, since a forked rank would not see it."""
 
-PARENT_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+PARENT_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 """What the warm parent's environment holds beside the test process's: numpy's OpenBLAS starts a thread per core
-at import unless told otherwise, and a process with threads must not fork; a CPU world never touches a GPU."""
+at import unless told otherwise, and a process with threads must not fork; a CPU world never touches a GPU; and, as
+every rank process ``rank_processes.start_rank`` makes, unbuffered output (forgetting it here made the parent differ
+from every world in a test process without it, so that every world was spawned)."""
 
 BOOTSTRAP = RANK_PRELUDE + "from fastdeploy_patch.testing.fork_server import serve; sys.exit(serve(sys.argv[1:]))"
 """What the warm parent's interpreter runs (``python -c BOOTSTRAP FD``, ``FD`` its socket to the test process): the

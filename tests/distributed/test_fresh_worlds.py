@@ -7,9 +7,15 @@ from __future__ import annotations
 import os
 
 from fastdeploy_patch import procfs
-from fastdeploy_patch.testing import warm_parent
+from fastdeploy_patch.testing import pool_world, warm_parent
 from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns_fresh
+
+
+def _why_spawned(paddle_ranks: PaddleRanks) -> str | None:
+    """Why this test process's next default world would be spawned (None: it is forked), as the pool decides."""
+    env = paddle_ranks._options(None, None, "cpu")["env"]
+    return pool_world.RankPool(2, env)._spawn_reason({**os.environ, **warm_parent.PARENT_ENV, **env})
 
 
 def _sockets(pid: int) -> list[int]:
@@ -22,7 +28,7 @@ def test_every_fresh_world_is_forked_from_one_parent_with_one_thread_and_no_stor
     parent = warm_parent.shared_pid()
     assert parent is not None and parent != os.getpid()
     assert {r["ppid"] for r in first + second} == {parent}, (
-        warm_parent._SHARED,
+        _why_spawned(paddle_ranks),
         {pid: (procfs.stat(pid), procfs.cmdline(pid)) for pid in {r["ppid"] for r in first + second} | {parent}},
     )
     assert not {r["pid"] for r in first} & {r["pid"] for r in second}

@@ -153,7 +153,13 @@ def test_a_parent_not_ready_in_time_is_killed(tmp_path):
 
 def test_the_parent_starts_with_blas_on_one_thread_and_no_gpu():
     env = warm_parent.parent_environment({"HOME": "/root", "OPENBLAS_NUM_THREADS": "8"})
-    assert env == {"HOME": "/root", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    assert env == {
+        "HOME": "/root",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 @pytest.mark.parametrize(
