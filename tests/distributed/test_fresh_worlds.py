@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from fastdeploy_patch import procfs
-from fastdeploy_patch.testing import pool_world, warm_parent
+from fastdeploy_patch.testing import leak_guard, pool_world, warm_parent
 from fastdeploy_patch.testing.plugin import PaddleRanks
 from tests.distributed import rank_fns_fresh
 
@@ -56,3 +56,13 @@ def test_a_world_that_sets_what_paddle_reads_at_start_never_becomes_the_parent_o
     assert {r["ppid"] for r in spawned} == {os.getpid()}
     forked = paddle_ranks.run(rank_fns_fresh.origin, 2)
     assert {r["ppid"] for r in forked} == {warm_parent.shared_pid()} != {os.getpid()}
+
+
+def test_forked_ranks_carry_the_tag_the_leak_guard_finds_them_by(paddle_ranks: PaddleRanks) -> None:
+    started = paddle_ranks.start(rank_fns_fresh.wait, 2)
+    try:
+        assert _why_spawned(paddle_ranks) is None
+        # A forked rank's /proc environ is its parent's start-time environment, which holds the run's tag.
+        assert set(started._started.pids()) <= set(leak_guard.tagged_processes())
+    finally:
+        started.cancel()
