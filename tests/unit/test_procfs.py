@@ -375,17 +375,25 @@ def test_the_resident_size_is_the_one_the_kernel_reports_and_grows_with_touched_
     del touched
 
 
-def test_the_thread_count_follows_threads_started_and_ended() -> None:
-    before = procfs.threads("self")
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait)
-    thread.start()
-    try:
-        assert procfs.threads(os.getpid()) == before + 1
-    finally:
-        stop.set()
-        thread.join()
-    assert procfs.threads("self") == before
+def test_the_thread_count_is_the_kernels_for_another_process() -> None:
+    # Another process, not this one: a test process runs threads of its own (xdist's, pytest-timeout's) that come
+    # and go while it looks.
+    code = (
+        "import sys, threading, time\n"
+        "for _ in range(int(sys.argv[1])): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print('started', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    counts = []
+    for extra in (0, 2):
+        child = subprocess.Popen([sys.executable, "-c", code, str(extra)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline() == "started\n"
+            counts.append(procfs.threads(child.pid))
+        finally:
+            child.kill()
+            child.wait()
+    assert counts == [1, 3]
 
 
 def test_the_thread_count_is_read_from_the_status_line_that_names_it(tmp_path: Path) -> None:

@@ -72,7 +72,8 @@ def test_a_failed_call_keeps_every_ranks_whole_log_of_that_call_only(kept) -> No
     stem = "gw3__tests_unit_test_x.py_test_y_2-ranks"
     assert names == [f"{stem}__call{call}__rank{rank}.log" for call in (3, 4) for rank in (0, 1)]
     raised = {rank: (logs / f"{stem}__call3__rank{rank}.log").read_text() for rank in (0, 1)}
-    assert raised[0] == "rank 0 says late\n"
+    # Rank 0 may still be saving its coverage when the failed call's SIGTERM comes: what it prints then follows.
+    assert raised[0].startswith("rank 0 says late\n") and "says fine" not in raised[0]
     assert raised[1].startswith("rank 1 says late\nTraceback (most recent call last):")
     assert "ValueError: one refuses late" in raised[1] and "says fine" not in raised[1]
     # A fresh pool's log is the call's from the rank's start; a hung rank's log ends with its stack.
