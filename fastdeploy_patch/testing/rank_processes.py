@@ -161,6 +161,15 @@ def start_rank(spec: RankSpec) -> RankProcess:
     started = RankProcess(spec.rank, process, spec.log_path)
     try:
         started.sentinel = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        if process.poll() is None:
+            kill_ranks([started], 0.0)
+            raise
+        # A forked rank can end and be reaped by its parent before it is watched here (one that fails at once): its
+        # sentinel is a pipe with no writer, ready at once, as its pidfd would have been.
+        ready, writer = os.pipe()
+        os.close(writer)
+        started.sentinel = ready
     except BaseException:
         kill_ranks([started], 0.0)
         raise

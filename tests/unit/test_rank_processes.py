@@ -142,3 +142,26 @@ def test_killing_ranks_with_nothing_left_to_save_sends_no_sigterm(tmp_path: Path
         kill_ranks([started], 10, term=term)
         ranks.append((started.process.returncode, marker.exists()))
     assert ranks == [(-signal.SIGKILL, False), (0, True)]
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_ended_before_it_could_be_watched_is_seen_as_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone(pid: int) -> int:
+        raise ProcessLookupError(3, "No such process")
+
+    def finished(spec: RankSpec, env: dict) -> subprocess.Popen:
+        process = rank_processes.spawn(spec, env)
+        process.wait()
+        return process
+
+    monkeypatch.setitem(rank_processes.START_METHODS, "finished", finished)
+    monkeypatch.setattr(rank_processes.os, "pidfd_open", gone)
+    started = start_rank(spec(tmp_path, 0, "import sys; sys.exit(4)", start_method="finished"))
+    assert wait_any([started], timeout=0) == [started.sentinel]
+    assert started.process.returncode == 4
+    started.close()
+    # A rank still running whose pidfd cannot be had is killed, and the error goes on.
+    with pytest.raises(ProcessLookupError):
+        start_rank(spec(tmp_path, 1, "import time; time.sleep(60)"))
