@@ -28,6 +28,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from fastdeploy_patch import procfs
+
 LOG_TAIL_CHARS = 4000
 """How much of each rank's log a failure report shows (``--paddle-ranks-keep-logs`` keeps whole logs)."""
 PARENT_VAR = "FDP_RANK_PARENT"
@@ -50,6 +52,8 @@ import shows where. ``import paddle`` replaces the fatal-signal handlers with it
 
 KILL_GRACE_S = 3.0
 """How long a rank gets between SIGTERM (on which it saves its coverage data) and SIGKILL, unless the caller says."""
+SESSION_POLL_S = 0.01
+"""How often a kill looks for what is left in the ranks' sessions while the grace lasts."""
 START_TIMEOUT_S = 180.0
 """How long ranks may take to import Paddle and join the world, before a call's own timeout starts counting. About
 6-7 s per rank here when the machine is idle; several suites running Paddle ranks at once on 2 cores stretch that
@@ -194,9 +198,10 @@ def stacks(ranks: Sequence[RankProcess]) -> dict[int, str]:
 
 
 def kill_ranks(ranks: Sequence[RankProcess], grace: float | None = None, *, term: bool = True) -> None:
-    """Kill every rank's session (each rank leads one): SIGTERM, ``grace`` seconds (``KILL_GRACE_S`` by default) to
-    leave, then SIGKILL, and reap them; with ``term=False``, SIGKILL at once (ranks with nothing left to save). An
-    exception meanwhile (a second Ctrl-C) cuts the grace short, never the SIGKILL."""
+    """Kill every rank's session (each rank leads one): SIGTERM, ``grace`` seconds (``KILL_GRACE_S`` by default) for
+    the ranks and what they started to leave, then SIGKILL, and reap the ranks; with ``term=False``, SIGKILL at once
+    (ranks with nothing left to save). An exception meanwhile (a second Ctrl-C) cuts the grace short, never the
+    SIGKILL."""
     try:
         if term:
             for r in ranks:
@@ -205,6 +210,7 @@ def kill_ranks(ranks: Sequence[RankProcess], grace: float | None = None, *, term
             for r in ranks:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     r.process.wait(max(0.0, deadline - time.monotonic()))
+            _wait_sessions_empty(ranks, deadline)
     finally:
         for r in ranks:
             # Also reaches grandchildren (Paddle's helper processes) that outlive the rank itself.
@@ -212,6 +218,18 @@ def kill_ranks(ranks: Sequence[RankProcess], grace: float | None = None, *, term
         for r in ranks:
             r.process.wait()
             r.close()
+
+
+def _wait_sessions_empty(ranks: Sequence[RankProcess], deadline: float) -> None:
+    # What a rank started and that ignores SIGTERM gets the rest of the grace to leave on its own once the rank is
+    # gone: multiprocessing's resource tracker is one, and it removes the shared-memory name that a creator killed
+    # inside its handshake still had registered. A SIGKILL to the session at once would take it down first.
+    sessions = {r.process.pid for r in ranks}
+    while time.monotonic() < deadline:
+        stats = (procfs.stat(pid) for pid in procfs.pids())
+        if not any(s is not None and s.session in sessions and s.state != "Z" for s in stats):
+            return
+        time.sleep(SESSION_POLL_S)
 
 
 def _signal_session(process: Any, sig: int) -> None:

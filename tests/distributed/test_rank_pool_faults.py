@@ -72,14 +72,10 @@ def skip_in_rank():
 
 
 def open_group():
-    from fastdeploy_patch.signal_group import broadcast_signal, new_signal_group
+    from fastdeploy_patch.signal_group import new_signal_group
 
     global LEFT_OPEN
     LEFT_OPEN = new_signal_group(transport="shm")
-    # Both ranks past the handshake (its creator has removed the segment's name) before either replies: the failed
-    # call's pool is killed as soon as one rank's report arrives, and a creator killed inside the handshake takes its
-    # resource tracker with it.
-    broadcast_signal(7, group=LEFT_OPEN)
     return rank()
 
 

@@ -3,6 +3,7 @@ pidfd out), the wait that wakes on an exit, the stacks, the kill, and logs read 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_patch import procfs
+from fastdeploy_patch.signal_group import shm_segment
 from fastdeploy_patch.testing import rank_processes
 from fastdeploy_patch.testing.rank_processes import RankSpec, kill_ranks, stacks, start_rank, wait_any
 
@@ -165,3 +168,61 @@ def test_a_rank_that_ended_before_it_could_be_watched_is_seen_as_ended(
     # A rank still running whose pidfd cannot be had is killed, and the error goes on.
     with pytest.raises(ProcessLookupError):
         start_rank(spec(tmp_path, 1, "import time; time.sleep(60)"))
+
+
+# A helper that a rank starts in its session and that, like multiprocessing's resource tracker, ignores SIGTERM and
+# leaves on its own once the rank is gone (its pipe from the rank reads EOF), after doing its last job.
+HELPER = (
+    "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('armed', flush=True); "
+    "os.read(int(sys.argv[1]), 1); time.sleep(float(sys.argv[3])); open(sys.argv[2], 'w').close()"
+)
+STARTS_HELPER = (
+    "import os, subprocess, sys, time; r, w = os.pipe(); "
+    "helper = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(r), *sys.argv[2:]], pass_fds=(r,)); "
+    "os.close(r); print('helper', helper.pid, flush=True); time.sleep(60)"
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("helper_takes", "grace", "job_done"), [(0.3, 20.0, True), (30.0, 0.5, False)])
+def test_a_kill_gives_what_a_rank_started_the_rest_of_the_grace_to_leave_then_kills_it(
+    tmp_path: Path, helper_takes: float, grace: float, job_done: bool
+) -> None:
+    marker = tmp_path / "job"
+    wanted = spec(tmp_path, 0, STARTS_HELPER)
+    started = start_rank(replace(wanted, argv=(*wanted.argv, HELPER, str(marker), str(helper_takes))))
+    while "armed" not in started.log_text():
+        time.sleep(0.01)
+    helper = int(started.log_text().split("helper ")[1].split()[0])
+    kill_ranks([started], grace)
+    job = marker.exists()
+    # The session's SIGKILL is sent when kill_ranks returns; the orphaned helper dies a moment later.
+    deadline = time.monotonic() + 10
+    while (left := procfs.stat(helper)) is not None and left.state != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (job, left is None or left.state == "Z") == (job_done, True)
+    assert started.process.returncode == -signal.SIGTERM
+
+
+@pytest.mark.timeout(60)
+def test_a_creator_killed_inside_its_handshake_leaves_no_segment_its_tracker_removes_it(tmp_path: Path) -> None:
+    # The creator registered the segment's name with multiprocessing's resource tracker, a process in its session
+    # that ignores SIGTERM: the kill must let it remove the name once the creator is gone.
+    tag = f"kill{os.getpid()}"
+    code = (
+        "import time; from fastdeploy_patch.signal_group.shm_segment import ShmRing; "
+        "print('created', ShmRing.create([0, 1]).path, flush=True); time.sleep(60)"
+    )
+    wanted = spec(tmp_path, 0, code)
+    started = start_rank(replace(wanted, env={**wanted.env, shm_segment.SEGMENT_TAG_ENV: tag}))
+    deadline = time.monotonic() + 30
+    while "created" not in started.log_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    path = started.log_text().split("created ")[1].split()[0]
+    try:
+        assert os.path.exists(path) and tag in path
+        kill_ranks([started], 20)
+        assert not os.path.exists(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
