@@ -10,7 +10,7 @@ import paddle.distributed as dist
 
 from fastdeploy_patch.ipc_signal import StatusSignal
 from fastdeploy_patch.rl.dynamic_weight_manager import DynamicWeightManager
-from fastdeploy_patch.signal_group import SignalGroup, broadcast_signal, new_signal_group
+from fastdeploy_patch.signal_group import RENDEZVOUS_TIMEOUT_S, SignalGroup, broadcast_signal, new_signal_group
 from fastdeploy_patch.status import ModelWeightsStatus
 
 SIGNAL_SRC = 0
@@ -21,8 +21,9 @@ class WorkerProcess:
     """One tensor-parallel rank's worker: a model, its weight manager and the event loop.
 
     With more than one rank it creates its signal group exactly once, here, before any loop step: creating a
-    gloo group inside the loop is what broke upstream's integration tests. ``signal_transport`` and
-    ``signal_lookahead`` go to ``new_signal_group``: with lookahead d, the status rank 0 reads at step s takes
+    gloo group inside the loop is what broke upstream's integration tests. ``signal_timeout`` (each call's),
+    ``signal_create_timeout`` (the creation's, on every rank), ``signal_transport`` and ``signal_lookahead`` go to
+    ``new_signal_group``: with lookahead d, the status rank 0 reads at step s takes
     effect on every rank at step s + d (a single rank has no group, and no delay). ``status_signal`` is the
     engine's shared-memory status and is required on rank 0, which alone reads it. ``forward_input``, when given,
     is fed to the model on every NORMAL step, standing in for a batch of inference.
@@ -34,6 +35,7 @@ class WorkerProcess:
         *,
         status_signal: StatusSignal | None = None,
         signal_timeout: float | datetime.timedelta | None = None,
+        signal_create_timeout: float | datetime.timedelta = RENDEZVOUS_TIMEOUT_S,
         signal_transport: str = "auto",
         signal_lookahead: int = 0,
         forward_input: paddle.Tensor | None = None,
@@ -46,6 +48,7 @@ class WorkerProcess:
         self.signal_group = (
             new_signal_group(
                 timeout=signal_timeout,
+                create_timeout=signal_create_timeout,
                 transport=signal_transport,
                 lookahead=signal_lookahead,
                 initial=ModelWeightsStatus.NORMAL,

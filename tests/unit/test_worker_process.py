@@ -59,9 +59,16 @@ def _model() -> mock.Mock:
 
 def test_the_signal_group_is_created_once_at_start(rank: Rank) -> None:
     worker = WorkerProcess(
-        _model(), status_signal=_signal(), signal_timeout=2.5, signal_transport="shm", signal_lookahead=4
+        _model(),
+        status_signal=_signal(),
+        signal_timeout=2.5,
+        signal_create_timeout=12.0,
+        signal_transport="shm",
+        signal_lookahead=4,
     )
-    rank.new_signal_group.assert_called_once_with(timeout=2.5, transport="shm", lookahead=4, initial=S.NORMAL)
+    rank.new_signal_group.assert_called_once_with(
+        timeout=2.5, create_timeout=12.0, transport="shm", lookahead=4, initial=S.NORMAL
+    )
     assert worker.signal_group is rank.group
 
     assert worker.event_loop(5) == 5
@@ -69,9 +76,11 @@ def test_the_signal_group_is_created_once_at_start(rank: Rank) -> None:
     assert rank.broadcast_signal.call_args_list == [mock.call(0, src=SIGNAL_SRC, group=rank.group)] * 5
 
 
-def test_the_defaults_are_no_timeout_the_auto_transport_and_lockstep(rank: Rank) -> None:
+def test_the_defaults_are_no_timeout_the_groups_creation_bound_the_auto_transport_and_lockstep(rank: Rank) -> None:
     WorkerProcess(_model(), status_signal=_signal())
-    rank.new_signal_group.assert_called_once_with(timeout=None, transport="auto", lookahead=0, initial=S.NORMAL)
+    rank.new_signal_group.assert_called_once_with(
+        timeout=None, create_timeout=300, transport="auto", lookahead=0, initial=S.NORMAL
+    )
 
 
 def test_a_single_rank_makes_no_group(rank: Rank) -> None:
