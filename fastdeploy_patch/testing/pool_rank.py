@@ -23,7 +23,10 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from fastdeploy_patch.signal_group import store_without_delay
+# Imported with this module, so before any rank's baseline is taken: the package imports numpy, whose import adds
+# warnings filters; first imported inside a call, numpy's state and those filters would differ between a pool's first
+# call and the next ones.
+import fastdeploy_patch.signal_group  # noqa: F401
 from fastdeploy_patch.testing import pickles, rank_calls, rank_entry, rank_imports, rank_state
 
 _SIGNAL_GROUP_MODULE = "fastdeploy_patch.signal_group.group"
@@ -59,9 +62,6 @@ def join_world() -> None:
     rank_imports.import_paddle()
 
     rank_entry.join_world()
-    master = os.environ.get("PADDLE_MASTER")
-    if master:
-        store_without_delay(int(master.rsplit(":", 1)[1]))
     # `import paddle` replaced the fatal-signal and SIGTERM handlers with C++ ones: a crash would print no Python
     # stack, and a rank the controller kills would not save its coverage.
     rank_entry.reclaim_signal_handlers()

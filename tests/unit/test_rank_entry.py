@@ -10,6 +10,7 @@ from unittest import mock
 
 import pytest
 
+from fastdeploy_patch import paddle_internals, signal_group
 from fastdeploy_patch.testing import rank_entry
 
 
@@ -111,14 +112,16 @@ def test_a_failing_world_join_is_reported_like_a_target_failure(spec, monkeypatc
 @pytest.mark.parametrize(
     ("trainer_id", "master", "waited"),
     [
-        ("1", "127.0.0.1:6170", ["127.0.0.1:6170"]),
-        ("0", "127.0.0.1:6170", ["free 127.0.0.1:6170"]),
+        ("1", "127.0.0.1:6170", ["127.0.0.1:6170", "store", "no delay 6170"]),
+        ("0", "127.0.0.1:6170", ["free 127.0.0.1:6170", "store", "no delay 6170"]),
         ("1", None, []),
         ("0", None, []),
     ],
     ids=["a-later-rank-waits-for-the-master", "rank-0-checks-its-port-is-free", "no-master-named", "no-master-0"],
 )
-def test_only_a_later_rank_with_a_master_named_waits_for_it_before_joining(monkeypatch, trainer_id, master, waited):
+def test_only_a_later_rank_with_a_master_named_waits_for_it_and_the_store_is_quickened_before_joining(
+    monkeypatch, trainer_id, master, waited
+):
     events: list[str] = []
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
     monkeypatch.setenv("PADDLE_TRAINER_ID", trainer_id)
@@ -128,6 +131,8 @@ def test_only_a_later_rank_with_a_master_named_waits_for_it_before_joining(monke
         monkeypatch.setenv("PADDLE_MASTER", master)
     monkeypatch.setattr(rank_entry, "wait_for_master", lambda endpoint: events.append(endpoint))
     monkeypatch.setattr(rank_entry, "check_port_free", lambda endpoint: events.append(f"free {endpoint}"))
+    monkeypatch.setattr(paddle_internals, "global_store", lambda: events.append("store"))
+    monkeypatch.setattr(signal_group, "store_without_delay", lambda port: events.append(f"no delay {port}"))
     with mock.patch("paddle.distributed.init_parallel_env", side_effect=lambda: events.append("init")):
         rank_entry.join_world()
     assert events == [*waited, "init"]
