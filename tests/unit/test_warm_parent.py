@@ -24,11 +24,23 @@ BOOTSTRAP = RANK_PRELUDE + (
 )
 
 
+def _started_parent(tmp_path, warm_up: str):
+    return warm_parent.WarmParent.start(
+        tmp_path / "parent.log", dict(os.environ), bootstrap=BOOTSTRAP.format(warm_up=warm_up), entries=(ENTRY,)
+    )
+
+
 @pytest.fixture
 def parent(tmp_path):
-    started = warm_parent.WarmParent.start(
-        tmp_path / "parent.log", dict(os.environ), bootstrap=BOOTSTRAP.format(warm_up="warm_up"), entries=(ENTRY,)
-    )
+    started = _started_parent(tmp_path, "warm_up")
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def threaded_parent(tmp_path):
+    """A parent that holds a second thread when asked to fork."""
+    started = _started_parent(tmp_path, "warm_up_with_a_thread")
     yield started
     started.close()
 
@@ -65,19 +77,10 @@ def test_every_fork_happens_with_one_thread_in_the_parent(parent, tmp_path):
     assert parent.threads_at_fork == [1, 1, 1]
 
 
-def test_a_parent_holding_a_second_thread_refuses_to_fork(tmp_path):
-    parent = warm_parent.WarmParent.start(
-        tmp_path / "parent.log",
-        dict(os.environ),
-        bootstrap=BOOTSTRAP.format(warm_up="warm_up_with_a_thread"),
-        entries=(ENTRY,),
-    )
-    try:
-        with pytest.raises(RuntimeError, match="the warm parent refused: the warm parent holds 2 threads"):
-            parent.fork(ENTRY, ["exit", "0"], dict(os.environ), tmp_path / "r.log")
-        assert parent.threads_at_fork == []
-    finally:
-        parent.close()
+def test_a_parent_holding_a_second_thread_refuses_to_fork(threaded_parent, tmp_path):
+    with pytest.raises(RuntimeError, match="the warm parent refused: the warm parent holds 2 threads"):
+        threaded_parent.fork(ENTRY, ["exit", "0"], dict(os.environ), tmp_path / "r.log")
+    assert threaded_parent.threads_at_fork == []
 
 
 def test_exit_codes_and_death_signals_reach_the_test_process_as_popen_gives_them(parent, tmp_path):
@@ -106,9 +109,7 @@ def test_a_ranks_output_goes_to_its_log(parent, tmp_path):
 
 
 def test_ranks_die_with_their_parent_and_count_as_killed(tmp_path):
-    parent = warm_parent.WarmParent.start(
-        tmp_path / "parent.log", dict(os.environ), bootstrap=BOOTSTRAP.format(warm_up="warm_up"), entries=(ENTRY,)
-    )
+    parent = _started_parent(tmp_path, "warm_up")
     rank = parent.fork(ENTRY, ["sleep"], dict(os.environ), tmp_path / "r.log")
     os.kill(parent.process.pid, signal.SIGKILL)
     parent.process.wait(30)
@@ -119,9 +120,7 @@ def test_ranks_die_with_their_parent_and_count_as_killed(tmp_path):
 
 
 def test_closing_the_parent_ends_it_and_the_ranks_it_forked(tmp_path):
-    parent = warm_parent.WarmParent.start(
-        tmp_path / "parent.log", dict(os.environ), bootstrap=BOOTSTRAP.format(warm_up="warm_up"), entries=(ENTRY,)
-    )
+    parent = _started_parent(tmp_path, "warm_up")
     rank = parent.fork(ENTRY, ["sleep"], dict(os.environ), tmp_path / "r.log")
     parent.close()
     assert parent.process.returncode == 0  # it left on its own when hung up on
@@ -222,23 +221,16 @@ def test_a_gpu_build_is_told_by_its_distribution(monkeypatch):
     assert seen == ["paddlepaddle-gpu", "paddlepaddle-gpu"]
 
 
-def test_a_refused_fork_closes_the_descriptors_it_was_given(tmp_path):
-    parent = warm_parent.WarmParent.start(
-        tmp_path / "parent.log",
-        dict(os.environ),
-        bootstrap=BOOTSTRAP.format(warm_up="warm_up_with_a_thread"),
-        entries=(ENTRY,),
-    )
+def test_a_refused_fork_closes_the_descriptors_it_was_given(threaded_parent, tmp_path):
     read, write = os.pipe()
     try:
         with pytest.raises(RuntimeError, match="holds 2 threads"):
-            parent.fork(ENTRY, ["exit", "0"], dict(os.environ), tmp_path / "r.log", pass_fds=[write])
+            threaded_parent.fork(ENTRY, ["exit", "0"], dict(os.environ), tmp_path / "r.log", pass_fds=[write])
         os.close(write)
         # No copy of the write end is left open in the parent: the reader sees the end of the pipe.
         assert os.read(read, 1) == b""
     finally:
         os.close(read)
-        parent.close()
 
 
 def test_a_parent_that_does_not_leave_when_hung_up_on_is_killed(monkeypatch):
