@@ -184,7 +184,8 @@ STARTS_HELPER = (
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("helper_takes", "grace", "job_done"), [(0.3, 20.0, True), (30.0, 0.5, False)])
+# A grace longer than the test's timeout: the kill must end as soon as nothing is left in the session, not sit it out.
+@pytest.mark.parametrize(("helper_takes", "grace", "job_done"), [(0.3, 120.0, True), (30.0, 0.5, False)])
 def test_a_kill_gives_what_a_rank_started_the_rest_of_the_grace_to_leave_then_kills_it(
     tmp_path: Path, helper_takes: float, grace: float, job_done: bool
 ) -> None:
@@ -221,8 +222,29 @@ def test_a_creator_killed_inside_its_handshake_leaves_no_segment_its_tracker_rem
     path = started.log_text().split("created ")[1].split()[0]
     try:
         assert os.path.exists(path) and tag in path
-        kill_ranks([started], 20)
+        kill_ranks([started], 120)
         assert not os.path.exists(path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+@pytest.mark.timeout(60)
+def test_a_zombie_left_in_a_ranks_session_holds_nothing_and_the_kill_does_not_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An orphan that exited but that init has not reaped yet is still listed in the session; it can hold nothing.
+    started = start_rank(spec(tmp_path, 0, "print('ready', flush=True); import time; time.sleep(60)"))
+    while "ready" not in started.log_text():
+        time.sleep(0.01)
+    zombie = 1 << 22
+    real_pids, real_stat = procfs.pids, procfs.stat
+    monkeypatch.setattr(procfs, "pids", lambda: [*real_pids(), zombie])
+    monkeypatch.setattr(
+        procfs,
+        "stat",
+        lambda pid: procfs.Stat("orphan", "Z", 1, started.process.pid, 0) if pid == zombie else real_stat(pid),
+    )
+    # A grace longer than the test's timeout: waiting for the zombie would fail the test.
+    kill_ranks([started], 120)
+    assert started.process.returncode == -signal.SIGTERM
